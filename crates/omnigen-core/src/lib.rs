@@ -1,0 +1,17 @@
+//! # omnigen-core
+//!
+//! The parts of omnigen-rs that know nothing about tensors' mathematics: the [`Error`] type,
+//! configurations read from a checkpoint's `config.json` files ([`TransformerConfig`],
+//! [`VaeConfig`]) and memory-mapped safetensors loading ([`WeightSource`]) with the mapping
+//! between the official and diffusers key layouts ([`TransformerWeights`]).
+#![deny(missing_docs)]
+
+pub mod config;
+pub mod error;
+pub mod layout;
+pub mod weights;
+
+pub use config::{RopeScaling, TransformerConfig, VaeConfig};
+pub use error::{Error, Result};
+pub use layout::{CheckpointLayout, TransformerWeights};
+pub use weights::WeightSource;

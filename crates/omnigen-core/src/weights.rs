@@ -1,0 +1,231 @@
+//! Memory-mapped safetensors weight source.
+//!
+//! Every read is checked: the tensor must exist, have the shape the configuration implies and a
+//! floating-point dtype (F32, F16 or BF16); it is converted to the dtype the caller asks for, so a
+//! bf16 checkpoint can feed an f32 model and an f32 checkpoint a bf16 one without an intermediate
+//! copy in the stored dtype. Headers are bounds-checked against the file size before any tensor is
+//! touched, so a truncated download fails at open time with the file named.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, TensorData};
+use half::{bf16, f16};
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype as StDtype, Metadata};
+use safetensors::SafeTensors;
+
+use crate::error::{Error, Result};
+
+/// One memory-mapped safetensors file with its validated header.
+struct MappedFile {
+    path: PathBuf,
+    mmap: Mmap,
+    header_len: usize,
+    metadata: Metadata,
+}
+
+impl MappedFile {
+    fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+        // SAFETY: the map is read-only; we never hand out references that outlive `self`, and
+        // checkpoint files are not expected to be modified while a model is being loaded.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("memory-map", path, e))?;
+        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
+            Error::CorruptWeights { path: path.into(), reason: describe_st_error(&e, mmap.len()) }
+        })?;
+        Ok(Self { path: path.into(), mmap, header_len, metadata })
+    }
+
+    fn bytes(&self, name: &str) -> Option<(&[u8], StDtype, &[usize])> {
+        let info = self.metadata.info(name)?;
+        let start = 8 + self.header_len + info.data_offsets.0;
+        let end = 8 + self.header_len + info.data_offsets.1;
+        Some((&self.mmap[start..end], info.dtype, &info.shape))
+    }
+}
+
+fn describe_st_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+    use safetensors::SafeTensorError as E;
+    match e {
+        E::HeaderTooSmall => format!("file is {file_len} bytes, too short for a safetensors header"),
+        E::HeaderTooLarge | E::InvalidHeaderLength => {
+            format!("header length field points past the end of the {file_len}-byte file (truncated or not safetensors)")
+        }
+        E::MetadataIncompleteBuffer => {
+            format!("tensor data does not match the file size ({file_len} bytes): the file is truncated or padded")
+        }
+        other => format!("invalid header: {other}"),
+    }
+}
+
+/// Where the tensors of a checkpoint live: one or more memory-mapped safetensors files.
+pub struct WeightSource {
+    files: Vec<MappedFile>,
+    index: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for WeightSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WeightSource")
+            .field("files", &self.files.iter().map(|m| &m.path).collect::<Vec<_>>())
+            .field("tensors", &self.index.len())
+            .finish()
+    }
+}
+
+impl WeightSource {
+    /// Opens one safetensors file.
+    pub fn open(path: impl AsRef<Path>) -> Result<Self> {
+        Self::open_many([path.as_ref().to_path_buf()])
+    }
+
+    /// Opens several files of one checkpoint (shards); a key present in two files is an error.
+    pub fn open_many(paths: impl IntoIterator<Item = PathBuf>) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut index = HashMap::new();
+        for path in paths {
+            let file = MappedFile::open(&path)?;
+            let slot = files.len();
+            for name in file.metadata.tensors().keys() {
+                if index.insert(name.clone(), slot).is_some() {
+                    return Err(Error::CorruptWeights {
+                        path: path.clone(),
+                        reason: format!("tensor `{name}` also appears in another shard"),
+                    });
+                }
+            }
+            files.push(file);
+        }
+        if files.is_empty() {
+            return Err(Error::invalid_argument("weights", "no safetensors file given"));
+        }
+        Ok(Self { files, index })
+    }
+
+    /// Opens the weights of a model folder: `<stem>.safetensors`, or the shards listed in
+    /// `<stem>.safetensors.index.json`.
+    pub fn open_in_dir(dir: impl AsRef<Path>, stem: &str) -> Result<Self> {
+        let dir = dir.as_ref();
+        let single = dir.join(format!("{stem}.safetensors"));
+        if single.is_file() {
+            return Self::open(single);
+        }
+        let index_path = dir.join(format!("{stem}.safetensors.index.json"));
+        if index_path.is_file() {
+            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io("read", &index_path, e))?;
+            let value: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| Error::Config { path: index_path.clone(), reason: e.to_string() })?;
+            let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config {
+                path: index_path.clone(),
+                reason: "missing `weight_map` object".into(),
+            })?;
+            let shards: BTreeMap<&str, ()> = map.values().filter_map(|v| v.as_str()).map(|s| (s, ())).collect();
+            return Self::open_many(shards.keys().map(|s| dir.join(s)));
+        }
+        Err(Error::io(
+            "find",
+            &single,
+            std::io::Error::new(std::io::ErrorKind::NotFound, "no such weights file (nor a sharded index)"),
+        ))
+    }
+
+    /// The file holding `name`, for messages (the first file when absent).
+    pub fn path_of(&self, name: &str) -> &Path {
+        let slot = self.index.get(name).copied().unwrap_or(0);
+        &self.files[slot].path
+    }
+
+    /// Whether the checkpoint has a tensor called `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn keys(&self) -> Vec<&str> {
+        let mut keys: Vec<&str> = self.index.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        keys
+    }
+
+    /// Tensor names that start with `prefix`, sorted.
+    pub fn keys_with_prefix(&self, prefix: &str) -> Vec<&str> {
+        self.keys().into_iter().filter(|k| k.starts_with(prefix)).collect()
+    }
+
+    /// Shape of a tensor as stored.
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let slot = *self.index.get(name)?;
+        self.files[slot].bytes(name).map(|(_, _, s)| s.to_vec())
+    }
+
+    /// Reads a floating-point tensor, checking its shape, converted to `dtype`
+    /// (`F32`, `F16` or `BF16`).
+    pub fn read(&self, name: &str, expected_shape: &[usize], dtype: DType) -> Result<TensorData> {
+        let slot = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            path: self.files[0].path.clone(),
+        })?;
+        let file = &self.files[slot];
+        let (bytes, st_dtype, shape) = file.bytes(name).ok_or_else(|| Error::MissingTensor {
+            name: name.into(),
+            path: file.path.clone(),
+        })?;
+        if shape != expected_shape {
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                path: file.path.clone(),
+                expected: expected_shape.to_vec(),
+                found: shape.to_vec(),
+            });
+        }
+        let unsupported = || Error::UnsupportedDtype {
+            name: name.into(),
+            path: file.path.clone(),
+            found: format!("{st_dtype:?}"),
+        };
+        let shape = shape.to_vec();
+        let data = match (st_dtype, dtype) {
+            (StDtype::F32, DType::F32) => TensorData::new(decode::<f32>(bytes), shape),
+            (StDtype::F16, DType::F16) => TensorData::new(decode::<f16>(bytes), shape),
+            (StDtype::BF16, DType::BF16) => TensorData::new(decode::<bf16>(bytes), shape),
+            (StDtype::F32, DType::F16) => TensorData::new(convert(decode::<f32>(bytes), f16::from_f32), shape),
+            (StDtype::F32, DType::BF16) => TensorData::new(convert(decode::<f32>(bytes), bf16::from_f32), shape),
+            (StDtype::F16, DType::F32) => TensorData::new(convert(decode::<f16>(bytes), f16::to_f32), shape),
+            (StDtype::BF16, DType::F32) => TensorData::new(convert(decode::<bf16>(bytes), bf16::to_f32), shape),
+            (StDtype::F16, DType::BF16) => {
+                TensorData::new(convert(decode::<f16>(bytes), |x| bf16::from_f32(x.to_f32())), shape)
+            }
+            (StDtype::BF16, DType::F16) => {
+                TensorData::new(convert(decode::<bf16>(bytes), |x| f16::from_f32(x.to_f32())), shape)
+            }
+            (StDtype::F32 | StDtype::F16 | StDtype::BF16, other) => {
+                return Err(Error::invalid_argument("dtype", format!("{other:?} is not a supported weight dtype")))
+            }
+            _ => return Err(unsupported()),
+        };
+        Ok(data)
+    }
+
+    /// Reads a tensor and returns it as `f32` values, checking its shape.
+    pub fn read_f32(&self, name: &str, expected_shape: &[usize]) -> Result<Vec<f32>> {
+        let data = self.read(name, expected_shape, DType::F32)?;
+        data.into_vec::<f32>().map_err(|e| Error::CorruptWeights {
+            path: self.path_of(name).into(),
+            reason: format!("tensor `{name}`: {e:?}"),
+        })
+    }
+}
+
+/// Decodes little-endian values; the mmap is not guaranteed to be aligned for `T`.
+fn decode<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
+    match bytemuck::try_cast_slice::<u8, T>(bytes) {
+        Ok(slice) => slice.to_vec(),
+        Err(_) => bytes.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect(),
+    }
+}
+
+fn convert<A: Copy, B>(values: Vec<A>, f: impl Fn(A) -> B) -> Vec<B> {
+    values.into_iter().map(f).collect()
+}

@@ -1,0 +1,115 @@
+//! Building burn modules straight from checkpoint tensors.
+//!
+//! Modules are never randomly initialised and then overwritten: each parameter is created from
+//! the tensor read out of the memory-mapped checkpoint, already in the target dtype. Linear
+//! weights stay in PyTorch's `[out, in]` layout and are used through a transposed view, so no
+//! copy is made to reorder them.
+
+use burn::module::Param;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use omnigen_core::{Result, TransformerWeights, WeightSource};
+
+/// Anything tensors can be read from by (canonical) name.
+pub trait WeightReader {
+    /// Reads `key` with the given shape, converted to `dtype`.
+    fn read(&self, key: &str, shape: &[usize], dtype: DType) -> Result<TensorData>;
+}
+
+impl WeightReader for WeightSource {
+    fn read(&self, key: &str, shape: &[usize], dtype: DType) -> Result<TensorData> {
+        WeightSource::read(self, key, shape, dtype)
+    }
+}
+
+impl WeightReader for TransformerWeights {
+    fn read(&self, key: &str, shape: &[usize], dtype: DType) -> Result<TensorData> {
+        TransformerWeights::read(self, key, shape, dtype)
+    }
+}
+
+/// Reads parameters under a key prefix onto a device, in one dtype.
+pub struct Loader<'a, B: Backend> {
+    reader: &'a dyn WeightReader,
+    prefix: String,
+    device: B::Device,
+    dtype: DType,
+}
+
+impl<'a, B: Backend> Loader<'a, B> {
+    /// A loader at the root of `reader`.
+    pub fn new(reader: &'a dyn WeightReader, device: &B::Device, dtype: DType) -> Self {
+        Self { reader, prefix: String::new(), device: device.clone(), dtype }
+    }
+
+    /// A loader for the sub-module `name` (keys `prefix.name.*`).
+    pub fn sub(&self, name: impl std::fmt::Display) -> Self {
+        let prefix =
+            if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
+        Self { reader: self.reader, prefix, device: self.device.clone(), dtype: self.dtype }
+    }
+
+    /// The device parameters are created on.
+    pub fn device(&self) -> &B::Device {
+        &self.device
+    }
+
+    /// The dtype parameters are created in.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The full key of `name` under this loader's prefix.
+    pub fn key(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        }
+    }
+
+    /// Reads tensor `name` with the given shape.
+    pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
+        let data = self.reader.read(&self.key(name), &shape, self.dtype)?;
+        Ok(Tensor::from_data(data, &self.device))
+    }
+
+    /// Reads tensor `name` as a parameter.
+    pub fn param<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<B, D>>> {
+        Ok(Param::from_tensor(self.tensor(name, shape)?))
+    }
+
+    /// A `Linear` from `weight` `[d_out, d_in]` (PyTorch layout, used transposed) and optional `bias`.
+    pub fn linear(&self, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
+        let weight = self.tensor("weight", [d_out, d_in])?.transpose();
+        let bias = if bias { Some(self.param("bias", [d_out])?) } else { None };
+        Ok(Linear { weight: Param::from_tensor(weight), bias })
+    }
+
+    /// A `Conv2d` from PyTorch-layout `weight` `[out, in, k, k]` and `bias`.
+    pub fn conv2d(&self, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d<B>> {
+        Ok(Conv2d {
+            weight: self.param("weight", [c_out, c_in, kernel, kernel])?,
+            bias: Some(self.param("bias", [c_out])?),
+            stride: [stride, stride],
+            kernel_size: [kernel, kernel],
+            dilation: [1, 1],
+            groups: 1,
+            padding: PaddingConfig2d::Explicit(padding, padding, padding, padding),
+        })
+    }
+
+    /// An affine `GroupNorm` from `weight` and `bias`.
+    pub fn group_norm(&self, num_groups: usize, num_channels: usize, epsilon: f64) -> Result<GroupNorm<B>> {
+        Ok(GroupNorm {
+            gamma: Some(self.param("weight", [num_channels])?),
+            beta: Some(self.param("bias", [num_channels])?),
+            num_groups,
+            num_channels,
+            epsilon,
+            affine: true,
+        })
+    }
+}
