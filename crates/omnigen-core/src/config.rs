@@ -82,7 +82,10 @@ fn parse_rope(path: &Path, v: &Value, head_dim: usize) -> Result<Option<RopeScal
         "su" | "longrope" => {
             let bad = |what: &str| Error::Config {
                 path: path.into(),
-                reason: format!("rope_scaling `{kind}` needs `{what}` with {} values", head_dim / 2),
+                reason: format!(
+                    "rope_scaling `{kind}` needs `{what}` with {} values",
+                    head_dim / 2
+                ),
             };
             let short = raw.short_factor.ok_or_else(|| bad("short_factor"))?;
             let long = raw.long_factor.ok_or_else(|| bad("long_factor"))?;
@@ -92,7 +95,10 @@ fn parse_rope(path: &Path, v: &Value, head_dim: usize) -> Result<Option<RopeScal
             if long.len() != head_dim / 2 {
                 return Err(bad("long_factor"));
             }
-            Ok(Some(RopeScaling::LongRope { short_factor: short, long_factor: long }))
+            Ok(Some(RopeScaling::LongRope {
+                short_factor: short,
+                long_factor: long,
+            }))
         }
         other => Err(Error::Config {
             path: path.into(),
@@ -105,7 +111,10 @@ fn parse_rope(path: &Path, v: &Value, head_dim: usize) -> Result<Option<RopeScal
 
 fn read_json(path: &Path) -> Result<Value> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io("read", path, e))?;
-    serde_json::from_str(&text).map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| Error::Config {
+        path: path.into(),
+        reason: e.to_string(),
+    })
 }
 
 struct Fields<'a> {
@@ -141,10 +150,16 @@ impl Fields<'_> {
         }
     }
     fn missing(&self, key: &str) -> Error {
-        Error::Config { path: self.path.into(), reason: format!("missing field `{key}`") }
+        Error::Config {
+            path: self.path.into(),
+            reason: format!("missing field `{key}`"),
+        }
     }
     fn wrong(&self, key: &str, what: &str) -> Error {
-        Error::Config { path: self.path.into(), reason: format!("field `{key}` must be {what}") }
+        Error::Config {
+            path: self.path.into(),
+            reason: format!("field `{key}` must be {what}"),
+        }
     }
 }
 
@@ -160,11 +175,15 @@ impl TransformerConfig {
     /// Parses an already-read config (`path` is only used in error messages).
     pub fn from_json_value(path: &Path, value: &Value) -> Result<Self> {
         if !value.is_object() {
-            return Err(Error::Config { path: path.into(), reason: "not a JSON object".into() });
+            return Err(Error::Config {
+                path: path.into(),
+                reason: "not a JSON object".into(),
+            });
         }
         let f = Fields { path, obj: value };
         // diffusers renames num_hidden_layers -> num_layers and rope_theta -> rope_base.
-        let diffusers = value.get("num_layers").is_some() && value.get("num_hidden_layers").is_none();
+        let diffusers =
+            value.get("num_layers").is_some() && value.get("num_hidden_layers").is_none();
         let hidden_size = f.usize("hidden_size")?;
         let num_attention_heads = f.usize("num_attention_heads")?;
         if hidden_size % num_attention_heads != 0 {
@@ -172,19 +191,34 @@ impl TransformerConfig {
         }
         let head_dim = hidden_size / num_attention_heads;
         if head_dim % 2 != 0 {
-            return Err(f.wrong("num_attention_heads", "such that the head dimension is even"));
+            return Err(f.wrong(
+                "num_attention_heads",
+                "such that the head dimension is even",
+            ));
         }
-        let num_key_value_heads = f.opt_usize("num_key_value_heads")?.unwrap_or(num_attention_heads);
+        let num_key_value_heads = f
+            .opt_usize("num_key_value_heads")?
+            .unwrap_or(num_attention_heads);
         if num_key_value_heads != num_attention_heads {
-            return Err(f.wrong("num_key_value_heads", "equal to num_attention_heads (no grouped-query attention in OmniGen)"));
+            return Err(f.wrong(
+                "num_key_value_heads",
+                "equal to num_attention_heads (no grouped-query attention in OmniGen)",
+            ));
         }
-        let (layers_key, theta_key) =
-            if diffusers { ("num_layers", "rope_base") } else { ("num_hidden_layers", "rope_theta") };
+        let (layers_key, theta_key) = if diffusers {
+            ("num_layers", "rope_base")
+        } else {
+            ("num_hidden_layers", "rope_theta")
+        };
         let max_position_embeddings = f.usize("max_position_embeddings")?;
-        let original_max_position_embeddings =
-            f.opt_usize("original_max_position_embeddings")?.unwrap_or(max_position_embeddings);
-        let rope_scaling =
-            parse_rope(path, value.get("rope_scaling").unwrap_or(&Value::Null), head_dim)?;
+        let original_max_position_embeddings = f
+            .opt_usize("original_max_position_embeddings")?
+            .unwrap_or(max_position_embeddings);
+        let rope_scaling = parse_rope(
+            path,
+            value.get("rope_scaling").unwrap_or(&Value::Null),
+            head_dim,
+        )?;
         if let Some(act) = value.get("hidden_act").and_then(Value::as_str) {
             if act != "silu" {
                 return Err(f.wrong("hidden_act", "\"silu\""));
@@ -220,7 +254,8 @@ impl TransformerConfig {
         if self.rope_scaling.is_none() {
             return 1.0;
         }
-        let scale = self.max_position_embeddings as f64 / self.original_max_position_embeddings as f64;
+        let scale =
+            self.max_position_embeddings as f64 / self.original_max_position_embeddings as f64;
         if scale <= 1.0 {
             1.0
         } else {
@@ -228,8 +263,7 @@ impl TransformerConfig {
         }
     }
 
-    /// Number of parameters (every tensor of the official checkpoint, `pos_embed` included),
-    /// computed from the configuration alone.
+    /// Number of learned parameters, computed from the configuration alone (no allocation).
     pub fn num_parameters(&self) -> u64 {
         let h = self.hidden_size as u64;
         let i = self.intermediate_size as u64;
@@ -238,11 +272,17 @@ impl TransformerConfig {
         let per_layer = 3 * h * h + h * h + 2 * i * h + i * h + 2 * h;
         let layers = self.num_hidden_layers as u64 * per_layer;
         let embed = self.vocab_size as u64 * h;
-        let pos = (self.pos_embed_max_size * self.pos_embed_max_size) as u64 * h;
         let patch = 2 * (h * c * p * p + h);
         let time = 2 * (self.time_step_dim as u64 * h + h + h * h + h);
         let final_layer = (2 * h * h + 2 * h) + (p * p * c * h + p * p * c);
-        layers + h + embed + pos + patch + time + final_layer
+        layers + h + embed + patch + time + final_layer
+    }
+
+    /// Values stored in the official checkpoint: the learned parameters plus the fixed 2-D
+    /// sin-cos `pos_embed` buffer (`pos_embed_max_size`² × `hidden_size`).
+    pub fn num_stored_values(&self) -> u64 {
+        let grid = (self.pos_embed_max_size * self.pos_embed_max_size) as u64;
+        self.num_parameters() + grid * self.hidden_size as u64
     }
 }
 
@@ -319,14 +359,21 @@ impl VaeConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let value = read_json(path)?;
-        let cfg: Self = serde_json::from_value(value)
-            .map_err(|e| Error::Config { path: path.into(), reason: e.to_string() })?;
+        let cfg: Self = serde_json::from_value(value).map_err(|e| Error::Config {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
         cfg.validate(path)?;
         Ok(cfg)
     }
 
     fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |reason: String| Err(Error::Config { path: path.into(), reason });
+        let bad = |reason: String| {
+            Err(Error::Config {
+                path: path.into(),
+                reason,
+            })
+        };
         if self.block_out_channels.is_empty() {
             return bad("`block_out_channels` is empty".into());
         }
@@ -341,25 +388,40 @@ impl VaeConfig {
             ));
         }
         if self.act_fn != "silu" {
-            return bad(format!("act_fn `{}` is not supported (only silu)", self.act_fn));
+            return bad(format!(
+                "act_fn `{}` is not supported (only silu)",
+                self.act_fn
+            ));
         }
         let levels = self.block_out_channels.len();
         for (key, list, kind) in [
-            ("down_block_types", &self.down_block_types, "DownEncoderBlock2D"),
+            (
+                "down_block_types",
+                &self.down_block_types,
+                "DownEncoderBlock2D",
+            ),
             ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
         ] {
             if !list.is_empty() && list.len() != levels {
-                return bad(format!("`{key}` has {} entries but block_out_channels has {levels}", list.len()));
+                return bad(format!(
+                    "`{key}` has {} entries but block_out_channels has {levels}",
+                    list.len()
+                ));
             }
             if let Some(other) = list.iter().find(|t| t.as_str() != kind) {
-                return bad(format!("`{key}` entry `{other}` is not supported (only {kind})"));
+                return bad(format!(
+                    "`{key}` entry `{other}` is not supported (only {kind})"
+                ));
             }
         }
         if !self.scaling_factor.is_finite() || self.scaling_factor == 0.0 {
             return bad("`scaling_factor` must be finite and non-zero".into());
         }
         if self.norm_num_groups == 0 || self.latent_channels == 0 || self.layers_per_block == 0 {
-            return bad("`norm_num_groups`, `latent_channels` and `layers_per_block` must be positive".into());
+            return bad(
+                "`norm_num_groups`, `latent_channels` and `layers_per_block` must be positive"
+                    .into(),
+            );
         }
         Ok(())
     }

@@ -116,7 +116,9 @@ pub enum Error {
     },
 
     /// The request would not fit in the memory available.
-    #[error("request needs about {needed_mib} MiB but only {available_mib} MiB is available; {hint}")]
+    #[error(
+        "request needs about {needed_mib} MiB but only {available_mib} MiB is available; {hint}"
+    )]
     OutOfMemory {
         /// Estimated memory the request needs.
         needed_mib: u64,
@@ -146,11 +148,18 @@ pub enum Error {
 impl Error {
     /// Shorthand for [`Error::InvalidArgument`].
     pub fn invalid_argument(name: &'static str, reason: impl Into<String>) -> Self {
-        Error::InvalidArgument { name, reason: reason.into() }
+        Error::InvalidArgument {
+            name,
+            reason: reason.into(),
+        }
     }
 
     /// Shorthand for [`Error::Io`].
     pub fn io(action: &'static str, path: impl Into<PathBuf>, source: std::io::Error) -> Self {
-        Error::Io { action, path: path.into(), source }
+        Error::Io {
+            action,
+            path: path.into(),
+            source,
+        }
     }
 }

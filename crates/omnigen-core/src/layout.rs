@@ -30,12 +30,22 @@ enum Rule {
 const DIFFUSERS_RULES: &[Rule] = &[
     Rule::ConcatRows(
         "llm.layers.{i}.self_attn.qkv_proj.weight",
-        &["layers.{i}.self_attn.to_q.weight", "layers.{i}.self_attn.to_k.weight", "layers.{i}.self_attn.to_v.weight"],
+        &[
+            "layers.{i}.self_attn.to_q.weight",
+            "layers.{i}.self_attn.to_k.weight",
+            "layers.{i}.self_attn.to_v.weight",
+        ],
     ),
-    Rule::Rename("llm.layers.{i}.self_attn.o_proj.", "layers.{i}.self_attn.to_out.0."),
+    Rule::Rename(
+        "llm.layers.{i}.self_attn.o_proj.",
+        "layers.{i}.self_attn.to_out.0.",
+    ),
     Rule::Rename("pos_embed", "patch_embedding.pos_embed"),
     Rule::Rename("x_embedder.proj.", "patch_embedding.output_image_proj."),
-    Rule::Rename("input_x_embedder.proj.", "patch_embedding.input_image_proj."),
+    Rule::Rename(
+        "input_x_embedder.proj.",
+        "patch_embedding.input_image_proj.",
+    ),
     Rule::Rename("final_layer.adaLN_modulation.1.", "norm_out.linear."),
     Rule::Rename("final_layer.linear.", "proj_out."),
     Rule::Rename("time_token.mlp.0.", "time_token.linear_1."),
@@ -56,7 +66,9 @@ fn match_pattern<'k>(pattern: &str, key: &'k str) -> Option<(Option<&'k str>, &'
     let rest = key.strip_prefix(head)?;
     let (index, rest) = match tail {
         Some(tail) => {
-            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             if digits == 0 {
                 return None;
             }
@@ -147,7 +159,10 @@ impl TransformerWeights {
         // Row-wise concatenation: each part has shape [rows / n, rest...].
         let n = stored.len();
         if shape.is_empty() || shape[0] % n != 0 {
-            return Err(Error::invalid_argument("shape", format!("cannot split {shape:?} into {n} row blocks")));
+            return Err(Error::invalid_argument(
+                "shape",
+                format!("cannot split {shape:?} into {n} row blocks"),
+            ));
         }
         let mut part_shape = shape.to_vec();
         part_shape[0] /= n;
@@ -167,26 +182,58 @@ mod tests {
     #[test]
     fn diffusers_names_follow_the_conversion_script() {
         let d = CheckpointLayout::Diffusers;
-        assert_eq!(stored_keys(d, "llm.layers.12.self_attn.o_proj.weight"), ["layers.12.self_attn.to_out.0.weight"]);
+        assert_eq!(
+            stored_keys(d, "llm.layers.12.self_attn.o_proj.weight"),
+            ["layers.12.self_attn.to_out.0.weight"]
+        );
         assert_eq!(
             stored_keys(d, "llm.layers.3.self_attn.qkv_proj.weight"),
-            ["layers.3.self_attn.to_q.weight", "layers.3.self_attn.to_k.weight", "layers.3.self_attn.to_v.weight"]
+            [
+                "layers.3.self_attn.to_q.weight",
+                "layers.3.self_attn.to_k.weight",
+                "layers.3.self_attn.to_v.weight"
+            ]
         );
-        assert_eq!(stored_keys(d, "llm.layers.0.mlp.gate_up_proj.weight"), ["layers.0.mlp.gate_up_proj.weight"]);
+        assert_eq!(
+            stored_keys(d, "llm.layers.0.mlp.gate_up_proj.weight"),
+            ["layers.0.mlp.gate_up_proj.weight"]
+        );
         assert_eq!(stored_keys(d, "llm.norm.weight"), ["norm.weight"]);
         assert_eq!(stored_keys(d, "pos_embed"), ["patch_embedding.pos_embed"]);
-        assert_eq!(stored_keys(d, "x_embedder.proj.bias"), ["patch_embedding.output_image_proj.bias"]);
-        assert_eq!(stored_keys(d, "input_x_embedder.proj.weight"), ["patch_embedding.input_image_proj.weight"]);
-        assert_eq!(stored_keys(d, "final_layer.adaLN_modulation.1.weight"), ["norm_out.linear.weight"]);
+        assert_eq!(
+            stored_keys(d, "x_embedder.proj.bias"),
+            ["patch_embedding.output_image_proj.bias"]
+        );
+        assert_eq!(
+            stored_keys(d, "input_x_embedder.proj.weight"),
+            ["patch_embedding.input_image_proj.weight"]
+        );
+        assert_eq!(
+            stored_keys(d, "final_layer.adaLN_modulation.1.weight"),
+            ["norm_out.linear.weight"]
+        );
         assert_eq!(stored_keys(d, "final_layer.linear.bias"), ["proj_out.bias"]);
-        assert_eq!(stored_keys(d, "time_token.mlp.2.weight"), ["time_token.linear_2.weight"]);
-        assert_eq!(stored_keys(d, "t_embedder.mlp.0.bias"), ["t_embedder.linear_1.bias"]);
-        assert_eq!(stored_keys(CheckpointLayout::Official, "pos_embed"), ["pos_embed"]);
+        assert_eq!(
+            stored_keys(d, "time_token.mlp.2.weight"),
+            ["time_token.linear_2.weight"]
+        );
+        assert_eq!(
+            stored_keys(d, "t_embedder.mlp.0.bias"),
+            ["t_embedder.linear_1.bias"]
+        );
+        assert_eq!(
+            stored_keys(CheckpointLayout::Official, "pos_embed"),
+            ["pos_embed"]
+        );
     }
 
     #[test]
     fn layer_index_must_be_digits() {
-        assert!(match_pattern("llm.layers.{i}.self_attn.o_proj.", "llm.layers.x.self_attn.o_proj.weight").is_none());
+        assert!(match_pattern(
+            "llm.layers.{i}.self_attn.o_proj.",
+            "llm.layers.x.self_attn.o_proj.weight"
+        )
+        .is_none());
         assert!(match_pattern("pos_embed", "pos_embed_extra").is_none());
     }
 }

@@ -32,10 +32,17 @@ impl MappedFile {
         // SAFETY: the map is read-only; we never hand out references that outlive `self`, and
         // checkpoint files are not expected to be modified while a model is being loaded.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("memory-map", path, e))?;
-        let (header_len, metadata) = SafeTensors::read_metadata(&mmap).map_err(|e| {
-            Error::CorruptWeights { path: path.into(), reason: describe_st_error(&e, mmap.len()) }
-        })?;
-        Ok(Self { path: path.into(), mmap, header_len, metadata })
+        let (header_len, metadata) =
+            SafeTensors::read_metadata(&mmap).map_err(|e| Error::CorruptWeights {
+                path: path.into(),
+                reason: describe_st_error(&e, mmap.len()),
+            })?;
+        Ok(Self {
+            path: path.into(),
+            mmap,
+            header_len,
+            metadata,
+        })
     }
 
     fn bytes(&self, name: &str) -> Option<(&[u8], StDtype, &[usize])> {
@@ -49,7 +56,9 @@ impl MappedFile {
 fn describe_st_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
     use safetensors::SafeTensorError as E;
     match e {
-        E::HeaderTooSmall => format!("file is {file_len} bytes, too short for a safetensors header"),
+        E::HeaderTooSmall => {
+            format!("file is {file_len} bytes, too short for a safetensors header")
+        }
         E::HeaderTooLarge | E::InvalidHeaderLength => {
             format!("header length field points past the end of the {file_len}-byte file (truncated or not safetensors)")
         }
@@ -69,7 +78,10 @@ pub struct WeightSource {
 impl std::fmt::Debug for WeightSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("WeightSource")
-            .field("files", &self.files.iter().map(|m| &m.path).collect::<Vec<_>>())
+            .field(
+                "files",
+                &self.files.iter().map(|m| &m.path).collect::<Vec<_>>(),
+            )
             .field("tensors", &self.index.len())
             .finish()
     }
@@ -99,7 +111,10 @@ impl WeightSource {
             files.push(file);
         }
         if files.is_empty() {
-            return Err(Error::invalid_argument("weights", "no safetensors file given"));
+            return Err(Error::invalid_argument(
+                "weights",
+                "no safetensors file given",
+            ));
         }
         Ok(Self { files, index })
     }
@@ -114,20 +129,34 @@ impl WeightSource {
         }
         let index_path = dir.join(format!("{stem}.safetensors.index.json"));
         if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path).map_err(|e| Error::io("read", &index_path, e))?;
-            let value: serde_json::Value = serde_json::from_str(&text)
-                .map_err(|e| Error::Config { path: index_path.clone(), reason: e.to_string() })?;
-            let map = value.get("weight_map").and_then(|m| m.as_object()).ok_or_else(|| Error::Config {
-                path: index_path.clone(),
-                reason: "missing `weight_map` object".into(),
-            })?;
-            let shards: BTreeMap<&str, ()> = map.values().filter_map(|v| v.as_str()).map(|s| (s, ())).collect();
+            let text = std::fs::read_to_string(&index_path)
+                .map_err(|e| Error::io("read", &index_path, e))?;
+            let value: serde_json::Value =
+                serde_json::from_str(&text).map_err(|e| Error::Config {
+                    path: index_path.clone(),
+                    reason: e.to_string(),
+                })?;
+            let map = value
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| Error::Config {
+                    path: index_path.clone(),
+                    reason: "missing `weight_map` object".into(),
+                })?;
+            let shards: BTreeMap<&str, ()> = map
+                .values()
+                .filter_map(|v| v.as_str())
+                .map(|s| (s, ()))
+                .collect();
             return Self::open_many(shards.keys().map(|s| dir.join(s)));
         }
         Err(Error::io(
             "find",
             &single,
-            std::io::Error::new(std::io::ErrorKind::NotFound, "no such weights file (nor a sharded index)"),
+            std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "no such weights file (nor a sharded index)",
+            ),
         ))
     }
 
@@ -151,7 +180,10 @@ impl WeightSource {
 
     /// Tensor names that start with `prefix`, sorted.
     pub fn keys_with_prefix(&self, prefix: &str) -> Vec<&str> {
-        self.keys().into_iter().filter(|k| k.starts_with(prefix)).collect()
+        self.keys()
+            .into_iter()
+            .filter(|k| k.starts_with(prefix))
+            .collect()
     }
 
     /// Shape of a tensor as stored.
@@ -190,18 +222,31 @@ impl WeightSource {
             (StDtype::F32, DType::F32) => TensorData::new(decode::<f32>(bytes), shape),
             (StDtype::F16, DType::F16) => TensorData::new(decode::<f16>(bytes), shape),
             (StDtype::BF16, DType::BF16) => TensorData::new(decode::<bf16>(bytes), shape),
-            (StDtype::F32, DType::F16) => TensorData::new(convert(decode::<f32>(bytes), f16::from_f32), shape),
-            (StDtype::F32, DType::BF16) => TensorData::new(convert(decode::<f32>(bytes), bf16::from_f32), shape),
-            (StDtype::F16, DType::F32) => TensorData::new(convert(decode::<f16>(bytes), f16::to_f32), shape),
-            (StDtype::BF16, DType::F32) => TensorData::new(convert(decode::<bf16>(bytes), bf16::to_f32), shape),
-            (StDtype::F16, DType::BF16) => {
-                TensorData::new(convert(decode::<f16>(bytes), |x| bf16::from_f32(x.to_f32())), shape)
+            (StDtype::F32, DType::F16) => {
+                TensorData::new(convert(decode::<f32>(bytes), f16::from_f32), shape)
             }
-            (StDtype::BF16, DType::F16) => {
-                TensorData::new(convert(decode::<bf16>(bytes), |x| f16::from_f32(x.to_f32())), shape)
+            (StDtype::F32, DType::BF16) => {
+                TensorData::new(convert(decode::<f32>(bytes), bf16::from_f32), shape)
             }
+            (StDtype::F16, DType::F32) => {
+                TensorData::new(convert(decode::<f16>(bytes), f16::to_f32), shape)
+            }
+            (StDtype::BF16, DType::F32) => {
+                TensorData::new(convert(decode::<bf16>(bytes), bf16::to_f32), shape)
+            }
+            (StDtype::F16, DType::BF16) => TensorData::new(
+                convert(decode::<f16>(bytes), |x| bf16::from_f32(x.to_f32())),
+                shape,
+            ),
+            (StDtype::BF16, DType::F16) => TensorData::new(
+                convert(decode::<bf16>(bytes), |x| f16::from_f32(x.to_f32())),
+                shape,
+            ),
             (StDtype::F32 | StDtype::F16 | StDtype::BF16, other) => {
-                return Err(Error::invalid_argument("dtype", format!("{other:?} is not a supported weight dtype")))
+                return Err(Error::invalid_argument(
+                    "dtype",
+                    format!("{other:?} is not a supported weight dtype"),
+                ))
             }
             _ => return Err(unsupported()),
         };
@@ -222,7 +267,10 @@ impl WeightSource {
 fn decode<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
     match bytemuck::try_cast_slice::<u8, T>(bytes) {
         Ok(slice) => slice.to_vec(),
-        Err(_) => bytes.chunks_exact(std::mem::size_of::<T>()).map(bytemuck::pod_read_unaligned).collect(),
+        Err(_) => bytes
+            .chunks_exact(std::mem::size_of::<T>())
+            .map(bytemuck::pod_read_unaligned)
+            .collect(),
     }
 }
 

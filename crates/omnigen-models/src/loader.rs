@@ -41,14 +41,27 @@ pub struct Loader<'a, B: Backend> {
 impl<'a, B: Backend> Loader<'a, B> {
     /// A loader at the root of `reader`.
     pub fn new(reader: &'a dyn WeightReader, device: &B::Device, dtype: DType) -> Self {
-        Self { reader, prefix: String::new(), device: device.clone(), dtype }
+        Self {
+            reader,
+            prefix: String::new(),
+            device: device.clone(),
+            dtype,
+        }
     }
 
     /// A loader for the sub-module `name` (keys `prefix.name.*`).
     pub fn sub(&self, name: impl std::fmt::Display) -> Self {
-        let prefix =
-            if self.prefix.is_empty() { name.to_string() } else { format!("{}.{name}", self.prefix) };
-        Self { reader: self.reader, prefix, device: self.device.clone(), dtype: self.dtype }
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.prefix)
+        };
+        Self {
+            reader: self.reader,
+            prefix,
+            device: self.device.clone(),
+            dtype: self.dtype,
+        }
     }
 
     /// The device parameters are created on.
@@ -77,19 +90,37 @@ impl<'a, B: Backend> Loader<'a, B> {
     }
 
     /// Reads tensor `name` as a parameter.
-    pub fn param<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Param<Tensor<B, D>>> {
+    pub fn param<const D: usize>(
+        &self,
+        name: &str,
+        shape: [usize; D],
+    ) -> Result<Param<Tensor<B, D>>> {
         Ok(Param::from_tensor(self.tensor(name, shape)?))
     }
 
     /// A `Linear` from `weight` `[d_out, d_in]` (PyTorch layout, used transposed) and optional `bias`.
     pub fn linear(&self, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
         let weight = self.tensor("weight", [d_out, d_in])?.transpose();
-        let bias = if bias { Some(self.param("bias", [d_out])?) } else { None };
-        Ok(Linear { weight: Param::from_tensor(weight), bias })
+        let bias = if bias {
+            Some(self.param("bias", [d_out])?)
+        } else {
+            None
+        };
+        Ok(Linear {
+            weight: Param::from_tensor(weight),
+            bias,
+        })
     }
 
     /// A `Conv2d` from PyTorch-layout `weight` `[out, in, k, k]` and `bias`.
-    pub fn conv2d(&self, c_in: usize, c_out: usize, kernel: usize, stride: usize, padding: usize) -> Result<Conv2d<B>> {
+    pub fn conv2d(
+        &self,
+        c_in: usize,
+        c_out: usize,
+        kernel: usize,
+        stride: usize,
+        padding: usize,
+    ) -> Result<Conv2d<B>> {
         Ok(Conv2d {
             weight: self.param("weight", [c_out, c_in, kernel, kernel])?,
             bias: Some(self.param("bias", [c_out])?),
@@ -102,7 +133,12 @@ impl<'a, B: Backend> Loader<'a, B> {
     }
 
     /// An affine `GroupNorm` from `weight` and `bias`.
-    pub fn group_norm(&self, num_groups: usize, num_channels: usize, epsilon: f64) -> Result<GroupNorm<B>> {
+    pub fn group_norm(
+        &self,
+        num_groups: usize,
+        num_channels: usize,
+        epsilon: f64,
+    ) -> Result<GroupNorm<B>> {
         Ok(GroupNorm {
             gamma: Some(self.param("weight", [num_channels])?),
             beta: Some(self.param("bias", [num_channels])?),
@@ -128,9 +164,11 @@ pub struct RandomWeights {
 impl WeightReader for RandomWeights {
     fn read(&self, key: &str, shape: &[usize], dtype: DType) -> Result<TensorData> {
         // FNV-1a of the key, mixed with the seed, drives a splitmix64 stream.
-        let mut state = key.bytes().fold(0xcbf2_9ce4_8422_2325u64 ^ self.seed, |h, b| {
-            (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-        });
+        let mut state = key
+            .bytes()
+            .fold(0xcbf2_9ce4_8422_2325u64 ^ self.seed, |h, b| {
+                (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+            });
         let mut next = move || {
             state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
             let mut z = state;
@@ -141,7 +179,11 @@ impl WeightReader for RandomWeights {
         };
         let n: usize = shape.iter().product();
         let (offset, amp) = if shape.len() == 1 {
-            if key.ends_with("weight") { (1.0, 0.1) } else { (0.0, 0.1) }
+            if key.ends_with("weight") {
+                (1.0, 0.1)
+            } else {
+                (0.0, 0.1)
+            }
         } else {
             let fan_in: usize = shape[1..].iter().product::<usize>().max(1);
             (0.0, 1.0 / (fan_in as f32).sqrt())

@@ -1,0 +1,154 @@
+//! The configuration structs parse the real OmniGen-v1 files and the tiny test checkpoints.
+
+use std::path::{Path, PathBuf};
+
+use omnigen_core::{Error, RopeScaling, TransformerConfig, VaeConfig};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+#[test]
+fn real_phi3_config_with_legacy_su_spelling() {
+    let cfg = TransformerConfig::from_file(fixtures().join("real/config.json")).unwrap();
+    assert_eq!(cfg.hidden_size, 3072);
+    assert_eq!(cfg.num_hidden_layers, 32);
+    assert_eq!(cfg.head_dim(), 96);
+    assert_eq!(cfg.intermediate_size, 8192);
+    assert_eq!(cfg.vocab_size, 32064);
+    assert_eq!(cfg.original_max_position_embeddings, 4096);
+    let Some(RopeScaling::LongRope {
+        short_factor,
+        long_factor,
+    }) = &cfg.rope_scaling
+    else {
+        panic!("expected LongRoPE scaling, got {:?}", cfg.rope_scaling)
+    };
+    assert_eq!(short_factor.len(), 48);
+    assert_eq!(long_factor.len(), 48);
+    assert_eq!(short_factor[0], 1.05);
+    assert_eq!(long_factor[47], 64.81001281738281);
+    // sqrt(1 + ln(131072/4096) / ln(4096))
+    assert!((cfg.rope_attention_scaling() - 1.1902380714238083).abs() < 1e-12);
+}
+
+#[test]
+fn real_parameter_count_without_allocating() {
+    let cfg = TransformerConfig::from_file(fixtures().join("real/config.json")).unwrap();
+    // Figures from the checkpoint: 3,762,072,592 learned parameters plus the 192x192x3072
+    // sin-cos position buffer stored beside them (15.5 GB of f32 in model.safetensors).
+    assert_eq!(cfg.num_parameters(), 3_762_072_592);
+    assert_eq!(cfg.num_stored_values(), 3_875_318_800);
+}
+
+#[test]
+fn diffusers_transformer_config_matches_the_official_one() {
+    let official = TransformerConfig::from_file(fixtures().join("real/config.json")).unwrap();
+    let diffusers =
+        TransformerConfig::from_file(fixtures().join("real/transformer_config_diffusers.json"))
+            .unwrap();
+    assert_eq!(official, diffusers);
+}
+
+#[test]
+fn tiny_config_parses() {
+    let cfg = TransformerConfig::from_file(fixtures().join("A/model/config.json")).unwrap();
+    assert_eq!(
+        (
+            cfg.hidden_size,
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads
+        ),
+        (48, 2, 3)
+    );
+    assert!(matches!(
+        cfg.rope_scaling,
+        Some(RopeScaling::LongRope { .. })
+    ));
+}
+
+#[test]
+fn newer_longrope_spelling_is_accepted() {
+    let text = std::fs::read_to_string(fixtures().join("A/model/config.json")).unwrap();
+    let mut value: serde_json::Value = serde_json::from_str(&text).unwrap();
+    value["rope_scaling"]["type"] = "longrope".into();
+    let a = TransformerConfig::from_json_value(Path::new("x"), &value).unwrap();
+    value["rope_scaling"]
+        .as_object_mut()
+        .unwrap()
+        .remove("type");
+    value["rope_scaling"]["rope_type"] = "longrope".into();
+    let b = TransformerConfig::from_json_value(Path::new("x"), &value).unwrap();
+    assert_eq!(a, b);
+    assert!(a.rope_scaling.is_some());
+}
+
+#[test]
+fn real_sdxl_vae_config() {
+    let cfg = VaeConfig::from_file(fixtures().join("real/vae_config.json")).unwrap();
+    assert_eq!(cfg.block_out_channels, [128, 256, 512, 512]);
+    assert_eq!(cfg.layers_per_block, 2);
+    assert_eq!(cfg.norm_num_groups, 32);
+    assert_eq!(cfg.scaling_factor, 0.13025);
+    assert_eq!(cfg.shift_factor, None);
+    assert_eq!(cfg.downsample_factor(), 8);
+    assert!(cfg.mid_block_add_attention && cfg.use_quant_conv && cfg.use_post_quant_conv);
+}
+
+#[test]
+fn tiny_vae_config() {
+    let cfg = VaeConfig::from_file(fixtures().join("A/model/vae/config.json")).unwrap();
+    assert_eq!(cfg.block_out_channels, [16, 32, 32, 32]);
+    assert_eq!(cfg.norm_num_groups, 8);
+}
+
+fn config_error(json: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, json).unwrap();
+    match TransformerConfig::from_file(&path) {
+        Err(e @ Error::Config { .. }) => e.to_string(),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn malformed_configs_are_typed_errors_naming_the_field() {
+    assert!(config_error("{not json").contains("config.json"));
+    assert!(config_error("[]").contains("not a JSON object"));
+    let msg = config_error(r#"{"hidden_size": 48, "num_attention_heads": 3}"#);
+    assert!(
+        msg.contains("intermediate_size") || msg.contains("max_position_embeddings"),
+        "{msg}"
+    );
+    let msg = config_error(r#"{"hidden_size": 50, "num_attention_heads": 3}"#);
+    assert!(msg.contains("num_attention_heads"), "{msg}");
+    let msg = config_error(
+        r#"{"hidden_size": 48, "num_attention_heads": 3, "intermediate_size": 8, "num_hidden_layers": 1,
+            "rms_norm_eps": 1e-5, "vocab_size": 10, "max_position_embeddings": 64,
+            "rope_scaling": {"type": "yarn", "factor": 2.0}}"#,
+    );
+    assert!(msg.contains("yarn"), "{msg}");
+    let msg = config_error(
+        r#"{"hidden_size": 48, "num_attention_heads": 3, "intermediate_size": 8, "num_hidden_layers": 1,
+            "rms_norm_eps": 1e-5, "vocab_size": 10, "max_position_embeddings": 64,
+            "rope_scaling": {"type": "su", "short_factor": [1.0], "long_factor": [1.0]}}"#,
+    );
+    assert!(msg.contains("short_factor"), "{msg}");
+}
+
+#[test]
+fn missing_config_file_is_an_io_error_naming_the_path() {
+    let err = VaeConfig::from_file("/nonexistent/vae/config.json").unwrap_err();
+    assert!(matches!(err, Error::Io { .. }));
+    assert!(err.to_string().contains("/nonexistent/vae/config.json"));
+}
+
+#[test]
+fn vae_config_rejects_unsupported_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("config.json");
+    std::fs::write(&path, r#"{"block_out_channels": [16, 32], "norm_num_groups": 8, "down_block_types": ["CrossAttnDownBlock2D", "DownEncoderBlock2D"]}"#).unwrap();
+    let err = VaeConfig::from_file(&path).unwrap_err();
+    assert!(err.to_string().contains("CrossAttnDownBlock2D"), "{err}");
+}
