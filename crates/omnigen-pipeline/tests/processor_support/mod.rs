@@ -139,19 +139,39 @@ pub fn assert_model_input_matches(
         "{prefix}.attention_mask"
     );
     for (j, image) in input.images.iter().enumerate() {
-        let name = format!("{prefix}.pixel_values.{j}");
-        assert_eq!(
-            tensors.shape(&name),
-            vec![1, 3, image.height, image.width],
-            "{name} shape"
-        );
-        let diff = max_abs_diff(&image.pixels, &tensors.f32(&name));
-        assert!(diff <= 1e-6, "{name}: max diff {diff}");
+        let float_name = format!("{prefix}.pixel_values.{j}");
+        let u8_name = format!("{prefix}.pixel_u8.{j}");
+        if tensors.has(&float_name) {
+            assert_eq!(
+                tensors.shape(&float_name),
+                vec![1, 3, image.height, image.width],
+                "{float_name} shape"
+            );
+            let diff = max_abs_diff(&image.pixels, &tensors.f32(&float_name));
+            assert!(diff <= 1e-6, "{float_name}: max diff {diff}");
+        } else {
+            // The cropped 8-bit image, CHW: must match exactly.
+            assert_eq!(
+                tensors.shape(&u8_name),
+                vec![1, 3, image.height, image.width],
+                "{u8_name} shape"
+            );
+            assert_eq!(chw_u8(&image.rgb), tensors.u8(&u8_name), "{u8_name}");
+            assert_eq!(
+                image.pixels,
+                omnigen_pipeline::image_preprocess::normalize(&image.rgb)
+            );
+        }
     }
-    assert!(
-        !tensors.has(&format!("{prefix}.pixel_values.{}", input.images.len())),
-        "{prefix}: fewer images than the fixture"
-    );
+    for name in [
+        format!("{prefix}.pixel_values.{}", input.images.len()),
+        format!("{prefix}.pixel_u8.{}", input.images.len()),
+    ] {
+        assert!(
+            !tensors.has(&name),
+            "{prefix}: fewer images than the fixture"
+        );
+    }
     if let Some(spans) = spans_json {
         let expected: Vec<Vec<(usize, usize)>> = (0..input.batch_size)
             .map(|b| {
@@ -177,4 +197,13 @@ pub fn assert_model_input_matches(
 
 pub fn read_json(path: &std::path::Path) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+/// An RGB8 image as channel-major bytes `[3, h, w]`.
+pub fn chw_u8(rgb: &image::RgbImage) -> Vec<u8> {
+    let raw = rgb.as_raw();
+    let n = raw.len() / 3;
+    (0..3)
+        .flat_map(|c| (0..n).map(move |i| raw[i * 3 + c]))
+        .collect()
 }
