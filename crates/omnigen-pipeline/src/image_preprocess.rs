@@ -15,6 +15,13 @@
 //! its 8-bit path: separable convolution (horizontal pass, then vertical), per-output-pixel
 //! coefficients normalised to sum 1 and quantised to 22 fractional bits, each pass rounded
 //! and clipped to u8.
+//!
+//! Known gap: that is the pass order of Pillow <= 12 (`ImagingResampleInner`: horizontal
+//! first). Pillow 13.0.0, which produced the reference fixtures, does the vertical pass first
+//! for some downscales (never for upscales, in our probes); the selection rule is not in any
+//! source available to us yet. When it picks vertical-first the result can differ by ±1 level
+//! in some pixels. Upscales, single-axis resizes and every Pillow-13 horizontal-first case are
+//! bit-exact (checked against Pillow 13.0.0 outputs).
 
 use image::RgbImage;
 use omnigen_core::{Error, Result};

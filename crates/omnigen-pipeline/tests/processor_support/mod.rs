@@ -32,7 +32,7 @@ impl Tensors {
     }
 
     pub fn has(&self, name: &str) -> bool {
-        self.view().names().iter().any(|n| *n == name)
+        self.view().names().contains(&name)
     }
 
     pub fn names(&self) -> Vec<String> {
