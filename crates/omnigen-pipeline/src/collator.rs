@@ -1,0 +1,150 @@
+//! Batching of tokenised branch rows, as the official `OmniGenCollator` does it.
+//!
+//! Rows are LEFT-padded with token id 2 to the longest row; padding gets position 0 and is
+//! masked out. Each row's sequence is `[text (L), time token (1), output image (N)]`, so
+//! `S = L + 1 + N` with `N` the largest output-token count in the batch.
+
+use crate::image_preprocess::PreprocessedImage;
+
+/// Token id the official collator pads with (`</s>`; not the config's `pad_token_id`).
+pub const PAD_TOKEN_ID: i64 = 2;
+
+/// One tokenised row before padding: the official `mllm_input` dict.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TokenizedRow {
+    /// Token ids; each image span is a run of id 0.
+    pub input_ids: Vec<i64>,
+    /// The images of the spans, in span order (a repeated placeholder repeats its image).
+    pub images: Vec<PreprocessedImage>,
+    /// Token spans `[start, end)` replaced by the image latents, one per image.
+    pub image_spans: Vec<(usize, usize)>,
+}
+
+/// The inputs of one transformer forward, all plain row-major data.
+///
+/// Maps 1:1 onto the official `forward` arguments: `input_ids`, `attention_mask`,
+/// `position_ids`, `input_img_latents` (VAE-encode [`ModelInput::images`] in order) and
+/// `input_image_sizes` ([`ModelInput::image_spans`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelInput {
+    /// Rows in this batch (B).
+    pub batch_size: usize,
+    /// Padded text length (L), placeholders included.
+    pub text_len: usize,
+    /// Full sequence length S = L + 1 + max(num_output_tokens).
+    pub seq_len: usize,
+    /// Token ids `[B, L]`, left-padded with [`PAD_TOKEN_ID`].
+    pub input_ids: Vec<i64>,
+    /// Attention mask `[B, S, S]`, 1 = may attend, 0 = masked.
+    pub attention_mask: Vec<f32>,
+    /// Position ids `[B, S]`.
+    pub position_ids: Vec<i64>,
+    /// Input images in the order the model consumes them: row by row, then span by span.
+    pub images: Vec<PreprocessedImage>,
+    /// Per row, the token spans `[start, end)` (after padding) that the image latents replace;
+    /// `images` lists them flattened in the same order.
+    pub image_spans: Vec<Vec<(usize, usize)>>,
+    /// Per row, the number of output-image tokens (`h * w / 256`); rows with fewer than the
+    /// maximum are padded with masked image tokens (the official `padding_images`).
+    pub num_output_tokens: Vec<usize>,
+}
+
+impl ModelInput {
+    /// Shape of `input_ids`: `[B, L]`.
+    pub fn input_ids_shape(&self) -> [usize; 2] {
+        [self.batch_size, self.text_len]
+    }
+
+    /// Shape of `attention_mask`: `[B, S, S]`.
+    pub fn attention_mask_shape(&self) -> [usize; 3] {
+        [self.batch_size, self.seq_len, self.seq_len]
+    }
+
+    /// Shape of `position_ids`: `[B, S]`.
+    pub fn position_ids_shape(&self) -> [usize; 2] {
+        [self.batch_size, self.seq_len]
+    }
+
+    /// The largest output-token count of the batch (N).
+    pub fn output_tokens(&self) -> usize {
+        self.seq_len - self.text_len - 1
+    }
+
+    /// Row `b` of `input_ids`.
+    pub fn row_ids(&self, b: usize) -> &[i64] {
+        &self.input_ids[b * self.text_len..(b + 1) * self.text_len]
+    }
+}
+
+/// Collates rows exactly as the official `OmniGenCollator.process_mllm_input`.
+///
+/// `output_sizes[b]` is the `[height, width]` of row b's output image (pixels).
+/// An empty `rows` yields an empty batch.
+pub fn collate(rows: &[TokenizedRow], output_sizes: &[(usize, usize)]) -> ModelInput {
+    let batch_size = rows.len();
+    let num_output_tokens: Vec<usize> = output_sizes.iter().map(|&(h, w)| h * w / 256).collect();
+    let img_len = num_output_tokens.iter().copied().max().unwrap_or(0);
+    let text_len = rows.iter().map(|r| r.input_ids.len()).max().unwrap_or(0);
+    let seq_len = text_len + img_len + 1;
+
+    let mut input_ids = Vec::with_capacity(batch_size * text_len);
+    let mut position_ids = Vec::with_capacity(batch_size * seq_len);
+    let mut attention_mask = vec![0f32; batch_size * seq_len * seq_len];
+    let mut images = Vec::new();
+    let mut image_spans = Vec::with_capacity(batch_size);
+
+    for (b, row) in rows.iter().enumerate() {
+        let temp_l = row.input_ids.len();
+        let pad_l = text_len - temp_l;
+        input_ids.extend(std::iter::repeat_n(PAD_TOKEN_ID, pad_l));
+        input_ids.extend_from_slice(&row.input_ids);
+
+        position_ids.extend(std::iter::repeat_n(0i64, pad_l));
+        position_ids.extend(0..(temp_l + img_len + 1) as i64);
+
+        let m = &mut attention_mask[b * seq_len * seq_len..(b + 1) * seq_len * seq_len];
+        // Text + time token: causal among themselves, blind to padding and output image.
+        for i in 0..=temp_l {
+            let r = pad_l + i;
+            m[r * seq_len + pad_l..=r * seq_len + pad_l + i].fill(1.0);
+        }
+        // Output-image rows see every non-padded column.
+        for r in seq_len - img_len..seq_len {
+            m[r * seq_len + pad_l..(r + 1) * seq_len].fill(1.0);
+        }
+        // Padding rows see everything (keeps softmax finite; their output is ignored).
+        m[..pad_l * seq_len].fill(1.0);
+        // Output-image tokens beyond this row's own count are padding: nobody sees them.
+        let pad_img = img_len - num_output_tokens.get(b).copied().unwrap_or(img_len);
+        if pad_img > 0 {
+            for r in 0..seq_len {
+                m[(r + 1) * seq_len - pad_img..(r + 1) * seq_len].fill(0.0);
+            }
+        }
+        // Each input image attends to itself bidirectionally.
+        let spans: Vec<(usize, usize)> = row
+            .image_spans
+            .iter()
+            .map(|&(s, e)| (s + pad_l, e + pad_l))
+            .collect();
+        for &(s, e) in &spans {
+            for r in s..e {
+                m[r * seq_len + s..r * seq_len + e].fill(1.0);
+            }
+        }
+        image_spans.push(spans);
+        images.extend(row.images.iter().cloned());
+    }
+
+    ModelInput {
+        batch_size,
+        text_len,
+        seq_len,
+        input_ids,
+        attention_mask,
+        position_ids,
+        images,
+        image_spans,
+        num_output_tokens,
+    }
+}
