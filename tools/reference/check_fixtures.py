@@ -48,13 +48,13 @@ def check_dir(d):
         num_prompt = t["randn.00"].shape[0]  # batch of prompts: rows are [cond x P, uncond x P, (img_cond x P)]
         n_br = nb // num_prompt
         res = {}
-        branches = [f"b{b}" for b in range(nb)] if sep else ["batch"]
+        branches = [f"b{b}" for b in range(n_br)] if sep else ["batch"]
         for s in range(man["num_inference_steps"]):
             outs = []
             for br in branches:
                 p = "proc." + br
                 ids = t[p + ".input_ids"]
-                mask = t[p + ".attention_mask"].clone()
+                mask = t[p + ".attention_mask"].clone().float()  # F32 (original A cases) or U8 0/1
                 pos = t[p + ".position_ids"]
                 sizes = {int(k): v for k, v in j[p]["input_image_sizes"].items()}
                 lat = [t[f"step0.{br}.input_img_latents.{k}"] for k in range(j[p]["num_pixel_values"])] or None
@@ -85,8 +85,11 @@ def check_dir(d):
             res[f"step{s}.z_out(euler from recorded pred)"] = maxdiff(z_out, t[f"step{s}.z_out"])
         with torch.no_grad():
             dec = vae.decode(t["latents.final"] / j["vae_scaling_factor"]).sample
-        res["vae_decode(final/scaling)"] = maxdiff(dec, t["vae_dec.output"])
-        img = ((t["vae_dec.output"] * 0.5 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1).to(torch.uint8)
+        if "vae_dec.output" in t:
+            res["vae_decode(final/scaling)"] = maxdiff(dec, t["vae_dec.output"])
+            dec = t["vae_dec.output"]
+        res["vae_dec.input=final/scaling"] = maxdiff(t["latents.final"] / j["vae_scaling_factor"], t["vae_dec.input"])
+        img = ((dec * 0.5 + 0.5).clamp(0, 1) * 255).permute(0, 2, 3, 1).to(torch.uint8)
         res["image_uint8(trunc)"] = maxdiff(img[0], t["image_uint8"])
         for r in range(1, num_prompt):
             res[f"image_uint8.{r}(trunc)"] = maxdiff(img[r], t[f"image_uint8.{r}"])
@@ -102,7 +105,7 @@ def check_dir(d):
         sizes = {int(k): v for k, v in j["input_image_sizes"].items()}
         lat = [t[k] for k in sorted(x for x in t if x.startswith("tf.input_img_latents."))] or None
         with torch.no_grad():
-            o = model.forward(t["tf.x"], t["tf.timestep"], t["tf.input_ids"], lat, sizes, t["tf.attention_mask"],
+            o = model.forward(t["tf.x"], t["tf.timestep"], t["tf.input_ids"], lat, sizes, t["tf.attention_mask"].float(),
                               t["tf.position_ids"], return_past_key_values=False)
         results[tname] = {"tf.out": maxdiff(o, t["tf.out"])}
     t = load_file(os.path.join(d, "vae_only.safetensors"))

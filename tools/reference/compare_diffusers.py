@@ -146,7 +146,8 @@ def run_variant(pipe, d, name, a, fix):
     def cb(p, i, ts, kw):
         steps.append(kw["latents"].clone())
         return {}
-    imgs = None if a["input_images"] is None else [os.path.join(d, x) for x in a["input_images"]]
+    imgs = None if a["input_images"] is None else [
+        [os.path.join(d, y) for y in x] if isinstance(x, list) else os.path.join(d, x) for x in a["input_images"]]
     ctx = PerRowRopeFix() if fix else contextlib.nullcontext()
     with inj, ctx, torch.no_grad():
         out = pipe(prompt=a["prompt"], input_images=imgs, height=a["height"], width=a["width"],

@@ -69,8 +69,7 @@ CASES = {
         # two input images of different sizes (64x48 -> 12 tokens, 48x80 -> 15 tokens) in one prompt
         dict(name="two_img", noise_seed=103, prompt=TWO, input_images=["edit_in.png", "img2_in.png"], height=64,
              width=64, guidance_scale=2.0, img_guidance_scale=1.6),
-        dict(name="two_img_nokv", noise_seed=103, prompt=TWO, input_images=["edit_in.png", "img2_in.png"],
-             height=64, width=64, guidance_scale=2.0, img_guidance_scale=1.6, use_kv_cache=False),
+
         dict(name="two_img_joint", noise_seed=103, prompt=TWO, input_images=["edit_in.png", "img2_in.png"],
              height=64, width=64, guidance_scale=2.0, img_guidance_scale=1.6, separate_cfg_infer=False),
         # posterior MEAN for the input images (vae_noise="zero")
@@ -91,9 +90,7 @@ CASES = {
         dict(name="batch2_joint", noise_seed=104, prompt=[EDIT, BATCH_P2],
              input_images=[["edit_in.png"], ["img2_in.png", "edit_in.png"]], height=64, width=64,
              guidance_scale=2.0, img_guidance_scale=1.6, separate_cfg_infer=False),
-        # batch of two text-only prompts (2 CFG branches, each padded)
-        dict(name="batch2_t2i", noise_seed=105, prompt=[T2I, T2I_LONG], input_images=None, height=64, width=64,
-             guidance_scale=2.5),
+        # batch of two text-only prompts, joint CFG: 4 rows [cond1, cond2, uncond1, uncond2] padded together
         dict(name="batch2_t2i_joint", noise_seed=105, prompt=[T2I, T2I_LONG], input_images=None, height=64,
              width=64, guidance_scale=2.5, separate_cfg_infer=False),
     ],
@@ -106,6 +103,9 @@ CASES = {
              guidance_scale=2.5, use_kv_cache=False),
         dict(name="t2i_joint", noise_seed=201, prompt=T2I, input_images=None, height=64, width=64,
              guidance_scale=2.5, separate_cfg_infer=False),
+        # joint + no cache: the one official mode that diffusers (with the per-row rope fix) reproduces on B
+        dict(name="t2i_joint_nokv", noise_seed=201, prompt=T2I, input_images=None, height=64, width=64,
+             guidance_scale=2.5, separate_cfg_infer=False, use_kv_cache=False),
         dict(name="edit", noise_seed=202, prompt=EDIT, input_images=["edit_in.png"], height=64, width=64,
              guidance_scale=2.0, img_guidance_scale=1.6),
         dict(name="edit_nokv", noise_seed=202, prompt=EDIT, input_images=["edit_in.png"], height=64, width=64,
@@ -124,8 +124,6 @@ CASES = {
         # output size = processed input size (72x56 -> 64x48, i.e. H=48, W=64); height/width arguments ignored
         dict(name="edit_inputsize", noise_seed=206, prompt=EDIT, input_images=["edit_in.png"], height=64, width=64,
              guidance_scale=2.0, img_guidance_scale=1.6, use_input_image_size_as_output=True),
-        dict(name="two_img_mean", noise_seed=207, prompt=TWO, input_images=["edit_in.png", "img2_in.png"],
-             height=48, width=80, guidance_scale=2.0, img_guidance_scale=1.6, vae_noise="zero"),
     ],
 }
 
@@ -152,27 +150,43 @@ def load_pipeline(model_dir):
     return ogp, pipe
 
 
-def record_processor(rec, info, data, separate):
-    """Store the processor (collator) output. separate: list per CFG branch; batched: one batch."""
+def record_processor(rec, info, data, separate, mask_u8=False):
+    """Store the processor (collator) output. separate: list per CFG branch; batched: one batch.
+    mask_u8 (all cases except the original A ones, to save space): store the 0/1 attention masks as uint8, and the
+    input images as `pixel_u8.J` (uint8 [1,3,h,w], the cropped image) instead of `pixel_values.J`; the float pixel
+    values are exactly (pixel_u8 / 255 - 0.5) / 0.5 in float32 (checked here)."""
+    def m(x):
+        if mask_u8:
+            assert bool(((x == 0) | (x == 1)).all())
+            return x.to(torch.uint8)
+        return x
+
+    def add_pix(p, k, px):
+        if not mask_u8:
+            rec.add(p + f".pixel_values.{k}", px)
+            return
+        u8 = torch.round((px * 0.5 + 0.5) * 255).to(torch.uint8)
+        assert torch.equal((u8.float() / 255 - 0.5) / 0.5, px), "pixel_values not reproducible from uint8"
+        rec.add(p + f".pixel_u8.{k}", u8)
     if separate:
         for b, (ids, am, pos, pix, sizes) in enumerate(zip(data["input_ids"], data["attention_mask"],
                                                          data["position_ids"], data["input_pixel_values"],
                                                          data["input_image_sizes"])):
             p = f"proc.b{b}"
             rec.add(p + ".input_ids", ids)
-            rec.add(p + ".attention_mask", am)
+            rec.add(p + ".attention_mask", m(am))
             rec.add(p + ".position_ids", pos)
             for k, px in enumerate(pix):
-                rec.add(p + f".pixel_values.{k}", px)
+                add_pix(p, k, px)
             info[p] = {"branch": BRANCH_NAMES[b], "input_image_sizes": {str(k): v for k, v in sizes.items()},
                        "num_pixel_values": len(pix)}
     else:
         p = "proc.batch"
         rec.add(p + ".input_ids", data["input_ids"])
-        rec.add(p + ".attention_mask", data["attention_mask"])
+        rec.add(p + ".attention_mask", m(data["attention_mask"]))
         rec.add(p + ".position_ids", data["position_ids"])
         for k, px in enumerate(data["input_pixel_values"]):
-            rec.add(p + f".pixel_values.{k}", px)
+            add_pix(p, k, px)
         info[p] = {"branches_in_batch_order": BRANCH_NAMES[:len(data["input_ids"])],
                    "input_image_sizes": {str(k): v for k, v in data["input_image_sizes"].items()},
                    "num_pixel_values": len(data["input_pixel_values"])}
@@ -258,10 +272,15 @@ def run_case(ogp, pipe, case, img_dir, out_dir, cfg_name):
         ld.sample = sample
         return out
 
+    # vae_dec.output (float decode) is kept for the original A cases, every config-B case (second VAE config,
+    # non-square sizes) and batches; other added A cases only keep image_uint8 (size budget)
+    keep_dec = legacy or cfg_name != "A" or isinstance(case["prompt"], list)
+
     def dec(z, *a, **k):
         out = orig_decode(z, *a, **k)
         rec.add("vae_dec.input", z)
-        rec.add("vae_dec.output", out.sample)
+        if keep_dec:
+            rec.add("vae_dec.output", out.sample)
         return out
 
     vae.encode, vae.decode = enc, dec
@@ -360,13 +379,13 @@ def run_case(ogp, pipe, case, img_dir, out_dir, cfg_name):
     rec.add("latents.final", rec.t["latents.final_all_branches"][:num_prompt])
     img = np.array(images[0])
     rec.add("image_uint8", torch.from_numpy(img))
-    images[0].save(os.path.join(out_dir, case["name"] + ".png"))
+    if legacy:  # added cases write no PNG (image_uint8 holds the same pixels)
+        images[0].save(os.path.join(out_dir, case["name"] + ".png"))
     for r in range(1, len(images)):  # batch: image of prompt r
         rec.add(f"image_uint8.{r}", torch.from_numpy(np.array(images[r])))
-        images[r].save(os.path.join(out_dir, f"{case['name']}.{r}.png"))
 
     data = proc_state["data"]
-    record_processor(rec, info, data, args["separate_cfg_infer"])
+    record_processor(rec, info, data, args["separate_cfg_infer"], mask_u8=not legacy)
     tok = pipe.processor.text_tokenizer
     info["prompts_after_prefix"] = proc_state["prompts"]
     info["prompt_tokens"] = {k: tok.convert_ids_to_tokens(tok(v).input_ids) for k, v in proc_state["prompts"].items()
@@ -393,7 +412,7 @@ def run_case(ogp, pipe, case, img_dir, out_dir, cfg_name):
     if not legacy:
         info["num_prompt"] = num_prompt
         info["num_cfg_branches"] = rec.t["latents.init"].shape[0] // num_prompt
-        info["output_height_width"] = list(rec.t["vae_dec.output"].shape[-2:])
+        info["output_height_width"] = list(rec.t["image_uint8"].shape[:2])
         info["original_max_position_embeddings"] = pipe.model.llm.config.original_max_position_embeddings
         info["rope_calls_layer0"] = rope_calls
         info["rope_note"] = ("LongRoPE factors: 'long' iff kv_seq_len > original_max_position_embeddings; kv_seq_len "
@@ -492,7 +511,8 @@ def transformer_only(model_dir, pipe, out_dir, cfg_name, case, fname="transforme
     rec.add("tf.x", x)
     rec.add("tf.timestep", timestep)
     rec.add("tf.input_ids", input_ids)
-    rec.add("tf.attention_mask", attention_mask)
+    rec.add("tf.attention_mask", attention_mask if (cfg_name, fname) == ("A", "transformer_only")
+            else attention_mask.to(torch.uint8))
     rec.add("tf.position_ids", position_ids)
     for k, l in enumerate(lat):
         rec.add(f"tf.input_img_latents.{k}", l)

@@ -20,6 +20,9 @@ for dirpath, dirnames, filenames in sorted(os.walk(root)):
     dirnames.sort()
     rel = os.path.relpath(dirpath, root)
     out.append(f"\n## {rel}\n")
+    for dn in sorted(dirnames):
+        if os.path.islink(os.path.join(dirpath, dn)):
+            out.append(f"- `{dn}/` -> symlink to `{os.readlink(os.path.join(dirpath, dn))}`")
     for fn in sorted(filenames):
         p = os.path.join(dirpath, fn)
         out.append(f"- `{fn}` ({os.path.getsize(p)} bytes)")

@@ -19,6 +19,7 @@ export MKL_ENABLE_INSTRUCTIONS=${MKL_ENABLE_INSTRUCTIONS:-AVX2}
 export ONEDNN_MAX_CPU_ISA=${ONEDNN_MAX_CPU_ISA:-AVX2}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 export PYTHONDONTWRITEBYTECODE=1
+export PYTHONHASHSEED=0   # PEFT writes target_modules from a set into adapter_config.json
 cd "$HERE"
 mkdir -p "$FIX"
 # generated content only (tests/fixtures/README.md is hand-written and kept)
