@@ -228,8 +228,9 @@ impl TransformerConfig {
         }
     }
 
-    /// Number of parameters (every tensor of the official checkpoint, `pos_embed` included),
-    /// computed from the configuration alone.
+    /// Number of learned parameters, computed from the configuration alone (OmniGen-v1:
+    /// 3,762,072,592). The fixed `pos_embed` buffer is not a parameter; see
+    /// [`num_stored_values`](Self::num_stored_values).
     pub fn num_parameters(&self) -> u64 {
         let h = self.hidden_size as u64;
         let i = self.intermediate_size as u64;
@@ -238,11 +239,21 @@ impl TransformerConfig {
         let per_layer = 3 * h * h + h * h + 2 * i * h + i * h + 2 * h;
         let layers = self.num_hidden_layers as u64 * per_layer;
         let embed = self.vocab_size as u64 * h;
-        let pos = (self.pos_embed_max_size * self.pos_embed_max_size) as u64 * h;
         let patch = 2 * (h * c * p * p + h);
         let time = 2 * (self.time_step_dim as u64 * h + h + h * h + h);
         let final_layer = (2 * h * h + 2 * h) + (p * p * c * h + p * p * c);
-        layers + h + embed + pos + patch + time + final_layer
+        layers + h + embed + patch + time + final_layer
+    }
+
+    /// Number of values in the `pos_embed` buffer (`G * G * hidden`; OmniGen-v1: 113,246,208).
+    pub fn pos_embed_len(&self) -> u64 {
+        (self.pos_embed_max_size * self.pos_embed_max_size) as u64 * self.hidden_size as u64
+    }
+
+    /// Number of values the official checkpoint stores: the learned parameters plus the
+    /// `pos_embed` buffer (OmniGen-v1: 3,875,318,800).
+    pub fn num_stored_values(&self) -> u64 {
+        self.num_parameters() + self.pos_embed_len()
     }
 }
 
