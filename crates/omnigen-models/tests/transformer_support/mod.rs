@@ -50,13 +50,17 @@ impl Fixture {
             .is_ok()
     }
 
+    /// A float tensor; U8 tensors (the added cases' 0/1 masks) are converted.
     pub fn f<const D: usize>(&self, name: &str) -> Tensor<B, D> {
         let (dtype, shape, data) = self.view(name);
-        assert_eq!(dtype, Dtype::F32, "{name}");
-        let values: Vec<f32> = data
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
+        let values: Vec<f32> = match dtype {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::U8 => data.iter().map(|&v| f32::from(v)).collect(),
+            other => panic!("{name}: unexpected dtype {other:?}"),
+        };
         Tensor::from_data(TensorData::new(values, shape), &default_device())
     }
 
@@ -117,10 +121,19 @@ impl Fixture {
 
     /// Number of CFG branches recorded separately (`b0`, `b1`, ...).
     pub fn branches(&self) -> Vec<String> {
+        if self.has("proc.batch.input_ids") {
+            return vec!["batch".into()];
+        }
         (0..)
             .map(|k| format!("b{k}"))
             .take_while(|b| self.has(&format!("proc.{b}.input_ids")))
             .collect()
+    }
+
+    pub fn uses_kv_cache(&self) -> bool {
+        self.json["pipeline_call_args"]["use_kv_cache"]
+            .as_bool()
+            .expect("use_kv_cache")
     }
 
     pub fn steps(&self) -> usize {
@@ -128,6 +141,59 @@ impl Fixture {
             .as_u64()
             .unwrap() as usize
     }
+}
+
+/// The fixture set B (LongRoPE threshold 72).
+pub fn fixtures_b() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/B"
+    ))
+}
+
+/// Replays every transformer call of pipeline case `name`: uncached forwards for `*_nokv`
+/// cases, the official KV cache (prefill + cached steps) otherwise. Returns the worst diff.
+pub fn replay_case(model: &OmniGenTransformer<B>, dir: &Path, name: &str) -> f32 {
+    use omnigen_models::transformer::KvCacheMode;
+    let fx = Fixture::open(dir, name);
+    let mut worst = 0f32;
+    for br in fx.branches() {
+        let expected = |step: usize| fx.f::<4>(&format!("step{step}.{br}.out"));
+        if fx.uses_kv_cache() {
+            let (out0, cache) = model
+                .prefill(fx.branch_input(&br, 0), KvCacheMode::Official)
+                .expect("prefill");
+            worst = worst.max(check(
+                &format!("{name} step0.{br} (prefill)"),
+                out0,
+                expected(0),
+                TOL,
+            ));
+            for step in 1..fx.steps() {
+                let x = fx.f(&format!("step{step}.{br}.x"));
+                let t = fx.f(&format!("step{step}.{br}.timestep"));
+                let out = model.forward_cached(&cache, x, t).expect("cached step");
+                worst = worst.max(check(
+                    &format!("{name} step{step}.{br} (cached)"),
+                    out,
+                    expected(step),
+                    TOL,
+                ));
+            }
+        } else {
+            for step in 0..fx.steps() {
+                let out = model.forward(fx.branch_input(&br, step)).expect("forward");
+                worst = worst.max(check(
+                    &format!("{name} step{step}.{br}"),
+                    out,
+                    expected(step),
+                    TOL,
+                ));
+            }
+        }
+    }
+    println!("{name}: worst {worst:.3e}");
+    worst
 }
 
 pub fn load_model(dir: &Path) -> OmniGenTransformer<B> {
