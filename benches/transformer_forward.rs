@@ -45,7 +45,7 @@ fn input(text: usize, latent: usize, device: &burn::tensor::Device<B>) -> Transf
     let mut mask = vec![0f32; s * s];
     for r in 0..s {
         for c in 0..s {
-            let visible = if r >= text + 1 { true } else { c <= r };
+            let visible = r > text || c <= r;
             mask[r * s + c] = if visible { 1.0 } else { 0.0 };
         }
     }
