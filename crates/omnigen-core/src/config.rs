@@ -263,7 +263,9 @@ impl TransformerConfig {
         }
     }
 
-    /// Number of learned parameters, computed from the configuration alone (no allocation).
+    /// Number of learned parameters, computed from the configuration alone (OmniGen-v1:
+    /// 3,762,072,592). The fixed `pos_embed` buffer is not a parameter; see
+    /// [`num_stored_values`](Self::num_stored_values).
     pub fn num_parameters(&self) -> u64 {
         let h = self.hidden_size as u64;
         let i = self.intermediate_size as u64;
@@ -278,11 +280,15 @@ impl TransformerConfig {
         layers + h + embed + patch + time + final_layer
     }
 
-    /// Values stored in the official checkpoint: the learned parameters plus the fixed 2-D
-    /// sin-cos `pos_embed` buffer (`pos_embed_max_size`² × `hidden_size`).
+    /// Number of values in the `pos_embed` buffer (`G * G * hidden`; OmniGen-v1: 113,246,208).
+    pub fn pos_embed_len(&self) -> u64 {
+        (self.pos_embed_max_size * self.pos_embed_max_size) as u64 * self.hidden_size as u64
+    }
+
+    /// Number of values the official checkpoint stores: the learned parameters plus the
+    /// `pos_embed` buffer (OmniGen-v1: 3,875,318,800).
     pub fn num_stored_values(&self) -> u64 {
-        let grid = (self.pos_embed_max_size * self.pos_embed_max_size) as u64;
-        self.num_parameters() + grid * self.hidden_size as u64
+        self.num_parameters() + self.pos_embed_len()
     }
 }
 

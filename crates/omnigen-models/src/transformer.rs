@@ -1,1 +1,0 @@
-//! The OmniGen transformer.

@@ -1,0 +1,475 @@
+//! The OmniGen transformer: one Phi-3 backbone over a single sequence
+//! `[condition tokens | time token | noisy-latent patch tokens]`.
+//!
+//! Condition tokens are the text embeddings with each input image's patch embeddings written
+//! into its placeholder span. The official module tree is mirrored field by field
+//! (`llm.layers.N.self_attn.qkv_proj`, `x_embedder.proj`, `time_token.mlp.0`,
+//! `final_layer.adaLN_modulation.1`, ...), and weights are read by those official names from
+//! either checkpoint layout (see [`omnigen_core::layout`]).
+
+pub mod embedders;
+pub mod final_layer;
+pub mod kv_cache;
+pub mod phi3;
+pub mod rope;
+
+use std::path::Path;
+
+use burn::module::Module;
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, ElementConversion, Int, Tensor};
+use omnigen_core::{Error, Result, TransformerConfig, TransformerWeights, WeightSource};
+
+pub use embedders::{PatchEmbed, PosEmbed, TimestepEmbedder};
+pub use final_layer::FinalLayer;
+pub use kv_cache::{KvCache, KvCacheMode};
+pub use phi3::{Attention, DecoderLayer, Mlp, Phi3Model, RmsNorm};
+pub use rope::{LongRope, RopeTables};
+
+use crate::loader::{Loader, WeightReader};
+use phi3::KeyValue;
+
+/// One transformer call's inputs, as the official processor/collator produce them.
+#[derive(Debug, Clone)]
+pub struct TransformerInput<B: Backend> {
+    /// Noisy latents `[B, C, H/8, W/8]`.
+    pub x: Tensor<B, 4>,
+    /// Flow time in [0, 1] per row, `[B]` (0 = noise).
+    pub timestep: Tensor<B, 1>,
+    /// Left-padded token ids `[B, L]`, image placeholders included; `None` for a sequence of only
+    /// `[time token | image tokens]`.
+    pub input_ids: Option<Tensor<B, 2, Int>>,
+    /// Input-image latents, each `[1, C, h, w]` (already VAE-scaled), in the order the official
+    /// code consumes them: row 0's spans in order, then row 1's, ...
+    pub input_img_latents: Vec<Tensor<B, 4>>,
+    /// Per batch row, the `[start, end)` token ranges (into that row's padded text) replaced by
+    /// the input images, same order as `input_img_latents`. Empty, or one entry per row.
+    pub image_spans: Vec<Vec<(usize, usize)>>,
+    /// The collator's 0/1 mask `[B, S, S]` (1 = may attend), `S = L + 1 + N`, `N` image tokens.
+    pub attention_mask: Tensor<B, 3>,
+    /// Position ids `[B, S]` (0 on left padding).
+    pub position_ids: Tensor<B, 2, Int>,
+}
+
+/// The OmniGen diffusion transformer (`OmniGen/model.py::OmniGen`), backend-generic.
+#[derive(Module, Debug)]
+pub struct OmniGenTransformer<B: Backend> {
+    /// The Phi-3 backbone (`llm`).
+    pub llm: Phi3Model<B>,
+    /// Patch embedder of the noisy latent (`x_embedder`).
+    pub x_embedder: PatchEmbed<B>,
+    /// Patch embedder of the input-image latents (`input_x_embedder`).
+    pub input_x_embedder: PatchEmbed<B>,
+    /// Timestep embedder whose output is the time token (`time_token`).
+    pub time_token: TimestepEmbedder<B>,
+    /// Timestep embedder conditioning the final adaLN (`t_embedder`).
+    pub t_embedder: TimestepEmbedder<B>,
+    /// The fixed 2-D sin-cos table (`pos_embed` buffer).
+    pub pos_embed: PosEmbed<B>,
+    /// adaLN + projection to patches (`final_layer`).
+    pub final_layer: FinalLayer<B>,
+    /// LongRoPE tables.
+    #[module(skip)]
+    pub rope: LongRope,
+    /// The configuration the model was built from.
+    #[module(skip)]
+    pub config: TransformerConfig,
+}
+
+/// The additive value for a masked-out score: the dtype's most negative finite value, as the
+/// official `(1 - mask) * finfo(dtype).min`. Finite so that a row can never become NaN.
+fn mask_min(dtype: DType) -> f64 {
+    match dtype {
+        DType::F16 => -65504.0,
+        // bf16's largest finite value; f32::MIN would round to -inf in bf16.
+        DType::BF16 => -3.389_531_4e38,
+        _ => f32::MIN as f64,
+    }
+}
+
+/// 0/1 mask `[B, Sq, Sk]` -> additive bias `[B, 1, Sq, Sk]`.
+fn mask_to_bias<B: Backend>(mask: Tensor<B, 3>, dtype: DType) -> Tensor<B, 4> {
+    mask.cast(dtype)
+        .neg()
+        .add_scalar(1.0)
+        .mul_scalar(mask_min(dtype))
+        .unsqueeze_dim(1)
+}
+
+fn shape_error(name: &'static str, expected: String, found: &[usize]) -> Error {
+    Error::invalid_argument(name, format!("expected shape {expected}, got {found:?}"))
+}
+
+impl<B: Backend> OmniGenTransformer<B> {
+    /// Builds the model from a checkpoint in either key layout.
+    pub fn load(
+        weights: &TransformerWeights,
+        config: &TransformerConfig,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        Self::load_reader(weights, config, device, dtype)
+    }
+
+    /// Builds the model from any reader of official key names (e.g.
+    /// [`RandomWeights`](crate::loader::RandomWeights) for benches).
+    pub fn load_reader(
+        reader: &dyn WeightReader,
+        config: &TransformerConfig,
+        device: &B::Device,
+        dtype: DType,
+    ) -> Result<Self> {
+        let root = Loader::<B>::new(reader, device, dtype);
+        Ok(Self {
+            llm: Phi3Model::load(&root.sub("llm"), config)?,
+            x_embedder: PatchEmbed::load(&root.sub("x_embedder"), config)?,
+            input_x_embedder: PatchEmbed::load(&root.sub("input_x_embedder"), config)?,
+            time_token: TimestepEmbedder::load(&root.sub("time_token"), config)?,
+            t_embedder: TimestepEmbedder::load(&root.sub("t_embedder"), config)?,
+            pos_embed: PosEmbed::load(&root, config)?,
+            final_layer: FinalLayer::load(&root.sub("final_layer"), config)?,
+            rope: LongRope::new(config),
+            config: config.clone(),
+        })
+    }
+
+    /// Loads from a model folder: the official `config.json` + `model.safetensors`, diffusers'
+    /// `transformer/` folder (`config.json` + `diffusion_pytorch_model.safetensors`), or a
+    /// diffusers repository root containing `transformer/`. The key layout is auto-detected.
+    pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        let dir = dir.as_ref();
+        let has = |stem: &str| {
+            dir.join(format!("{stem}.safetensors")).is_file()
+                || dir.join(format!("{stem}.safetensors.index.json")).is_file()
+        };
+        let stem = if has("model") {
+            "model"
+        } else if has("diffusion_pytorch_model") {
+            "diffusion_pytorch_model"
+        } else if dir.join("transformer").is_dir() {
+            return Self::from_dir(dir.join("transformer"), device, dtype);
+        } else {
+            return Err(Error::ModelNotFound {
+                id: dir.display().to_string(),
+                reason: "no model.safetensors, diffusion_pytorch_model.safetensors or transformer/ folder".into(),
+            });
+        };
+        let config = TransformerConfig::from_file(dir.join("config.json"))?;
+        let weights = TransformerWeights::new(WeightSource::open_in_dir(dir, stem)?)?;
+        Self::load(&weights, &config, device, dtype)
+    }
+
+    /// The parameter dtype.
+    pub fn dtype(&self) -> DType {
+        self.final_layer.linear.weight.val().dtype()
+    }
+
+    /// The uncached forward with the official semantics: velocity `[B, C, H/8, W/8]`.
+    pub fn forward(&self, input: TransformerInput<B>) -> Result<Tensor<B, 4>> {
+        let [b, _, h, w] = input.x.dims();
+        let seq = self.embed_sequence(&input)?; // [B, S, D]
+        let s = seq.dims()[1];
+        let rope = self.rope.tables(input.position_ids, s, self.dtype());
+        let bias = mask_to_bias(input.attention_mask, self.dtype()); // [B, 1, S, S]
+        let (hidden, _) = self.run_layers(seq, &rope, bias, None, None);
+        Ok(self.head(hidden, input.timestep, b, h, w))
+    }
+
+    /// Step 0 with a KV cache: runs the whole sequence, returns its output and the cache of the
+    /// condition tokens for [`forward_cached`](Self::forward_cached).
+    ///
+    /// In [`KvCacheMode::Official`] the time and image tokens attend only to the condition
+    /// tokens in this step (the official pipeline's behaviour); in [`KvCacheMode::Exact`] the
+    /// output equals [`forward`](Self::forward). `input.input_ids` must be present.
+    pub fn prefill(
+        &self,
+        input: TransformerInput<B>,
+        mode: KvCacheMode,
+    ) -> Result<(Tensor<B, 4>, KvCache<B>)> {
+        if input.input_ids.is_none() {
+            return Err(Error::invalid_argument(
+                "input_ids",
+                "a KV cache needs condition tokens to cache",
+            ));
+        }
+        let [b, _, h, w] = input.x.dims();
+        let seq = self.embed_sequence(&input)?; // [B, S, D]
+        let s = seq.dims()[1];
+        let p = self.config.patch_size;
+        let n_new = (h / p) * (w / p) + 1;
+        let cond_len = s - n_new;
+        let dtype = self.dtype();
+        let rope = self.rope.tables(input.position_ids, s, dtype);
+        let mask = input.attention_mask;
+        let tail_bias = mask_to_bias(mask.clone().narrow(1, cond_len, n_new), dtype); // [B, 1, 1+N, S]
+        let step0_mask = match mode {
+            KvCacheMode::Exact => mask,
+            KvCacheMode::Official => {
+                // OmniGenCache crops the first call's keys/values to the condition tokens.
+                let zeros = Tensor::zeros([b, n_new, n_new], &mask.device());
+                mask.slice_assign([0..b, cond_len..s, cond_len..s], zeros)
+            }
+        };
+        let bias = mask_to_bias(step0_mask, dtype); // [B, 1, S, S]
+        let (hidden, layers) = self.run_layers(seq, &rope, bias, None, Some(cond_len));
+        let out = self.head(hidden, input.timestep, b, h, w);
+        let cache = KvCache {
+            layers,
+            tail_bias,
+            tail_rope: rope.narrow(cond_len, n_new),
+            batch: b,
+            cond_len,
+            latent_hw: (h, w),
+            mode,
+        };
+        Ok((out, cache))
+    }
+
+    /// Steps >= 1: only the time token and the image tokens run, against the cached condition
+    /// keys/values. Their position ids, mask rows (over all columns) and rotary tables (factor set
+    /// chosen by the full length, cached + new) were kept by [`prefill`](Self::prefill).
+    pub fn forward_cached(
+        &self,
+        cache: &KvCache<B>,
+        x: Tensor<B, 4>,
+        timestep: Tensor<B, 1>,
+    ) -> Result<Tensor<B, 4>> {
+        let dims = x.dims();
+        let (h, w) = cache.latent_hw;
+        let expected = [cache.batch, self.config.in_channels, h, w];
+        if dims != expected {
+            return Err(shape_error(
+                "x",
+                format!("{expected:?} (as prefilled)"),
+                &dims,
+            ));
+        }
+        if timestep.dims() != [cache.batch] {
+            return Err(shape_error(
+                "timestep",
+                format!("[{}]", cache.batch),
+                &timestep.dims(),
+            ));
+        }
+        let tokens = self.embed_output(x)?; // [B, N, D]
+        let time = self
+            .time_token
+            .forward(timestep.clone())
+            .unsqueeze_dim::<3>(1); // [B, 1, D]
+        let seq = Tensor::cat(vec![time, tokens], 1); // [B, 1+N, D]
+        let (hidden, _) = self.run_layers(
+            seq,
+            &cache.tail_rope,
+            cache.tail_bias.clone(),
+            Some(&cache.layers),
+            None,
+        );
+        Ok(self.head(hidden, timestep, cache.batch, h, w))
+    }
+
+    /// `x_embedder(x) + pos_embed crop`: `[B, C, h, w]` -> `[B, N, D]`.
+    fn embed_output(&self, x: Tensor<B, 4>) -> Result<Tensor<B, 3>> {
+        let p = self.config.patch_size;
+        let [_, _, h, w] = x.dims();
+        let pos = self.pos_embed.crop(h / p, w / p)?.unsqueeze::<3>(); // [1, N, D]
+        Ok(self.x_embedder.forward(x) + pos)
+    }
+
+    fn check_latent(
+        &self,
+        name: &'static str,
+        dims: [usize; 4],
+        batch: Option<usize>,
+    ) -> Result<()> {
+        let (c, p) = (self.config.in_channels, self.config.patch_size);
+        let ok = dims[1] == c
+            && dims[2] % p == 0
+            && dims[3] % p == 0
+            && dims[2] > 0
+            && dims[3] > 0
+            && batch.is_none_or(|b| dims[0] == b);
+        if ok {
+            Ok(())
+        } else {
+            let b = batch.map_or("B".to_string(), |b| b.to_string());
+            Err(shape_error(
+                name,
+                format!("[{b}, {c}, h, w] with h, w positive multiples of {p}"),
+                &dims,
+            ))
+        }
+    }
+
+    /// Validates `input` and builds `[condition | time token | image tokens]`: `[B, S, D]`.
+    fn embed_sequence(&self, input: &TransformerInput<B>) -> Result<Tensor<B, 3>> {
+        let x_dims = input.x.dims();
+        self.check_latent("x", x_dims, None)?;
+        let [b, _, h, w] = x_dims;
+        let p = self.config.patch_size;
+        let n = (h / p) * (w / p);
+        if input.timestep.dims() != [b] {
+            return Err(shape_error(
+                "timestep",
+                format!("[{b}]"),
+                &input.timestep.dims(),
+            ));
+        }
+        let cond = match &input.input_ids {
+            Some(ids) => Some(self.embed_condition(ids.clone(), input, b)?),
+            None => {
+                if !input.input_img_latents.is_empty() {
+                    return Err(Error::invalid_argument(
+                        "input_img_latents",
+                        "input images need input_ids",
+                    ));
+                }
+                None
+            }
+        };
+        let l = cond.as_ref().map_or(0, |c| c.dims()[1]);
+        let s = l + 1 + n;
+        if input.attention_mask.dims() != [b, s, s] {
+            return Err(shape_error(
+                "attention_mask",
+                format!("[{b}, {s}, {s}]"),
+                &input.attention_mask.dims(),
+            ));
+        }
+        if input.position_ids.dims() != [b, s] {
+            return Err(shape_error(
+                "position_ids",
+                format!("[{b}, {s}]"),
+                &input.position_ids.dims(),
+            ));
+        }
+        let time = self
+            .time_token
+            .forward(input.timestep.clone())
+            .unsqueeze_dim::<3>(1); // [B, 1, D]
+        let image = self.embed_output(input.x.clone())?; // [B, N, D]
+        let mut parts = Vec::with_capacity(3);
+        parts.extend(cond);
+        parts.push(time);
+        parts.push(image);
+        Ok(Tensor::cat(parts, 1))
+    }
+
+    /// Token embeddings with the input images' patch embeddings written into their spans:
+    /// `[B, L, D]`.
+    fn embed_condition(
+        &self,
+        ids: Tensor<B, 2, Int>,
+        input: &TransformerInput<B>,
+        b: usize,
+    ) -> Result<Tensor<B, 3>> {
+        let [ids_b, l] = ids.dims();
+        if ids_b != b || l == 0 {
+            return Err(shape_error(
+                "input_ids",
+                format!("[{b}, L] with L > 0"),
+                &[ids_b, l],
+            ));
+        }
+        let vocab = self.config.vocab_size as i64;
+        // One small host read: out-of-range ids would otherwise index out of bounds.
+        let (lo, hi): (i64, i64) = (
+            ids.clone().min().into_scalar().elem(),
+            ids.clone().max().into_scalar().elem(),
+        );
+        if lo < 0 || hi >= vocab {
+            return Err(Error::invalid_argument(
+                "input_ids",
+                format!("token ids must lie in [0, {vocab}), found range [{lo}, {hi}]"),
+            ));
+        }
+        let mut emb = self.llm.embed_tokens.forward(ids); // [B, L, D]
+        let spans = &input.image_spans;
+        if !spans.is_empty() && spans.len() != b {
+            return Err(Error::invalid_argument(
+                "image_spans",
+                format!("expected one list per batch row ({b}), got {}", spans.len()),
+            ));
+        }
+        let total: usize = spans.iter().map(Vec::len).sum();
+        if total != input.input_img_latents.len() {
+            return Err(Error::invalid_argument(
+                "input_img_latents",
+                format!(
+                    "{} latents for {total} image spans",
+                    input.input_img_latents.len()
+                ),
+            ));
+        }
+        let d = self.config.hidden_size;
+        let p = self.config.patch_size;
+        let mut latents = input.input_img_latents.iter();
+        for (row, row_spans) in spans.iter().enumerate() {
+            for &(start, end) in row_spans {
+                // Counted above: there is one latent per span.
+                let Some(latent) = latents.next() else { break };
+                let dims = latent.dims();
+                self.check_latent("input_img_latents", dims, Some(1))?;
+                let n = (dims[2] / p) * (dims[3] / p);
+                if start > end || end > l || end - start != n {
+                    return Err(Error::invalid_argument(
+                        "image_spans",
+                        format!(
+                            "span [{start}, {end}) of row {row} must lie within the {l} text tokens and hold the \
+                             image's {n} patch tokens"
+                        ),
+                    ));
+                }
+                let pos = self
+                    .pos_embed
+                    .crop(dims[2] / p, dims[3] / p)?
+                    .unsqueeze::<3>(); // [1, n, D]
+                let tokens = self.input_x_embedder.forward(latent.clone()) + pos; // [1, n, D]
+                emb = emb.slice_assign([row..row + 1, start..end, 0..d], tokens);
+            }
+        }
+        Ok(emb)
+    }
+
+    /// Runs the decoder layers; returns the last hidden state `[B, S, D]` (before the final
+    /// norm) and, when `keep_prefix` is set, each layer's first `keep_prefix` keys/values.
+    fn run_layers(
+        &self,
+        mut hidden: Tensor<B, 3>,
+        rope: &RopeTables<B>,
+        bias: Tensor<B, 4>,
+        past: Option<&[KeyValue<B>]>,
+        keep_prefix: Option<usize>,
+    ) -> (Tensor<B, 3>, Vec<KeyValue<B>>) {
+        let mut kept = Vec::new();
+        for (i, layer) in self.llm.layers.iter().enumerate() {
+            let (out, (k, v)) =
+                layer.forward(hidden, rope, bias.clone(), past.and_then(|p| p.get(i)));
+            hidden = out;
+            if let Some(len) = keep_prefix {
+                kept.push((k.narrow(2, 0, len), v.narrow(2, 0, len)));
+            }
+        }
+        (hidden, kept)
+    }
+
+    /// Final norm on the last `N` tokens, adaLN final layer, unpatchify: `[B, C, h, w]`.
+    fn head(
+        &self,
+        hidden: Tensor<B, 3>,
+        timestep: Tensor<B, 1>,
+        b: usize,
+        h: usize,
+        w: usize,
+    ) -> Tensor<B, 4> {
+        let p = self.config.patch_size;
+        let n = (h / p) * (w / p);
+        let s = hidden.dims()[1];
+        // The final RMSNorm is per token, so normalising only the image tokens is the same.
+        let image = self.llm.norm.forward(hidden.narrow(1, s - n, n)); // [B, N, D]
+        let temb = self.t_embedder.forward(timestep); // [B, D]
+        let patches = self.final_layer.forward(image, temb); // [B, N, p*p*C]
+        let out = final_layer::unpatchify(patches, h / p, w / p, p, self.config.in_channels);
+        debug_assert_eq!(out.dims(), [b, self.config.in_channels, h, w]);
+        out
+    }
+}

@@ -1,0 +1,216 @@
+//! Shared helpers of the transformer tests: fixture reading, model loading, comparisons.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use omnigen_models::transformer::{OmniGenTransformer, TransformerInput};
+use omnigen_models::{default_device, DefaultBackend};
+use safetensors::{Dtype, SafeTensors};
+
+pub type B = DefaultBackend;
+
+/// The committed fixture set A.
+pub fn fixtures_a() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/A"
+    ))
+}
+
+/// A fixture file: `NAME.safetensors` + `NAME.json`.
+pub struct Fixture {
+    bytes: Vec<u8>,
+    pub json: serde_json::Value,
+}
+
+impl Fixture {
+    pub fn open(dir: &Path, name: &str) -> Self {
+        let bytes =
+            std::fs::read(dir.join(format!("{name}.safetensors"))).expect("fixture safetensors");
+        let json = std::fs::read_to_string(dir.join(format!("{name}.json"))).expect("fixture json");
+        Self {
+            bytes,
+            json: serde_json::from_str(&json).expect("fixture json parses"),
+        }
+    }
+
+    fn view(&self, name: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
+        let st = SafeTensors::deserialize(&self.bytes).expect("safetensors");
+        let t = st
+            .tensor(name)
+            .unwrap_or_else(|_| panic!("fixture tensor `{name}`"));
+        (t.dtype(), t.shape().to_vec(), t.data().to_vec())
+    }
+
+    pub fn has(&self, name: &str) -> bool {
+        SafeTensors::deserialize(&self.bytes)
+            .expect("safetensors")
+            .tensor(name)
+            .is_ok()
+    }
+
+    /// A float tensor; U8 tensors (the added cases' 0/1 masks) are converted.
+    pub fn f<const D: usize>(&self, name: &str) -> Tensor<B, D> {
+        let (dtype, shape, data) = self.view(name);
+        let values: Vec<f32> = match dtype {
+            Dtype::F32 => data
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::U8 => data.iter().map(|&v| f32::from(v)).collect(),
+            other => panic!("{name}: unexpected dtype {other:?}"),
+        };
+        Tensor::from_data(TensorData::new(values, shape), &default_device())
+    }
+
+    pub fn i<const D: usize>(&self, name: &str) -> Tensor<B, D, Int> {
+        let (dtype, shape, data) = self.view(name);
+        assert_eq!(dtype, Dtype::I64, "{name}");
+        let values: Vec<i64> = data
+            .chunks_exact(8)
+            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+            .collect();
+        Tensor::from_data(TensorData::new(values, shape), &default_device())
+    }
+
+    /// `proc.bK.input_image_sizes` (or the top-level `input_image_sizes`) as spans per row.
+    pub fn spans(value: &serde_json::Value, rows: usize) -> Vec<Vec<(usize, usize)>> {
+        let obj = value.as_object().expect("input_image_sizes object");
+        if obj.is_empty() {
+            return Vec::new();
+        }
+        (0..rows)
+            .map(|r| {
+                obj.get(&r.to_string())
+                    .and_then(|v| v.as_array())
+                    .map(|spans| {
+                        spans
+                            .iter()
+                            .map(|s| {
+                                (
+                                    s[0].as_u64().unwrap() as usize,
+                                    s[1].as_u64().unwrap() as usize,
+                                )
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default()
+            })
+            .collect()
+    }
+
+    /// The recorded uncached inputs of one branch (`bK` or `batch`) at step `step` of a pipeline case.
+    pub fn branch_input(&self, br: &str, step: usize) -> TransformerInput<B> {
+        let p = format!("proc.{br}");
+        let ids: Tensor<B, 2, Int> = self.i(&format!("{p}.input_ids"));
+        let rows = ids.dims()[0];
+        let n_img = self.json[&p]["num_pixel_values"].as_u64().unwrap_or(0) as usize;
+        TransformerInput {
+            x: self.f(&format!("step{step}.{br}.x")),
+            timestep: self.f(&format!("step{step}.{br}.timestep")),
+            input_ids: Some(ids),
+            input_img_latents: (0..n_img)
+                .map(|j| self.f(&format!("step0.{br}.input_img_latents.{j}")))
+                .collect(),
+            image_spans: Self::spans(&self.json[&p]["input_image_sizes"], rows),
+            attention_mask: self.f(&format!("{p}.attention_mask")),
+            position_ids: self.i(&format!("{p}.position_ids")),
+        }
+    }
+
+    /// Number of CFG branches recorded separately (`b0`, `b1`, ...).
+    pub fn branches(&self) -> Vec<String> {
+        if self.has("proc.batch.input_ids") {
+            return vec!["batch".into()];
+        }
+        (0..)
+            .map(|k| format!("b{k}"))
+            .take_while(|b| self.has(&format!("proc.{b}.input_ids")))
+            .collect()
+    }
+
+    pub fn uses_kv_cache(&self) -> bool {
+        self.json["pipeline_call_args"]["use_kv_cache"]
+            .as_bool()
+            .expect("use_kv_cache")
+    }
+
+    pub fn steps(&self) -> usize {
+        self.json["pipeline_call_args"]["num_inference_steps"]
+            .as_u64()
+            .unwrap() as usize
+    }
+}
+
+/// The fixture set B (LongRoPE threshold 72).
+pub fn fixtures_b() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../tests/fixtures/B"
+    ))
+}
+
+/// Replays every transformer call of pipeline case `name`: uncached forwards for `*_nokv`
+/// cases, the official KV cache (prefill + cached steps) otherwise. Returns the worst diff.
+pub fn replay_case(model: &OmniGenTransformer<B>, dir: &Path, name: &str) -> f32 {
+    use omnigen_models::transformer::KvCacheMode;
+    let fx = Fixture::open(dir, name);
+    let mut worst = 0f32;
+    for br in fx.branches() {
+        let expected = |step: usize| fx.f::<4>(&format!("step{step}.{br}.out"));
+        if fx.uses_kv_cache() {
+            let (out0, cache) = model
+                .prefill(fx.branch_input(&br, 0), KvCacheMode::Official)
+                .expect("prefill");
+            worst = worst.max(check(
+                &format!("{name} step0.{br} (prefill)"),
+                out0,
+                expected(0),
+                TOL,
+            ));
+            for step in 1..fx.steps() {
+                let x = fx.f(&format!("step{step}.{br}.x"));
+                let t = fx.f(&format!("step{step}.{br}.timestep"));
+                let out = model.forward_cached(&cache, x, t).expect("cached step");
+                worst = worst.max(check(
+                    &format!("{name} step{step}.{br} (cached)"),
+                    out,
+                    expected(step),
+                    TOL,
+                ));
+            }
+        } else {
+            for step in 0..fx.steps() {
+                let out = model.forward(fx.branch_input(&br, step)).expect("forward");
+                worst = worst.max(check(
+                    &format!("{name} step{step}.{br}"),
+                    out,
+                    expected(step),
+                    TOL,
+                ));
+            }
+        }
+    }
+    println!("{name}: worst {worst:.3e}");
+    worst
+}
+
+pub fn load_model(dir: &Path) -> OmniGenTransformer<B> {
+    OmniGenTransformer::from_dir(dir, &default_device(), DType::F32).expect("model loads")
+}
+
+pub fn max_abs<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b).abs().max().into_scalar()
+}
+
+/// Asserts `max|a - b| <= tol` and prints the figure.
+pub fn check<const D: usize>(what: &str, a: Tensor<B, D>, b: Tensor<B, D>, tol: f32) -> f32 {
+    let d = max_abs(a, b);
+    println!("{what}: max abs diff {d:.3e}");
+    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
+    d
+}
+
+pub const TOL: f32 = 1e-4;
