@@ -1,0 +1,46 @@
+//! Fixture helpers shared by the VAE tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+use burn::tensor::{DType, Tensor, TensorData};
+use omnigen_models::vae::AutoencoderKL;
+use omnigen_models::{default_device, DefaultBackend};
+
+pub type B = DefaultBackend;
+
+/// `tests/fixtures/<rel>` at the repository root.
+pub fn fixture(rel: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../../tests/fixtures")).join(rel)
+}
+
+/// The tiny random VAE of fixture set A.
+pub fn tiny_vae() -> AutoencoderKL<B> {
+    AutoencoderKL::from_dir(&fixture("A/model/vae"), &default_device(), DType::F32)
+        .expect("load tiny VAE")
+}
+
+/// An F32 tensor of a fixture safetensors file.
+pub fn read<const D: usize>(file: &str, name: &str) -> Tensor<B, D> {
+    let bytes = std::fs::read(fixture(file)).expect("read fixture");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse fixture");
+    let view = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("{name} in {file}: {e}"));
+    assert_eq!(view.dtype(), safetensors::Dtype::F32, "{name}");
+    let values: Vec<f32> = view
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        .collect();
+    Tensor::from_data(
+        TensorData::new(values, view.shape().to_vec()),
+        &default_device(),
+    )
+}
+
+/// Largest absolute elementwise difference (shapes must match).
+pub fn max_abs_diff<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    (a - b).abs().max().into_scalar()
+}
