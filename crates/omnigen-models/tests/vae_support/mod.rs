@@ -22,7 +22,13 @@ pub fn tiny_vae() -> AutoencoderKL<B> {
 
 /// An F32 tensor of a fixture safetensors file.
 pub fn read<const D: usize>(file: &str, name: &str) -> Tensor<B, D> {
-    let bytes = std::fs::read(fixture(file)).expect("read fixture");
+    read_path(&fixture(file), name)
+}
+
+/// An F32 tensor of any safetensors file.
+pub fn read_path<const D: usize>(path: &std::path::Path, name: &str) -> Tensor<B, D> {
+    let file = path.display();
+    let bytes = std::fs::read(path).expect("read fixture");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse fixture");
     let view = st
         .tensor(name)
