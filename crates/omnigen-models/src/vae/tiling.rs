@@ -83,8 +83,8 @@ impl TilingConfig {
         }
         if encode.stride != encode.crop * factor || decode.stride * factor != decode.crop {
             return bad(format!(
-                "tile_sample_size {t} with overlap_factor {f} gives tiles that do not line up \
-                 (pick sizes where tile·overlap is a multiple of {factor} in both pixels and latents, e.g. 512 and 0.25)"
+                "tiles do not line up: the latent overlap (tile_sample_size {t} / {factor} × overlap_factor {f}) \
+                 must be a whole number (e.g. 512 and 0.25)"
             ));
         }
         Ok((encode, decode))
