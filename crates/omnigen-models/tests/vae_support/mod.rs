@@ -16,8 +16,37 @@ pub fn fixture(rel: &str) -> PathBuf {
 
 /// The tiny random VAE of fixture set A.
 pub fn tiny_vae() -> AutoencoderKL<B> {
-    AutoencoderKL::from_dir(&fixture("A/model/vae"), &default_device(), DType::F32)
-        .expect("load tiny VAE")
+    vae_of("A")
+}
+
+/// The tiny random VAE of fixture set `set` (`"A"`, `"B"`).
+pub fn vae_of(set: &str) -> AutoencoderKL<B> {
+    AutoencoderKL::from_dir(
+        &fixture(&format!("{set}/model/vae")),
+        &default_device(),
+        DType::F32,
+    )
+    .expect("load tiny VAE")
+}
+
+/// A U8 image tensor of a fixture (`proc.*.pixel_u8.*`) as the pipeline's F32 pixels in
+/// [-1, 1]: `(u8 / 255 - 0.5) / 0.5`, computed in f32 as torchvision does.
+pub fn read_pixels_u8(file: &str, name: &str) -> Tensor<B, 4> {
+    let bytes = std::fs::read(fixture(file)).expect("read fixture");
+    let st = safetensors::SafeTensors::deserialize(&bytes).expect("parse fixture");
+    let view = st
+        .tensor(name)
+        .unwrap_or_else(|e| panic!("{name} in {file}: {e}"));
+    assert_eq!(view.dtype(), safetensors::Dtype::U8, "{name}");
+    let values: Vec<f32> = view
+        .data()
+        .iter()
+        .map(|&v| (v as f32 / 255.0 - 0.5) / 0.5)
+        .collect();
+    Tensor::from_data(
+        TensorData::new(values, view.shape().to_vec()),
+        &default_device(),
+    )
 }
 
 /// An F32 tensor of a fixture safetensors file.
