@@ -104,6 +104,9 @@ pub struct AutoencoderKL<B: Backend> {
 
 impl<B: Backend> AutoencoderKL<B> {
     /// Builds the VAE described by `config` from `reader` (diffusers key names), in `dtype`.
+    ///
+    /// The official pipeline runs the VAE in F32 (the SDXL VAE overflows in F16); parity is
+    /// tested in F32 only.
     pub fn load(
         reader: &dyn WeightReader,
         config: &VaeConfig,
