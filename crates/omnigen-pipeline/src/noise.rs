@@ -13,12 +13,16 @@ pub struct NoiseSource {
 impl NoiseSource {
     /// A stream fixed by `seed`.
     pub fn from_seed(seed: u64) -> Self {
-        Self { rng: StdRng::seed_from_u64(seed) }
+        Self {
+            rng: StdRng::seed_from_u64(seed),
+        }
     }
 
     /// A stream seeded from the operating system (an unseeded generation).
     pub fn from_entropy() -> Self {
-        Self { rng: StdRng::from_os_rng() }
+        Self {
+            rng: StdRng::from_os_rng(),
+        }
     }
 
     /// Draws a tensor of `shape` with i.i.d. N(0, 1) entries.
@@ -28,7 +32,9 @@ impl NoiseSource {
         device: &B::Device,
     ) -> Tensor<B, D> {
         let n: usize = shape.iter().product();
-        let values: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut self.rng)).collect();
+        let values: Vec<f32> = (0..n)
+            .map(|_| StandardNormal.sample(&mut self.rng))
+            .collect();
         Tensor::from_data(TensorData::new(values, shape), device)
     }
 }

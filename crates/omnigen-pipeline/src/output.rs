@@ -1,0 +1,135 @@
+//! Writing generated images: atomically (temp file + rename, so a failure never leaves a partial
+//! PNG), with the generation parameters in PNG text chunks so an output can be traced and
+//! reproduced.
+
+use std::io::Write;
+use std::path::Path;
+
+use image::RgbImage;
+use omnigen_core::{Error, Result};
+
+/// `(keyword, text)` pairs stored as PNG `iTXt` chunks.
+pub type PngMetadata = Vec<(String, String)>;
+
+/// Writes `image` as a PNG at `path`, atomically; `metadata` goes into text chunks.
+pub fn save_png(path: &Path, image: &RgbImage, metadata: &PngMetadata) -> Result<()> {
+    write_atomically(path, |file| {
+        let mut encoder = png::Encoder::new(file, image.width(), image.height());
+        encoder.set_color(png::ColorType::Rgb);
+        encoder.set_depth(png::BitDepth::Eight);
+        for (key, text) in metadata {
+            encoder
+                .add_itxt_chunk(key.clone(), text.clone())
+                .map_err(|e| std::io::Error::other(e.to_string()))?;
+        }
+        let mut writer = encoder
+            .write_header()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        writer
+            .write_image_data(image.as_raw())
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        writer
+            .finish()
+            .map_err(|e| std::io::Error::other(e.to_string()))
+    })
+}
+
+/// Runs `write` against a temporary file beside `path` and renames it into place only when the
+/// whole file was written and flushed.
+pub fn write_atomically(
+    path: &Path,
+    write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
+) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if path.is_dir() {
+        return Err(Error::io(
+            "write",
+            path,
+            std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
+        ));
+    }
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".omnigen-")
+        .suffix(".partial")
+        .tempfile_in(dir)
+        .map_err(|e| Error::io("create a file in", dir, e))?;
+    write(tmp.as_file_mut())
+        .and_then(|()| tmp.as_file_mut().flush())
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(|e| Error::io("write", path, e))?;
+    tmp.persist(path)
+        .map_err(|e| Error::io("write", path, e.error))?;
+    Ok(())
+}
+
+/// Reads back the text chunks of a PNG (for tests and tools tracing an output).
+pub fn read_png_text(path: &Path) -> Result<PngMetadata> {
+    let file = std::fs::File::open(path).map_err(|e| Error::io("open", path, e))?;
+    let decoder = png::Decoder::new(std::io::BufReader::new(file));
+    let reader = decoder.read_info().map_err(|e| Error::InvalidImage {
+        source_name: path.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let info = reader.info();
+    let mut out: PngMetadata = info
+        .uncompressed_latin1_text
+        .iter()
+        .map(|t| (t.keyword.clone(), t.text.clone()))
+        .collect();
+    for t in &info.utf8_text {
+        if let Ok(text) = t.get_text() {
+            out.push((t.keyword.clone(), text));
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn png_round_trip_keeps_pixels_and_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.png");
+        let img = RgbImage::from_fn(5, 3, |x, y| image::Rgb([x as u8 * 40, y as u8 * 80, 7]));
+        let meta = vec![("prompt".to_string(), "a cat — ünïcode".to_string())];
+        save_png(&path, &img, &meta).unwrap();
+        let back = image::open(&path).unwrap().to_rgb8();
+        assert_eq!(back, img);
+        assert_eq!(read_png_text(&path).unwrap(), meta);
+        // nothing but the PNG is left behind
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn unwritable_destination_is_a_typed_error_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = RgbImage::new(2, 2);
+        let missing = dir.path().join("no/such/dir/out.png");
+        assert!(matches!(
+            save_png(&missing, &img, &vec![]),
+            Err(Error::Io { .. })
+        ));
+        let err = save_png(dir.path(), &img, &vec![]).unwrap_err();
+        assert!(
+            err.to_string().contains(&dir.path().display().to_string()),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_failed_write_leaves_the_old_file_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.png");
+        std::fs::write(&path, b"old").unwrap();
+        let res = write_atomically(&path, |_| Err(std::io::Error::other("disk full")));
+        assert!(res.is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"old");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,322 @@
+//! What to generate: [`GenerationRequest`], with the official pipeline's parameters and defaults.
+
+use omnigen_core::{Error, Result};
+
+use crate::prompt::Prompt;
+
+/// How the condition tokens' keys and values are reused across denoising steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum KvCache {
+    /// The official pipeline's cache (default): step 0 lets the time and image tokens attend
+    /// only to the condition tokens, later steps reuse the cached prefix.
+    #[default]
+    Official,
+    /// A cache whose every step equals the uncached forward exactly.
+    Exact,
+    /// No cache: the whole sequence runs at every step (the official `use_kv_cache=False`).
+    Off,
+}
+
+impl std::str::FromStr for KvCache {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "official" => Ok(Self::Official),
+            "exact" => Ok(Self::Exact),
+            "off" | "none" => Ok(Self::Off),
+            other => Err(Error::invalid_argument(
+                "kv_cache",
+                format!("`{other}` is not one of official, exact, off"),
+            )),
+        }
+    }
+}
+
+/// Which latent of an input image's VAE posterior conditions the transformer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum InputLatents {
+    /// A posterior sample `mean + std·ε` with ε drawn from the request's seed — the official
+    /// behaviour (each image is encoded once per branch that uses it, with fresh noise).
+    #[default]
+    Sample,
+    /// The posterior mean: deterministic, independent of the seed.
+    Mean,
+}
+
+impl std::str::FromStr for InputLatents {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sample" => Ok(Self::Sample),
+            "mean" => Ok(Self::Mean),
+            other => Err(Error::invalid_argument(
+                "input_latents",
+                format!("`{other}` is not one of sample, mean"),
+            )),
+        }
+    }
+}
+
+/// Initial noise supplied by the caller instead of drawing it from the seed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitialLatents {
+    /// Values in row-major order.
+    pub values: Vec<f32>,
+    /// `[N, 4, height / 8, width / 8]`, N = prompts × images per prompt (or 1, broadcast).
+    pub shape: [usize; 4],
+}
+
+/// One generation call: prompts plus every sampling option, with the official defaults.
+///
+/// ```
+/// use omnigen_pipeline::{GenerationRequest, KvCache, Prompt};
+/// let request = GenerationRequest::new(Prompt::from("a red cat on a blue mat"))
+///     .size(512, 512)
+///     .steps(30)
+///     .guidance_scale(2.5)
+///     .seed(42)
+///     .kv_cache(KvCache::Exact);
+/// assert_eq!(request.height, 512);
+/// assert_eq!(request.img_guidance_scale, 1.6); // official default kept
+/// ```
+#[derive(Debug, Clone)]
+pub struct GenerationRequest {
+    /// The prompts, each generating `num_images_per_prompt` images.
+    pub prompts: Vec<Prompt>,
+    /// Negative prompt; `None` uses the official default list of defects.
+    pub negative_prompt: Option<String>,
+    /// Output height in pixels (multiple of 16). Default 1024.
+    pub height: usize,
+    /// Output width in pixels (multiple of 16). Default 1024.
+    pub width: usize,
+    /// Denoising steps. Default 50.
+    pub num_inference_steps: usize,
+    /// Text guidance scale. Default 3.0.
+    pub guidance_scale: f32,
+    /// Image guidance scale (prompts with images). Default 1.6.
+    pub img_guidance_scale: f32,
+    /// Whether prompts with images get the third, image-only guidance branch. Default true.
+    pub use_img_guidance: bool,
+    /// Run each guidance branch as its own forward (official default, less memory) instead of
+    /// one left-padded joint batch (fewer, larger forwards).
+    pub separate_cfg_infer: bool,
+    /// Key-value cache semantics. Default [`KvCache::Official`].
+    pub kv_cache: KvCache,
+    /// Keep the kv cache in host memory between steps where the backend has a separate device
+    /// memory; a no-op on CPU backends, whose memory is the host's.
+    pub offload_kv_cache: bool,
+    /// Take the output size from the first input image (after preprocessing).
+    pub use_input_image_size_as_output: bool,
+    /// Input images are downscaled so their longer side is at most this. Default 1024.
+    pub max_input_image_size: usize,
+    /// Images generated per prompt. Default 1.
+    pub num_images_per_prompt: usize,
+    /// Seed of the initial noise and of the input-image posterior samples; `None` draws one.
+    pub seed: Option<u64>,
+    /// Initial noise given by the caller (overrides the seed for the initial latents).
+    pub latents: Option<InitialLatents>,
+    /// Which posterior latent encodes input images.
+    pub input_latents: InputLatents,
+    /// Noise of each input-image posterior sample, in encode order (branch by branch, image by
+    /// image), instead of drawing it from the seed: reproduces a reference run whose VAE noise
+    /// was recorded. Used only with [`InputLatents::Sample`].
+    pub input_noise: Option<Vec<InitialLatents>>,
+}
+
+impl GenerationRequest {
+    /// A request for one prompt with the official defaults.
+    pub fn new(prompt: impl Into<Prompt>) -> Self {
+        Self::batch(vec![prompt.into()])
+    }
+
+    /// A request for several prompts generated together.
+    pub fn batch(prompts: Vec<Prompt>) -> Self {
+        Self {
+            prompts,
+            negative_prompt: None,
+            height: 1024,
+            width: 1024,
+            num_inference_steps: 50,
+            guidance_scale: 3.0,
+            img_guidance_scale: 1.6,
+            use_img_guidance: true,
+            separate_cfg_infer: true,
+            kv_cache: KvCache::Official,
+            offload_kv_cache: true,
+            use_input_image_size_as_output: false,
+            max_input_image_size: 1024,
+            num_images_per_prompt: 1,
+            seed: None,
+            latents: None,
+            input_latents: InputLatents::Sample,
+            input_noise: None,
+        }
+    }
+
+    /// Output size in pixels.
+    pub fn size(mut self, height: usize, width: usize) -> Self {
+        self.height = height;
+        self.width = width;
+        self
+    }
+
+    /// Denoising steps.
+    pub fn steps(mut self, steps: usize) -> Self {
+        self.num_inference_steps = steps;
+        self
+    }
+
+    /// Text guidance scale.
+    pub fn guidance_scale(mut self, scale: f32) -> Self {
+        self.guidance_scale = scale;
+        self
+    }
+
+    /// Image guidance scale.
+    pub fn img_guidance_scale(mut self, scale: f32) -> Self {
+        self.img_guidance_scale = scale;
+        self
+    }
+
+    /// Enables or disables the image guidance branch.
+    pub fn use_img_guidance(mut self, on: bool) -> Self {
+        self.use_img_guidance = on;
+        self
+    }
+
+    /// Negative prompt.
+    pub fn negative_prompt(mut self, text: impl Into<String>) -> Self {
+        self.negative_prompt = Some(text.into());
+        self
+    }
+
+    /// One forward per guidance branch (`true`, default) or one joint batch (`false`).
+    pub fn separate_cfg_infer(mut self, separate: bool) -> Self {
+        self.separate_cfg_infer = separate;
+        self
+    }
+
+    /// Key-value cache semantics.
+    pub fn kv_cache(mut self, mode: KvCache) -> Self {
+        self.kv_cache = mode;
+        self
+    }
+
+    /// Offload the kv cache to host memory where the backend allows it.
+    pub fn offload_kv_cache(mut self, on: bool) -> Self {
+        self.offload_kv_cache = on;
+        self
+    }
+
+    /// Output size taken from the first input image.
+    pub fn use_input_image_size_as_output(mut self, on: bool) -> Self {
+        self.use_input_image_size_as_output = on;
+        self
+    }
+
+    /// Cap on input images' longer side.
+    pub fn max_input_image_size(mut self, pixels: usize) -> Self {
+        self.max_input_image_size = pixels;
+        self
+    }
+
+    /// Images per prompt.
+    pub fn num_images_per_prompt(mut self, n: usize) -> Self {
+        self.num_images_per_prompt = n;
+        self
+    }
+
+    /// Seed for every random draw of the generation.
+    pub fn seed(mut self, seed: u64) -> Self {
+        self.seed = Some(seed);
+        self
+    }
+
+    /// Initial noise supplied by the caller.
+    pub fn latents(mut self, latents: InitialLatents) -> Self {
+        self.latents = Some(latents);
+        self
+    }
+
+    /// Which posterior latent encodes input images.
+    pub fn input_latents(mut self, choice: InputLatents) -> Self {
+        self.input_latents = choice;
+        self
+    }
+
+    /// Posterior-sample noise of each input-image encode, in encode order.
+    pub fn input_noise(mut self, noise: Vec<InitialLatents>) -> Self {
+        self.input_noise = Some(noise);
+        self
+    }
+
+    /// Checks every option, naming the first one at fault.
+    pub fn validate(&self) -> Result<()> {
+        if self.prompts.is_empty() {
+            return Err(Error::invalid_argument(
+                "prompts",
+                "at least one prompt is required",
+            ));
+        }
+        if !self.use_input_image_size_as_output {
+            for (name, v) in [("height", self.height), ("width", self.width)] {
+                if v == 0 || v % 16 != 0 {
+                    return Err(Error::invalid_argument(
+                        name,
+                        format!("{v} is not a positive multiple of 16"),
+                    ));
+                }
+                if v > 3072 {
+                    return Err(Error::invalid_argument(
+                        name,
+                        format!("{v} exceeds 3072, the largest size the position table covers"),
+                    ));
+                }
+            }
+        }
+        if self.num_inference_steps == 0 {
+            return Err(Error::invalid_argument(
+                "num_inference_steps",
+                "must be at least 1",
+            ));
+        }
+        for (name, v) in [
+            ("guidance_scale", self.guidance_scale),
+            ("img_guidance_scale", self.img_guidance_scale),
+        ] {
+            if !v.is_finite() {
+                return Err(Error::invalid_argument(
+                    name,
+                    format!("{v} is not a finite number"),
+                ));
+            }
+        }
+        if self.num_images_per_prompt == 0 {
+            return Err(Error::invalid_argument(
+                "num_images_per_prompt",
+                "must be at least 1",
+            ));
+        }
+        if self.max_input_image_size < 16 {
+            return Err(Error::invalid_argument(
+                "max_input_image_size",
+                format!("{} is below 16 pixels", self.max_input_image_size),
+            ));
+        }
+        for l in self.latents.iter().chain(self.input_noise.iter().flatten()) {
+            if l.values.len() != l.shape.iter().product::<usize>() {
+                return Err(Error::invalid_argument(
+                    "latents",
+                    format!("{} values do not fill shape {:?}", l.values.len(), l.shape),
+                ));
+            }
+            if l.values.iter().any(|v| !v.is_finite()) {
+                return Err(Error::invalid_argument(
+                    "latents",
+                    "contains non-finite values",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
