@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Runs every example offline on the committed tiny checkpoint and checks outputs and failures.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+M=tests/fixtures/A/model
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT"' EXIT
+run() { cargo run --release -q --example "$@"; }
+
+# text-to-image, editing, two-image subject prompt, every cache / guidance form
+run generate -- --model $M --prompt "a red cat sitting on a blue mat" --height 64 --width 64 \
+  --steps 4 --seed 0 --output "$OUT/t2i.png" --save-latents "$OUT/t2i.safetensors"
+run generate -- --model $M --prompt "<img><|image_1|></img> make the cat green and add a hat" \
+  --image tests/fixtures/A/edit_in.png --use-input-image-size-as-output --steps 4 --seed 1 \
+  --kv-cache exact --output "$OUT/edit.png"
+run generate -- --model $M --prompt "<img><|image_1|></img> and <img><|image_2|></img> sit together" \
+  --image tests/fixtures/A/edit_in.png --image tests/fixtures/A/img2_in.png --height 64 --width 48 \
+  --steps 3 --seed 2 --joint-cfg --kv-cache off --input-latents mean --output "$OUT/two.png"
+# --latents: initial noise read from a safetensors file (here the one --save-latents wrote)
+run generate -- --model $M --prompt "a red cat sitting on a blue mat" --height 64 --width 64 \
+  --steps 4 --latents "$OUT/t2i.safetensors" --output "$OUT/from_latents.png"
+run embed -- $M "$OUT"
+run custom_scheduler -- $M "$OUT/heun.png"
+for f in t2i edit two from_latents embed_cat embed_green heun; do
+  test -s "$OUT/$f.png" || { echo "missing $OUT/$f.png"; exit 1; }
+done
+
+# failures: one line, non-zero exit, no output file
+expect_fail() {
+  local name=$1; shift
+  if run generate -- "$@" --output "$OUT/$name.png" 2>"$OUT/$name.err"; then
+    echo "expected failure: $name"; exit 1
+  fi
+  test ! -e "$OUT/$name.png" || { echo "partial output left by $name"; exit 1; }
+  grep -q '^error: ' "$OUT/$name.err" || { echo "no error line for $name"; cat "$OUT/$name.err"; exit 1; }
+  ! grep -q 'panicked' "$OUT/$name.err" || { echo "panic in $name"; exit 1; }
+  echo "ok (fails cleanly): $name: $(head -n1 "$OUT/$name.err")"
+}
+expect_fail bad_placeholder --model $M --prompt "x <img><|image_2|></img>" --image tests/fixtures/A/edit_in.png
+expect_fail no_model --model "$OUT/nope" --prompt "x"
+expect_fail bad_size --model $M --prompt "x" --height 65
+expect_fail zero_steps --model $M --prompt "x" --height 64 --width 64 --steps 0
+expect_fail nan_scale --model $M --prompt "x" --height 64 --width 64 --guidance-scale NaN
+expect_fail missing_image --model $M --prompt "<img><|image_1|></img>" --image "$OUT/none.png"
+echo "examples ok"
