@@ -23,7 +23,7 @@ use omnigen::prelude::*;
 #[derive(Parser, Debug)]
 #[command(about = "Generate an image with OmniGen", version)]
 struct Args {
-    /// Model directory (official or diffusers layout).
+    /// Model directory (official or diffusers layout) or hub id, e.g. Shitao/OmniGen-v1.
     #[arg(long)]
     model: PathBuf,
     /// Prompt; reference input images as <img><|image_1|></img>, <img><|image_2|></img>, ...

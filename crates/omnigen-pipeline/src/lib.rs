@@ -10,6 +10,7 @@
 pub mod collator;
 pub mod fingerprint;
 pub mod guidance;
+pub mod hub;
 pub mod image_preprocess;
 pub mod io;
 pub mod noise;

@@ -96,6 +96,7 @@ pub struct OmniGenPipeline<B: Backend> {
     vae: AutoencoderKL<B>,
     device: B::Device,
     model_dir: PathBuf,
+    model_id: String,
     weights_fingerprint: Option<String>,
 }
 
@@ -106,9 +107,16 @@ pub struct PipelineBuilder<B: Backend> {
     device: B::Device,
     dtype: DType,
     vae_tiling: Option<TilingConfig>,
+    download_progress: bool,
 }
 
 impl<B: Backend> PipelineBuilder<B> {
+    /// Show progress bars while downloading from the hub (default off).
+    pub fn download_progress(mut self, on: bool) -> Self {
+        self.download_progress = on;
+        self
+    }
+
     /// Device to load onto (default: the backend's default device).
     pub fn device(mut self, device: B::Device) -> Self {
         self.device = device;
@@ -129,15 +137,13 @@ impl<B: Backend> PipelineBuilder<B> {
     }
 
     /// Loads the model: `config.json` + `model.safetensors` + `tokenizer.json` + `vae/` (the
-    /// official layout) or `transformer/` + `tokenizer/` + `vae/` (diffusers').
-    pub fn build(self) -> Result<OmniGenPipeline<B>> {
+    /// official layout) or `transformer/` + `tokenizer/` + `vae/` (diffusers'). A model that is
+    /// not a local directory but a hub id (`Shitao/OmniGen-v1`) is resolved through the local
+    /// Hugging Face cache and downloaded if needed (cargo feature `hub`).
+    pub fn build(mut self) -> Result<OmniGenPipeline<B>> {
+        let model_id = self.model_dir.display().to_string();
+        self.model_dir = crate::hub::resolve_model(&model_id, self.download_progress)?;
         let dir = &self.model_dir;
-        if !dir.is_dir() {
-            return Err(Error::ModelNotFound {
-                id: dir.display().to_string(),
-                reason: "not a directory".into(),
-            });
-        }
         let vae_dir = dir.join("vae");
         if !vae_dir.join("config.json").is_file() {
             return Err(Error::ModelNotFound {
@@ -178,6 +184,7 @@ impl<B: Backend> PipelineBuilder<B> {
             vae,
             device: self.device,
             model_dir: self.model_dir,
+            model_id,
             weights_fingerprint,
         })
     }
@@ -198,7 +205,16 @@ impl<B: Backend> OmniGenPipeline<B> {
             device: Default::default(),
             dtype: DType::F32,
             vae_tiling: None,
+            download_progress: false,
         }
+    }
+
+    /// Loads a local model directory or a hub id (e.g. [`DEFAULT_MODEL_ID`]) onto the default
+    /// device in f32.
+    ///
+    /// [`DEFAULT_MODEL_ID`]: crate::hub::DEFAULT_MODEL_ID
+    pub fn from_pretrained(id_or_dir: &str) -> Result<Self> {
+        Self::builder(id_or_dir).build()
     }
 
     /// Loads the model in `model_dir` onto `device` in f32.
@@ -208,9 +224,14 @@ impl<B: Backend> OmniGenPipeline<B> {
             .build()
     }
 
-    /// The model directory.
+    /// The model directory (for a hub id: its snapshot in the local cache).
     pub fn model_dir(&self) -> &Path {
         &self.model_dir
+    }
+
+    /// The model as the user named it: a directory or a hub id.
+    pub fn model_id(&self) -> &str {
+        &self.model_id
     }
 
     /// A SHA-256 fingerprint of the transformer weights file (see
