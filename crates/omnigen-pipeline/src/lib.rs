@@ -13,6 +13,7 @@ pub mod guidance;
 pub mod hub;
 pub mod image_preprocess;
 pub mod io;
+pub mod memory;
 pub mod noise;
 pub mod output;
 pub mod pipeline;

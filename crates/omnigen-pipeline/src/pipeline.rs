@@ -13,7 +13,7 @@ use omnigen_models::scheduler::{FlowMatchEulerScheduler, Scheduler};
 use omnigen_models::transformer::{KvCache as TransformerKvCache, KvCacheMode};
 use omnigen_models::transformer::{OmniGenTransformer, TransformerInput};
 use omnigen_models::vae::{AutoencoderKL, LatentChoice, TilingConfig};
-use tracing::{debug, info, info_span};
+use tracing::{debug, info, info_span, warn};
 
 use crate::collator::ModelInput;
 use crate::guidance::Guidance;
@@ -98,6 +98,7 @@ pub struct OmniGenPipeline<B: Backend> {
     model_dir: PathBuf,
     model_id: String,
     weights_fingerprint: Option<String>,
+    memory_limit: Option<u64>,
 }
 
 /// Builds an [`OmniGenPipeline`] from a model directory.
@@ -108,9 +109,17 @@ pub struct PipelineBuilder<B: Backend> {
     dtype: DType,
     vae_tiling: Option<TilingConfig>,
     download_progress: bool,
+    memory_limit: Option<u64>,
 }
 
 impl<B: Backend> PipelineBuilder<B> {
+    /// Bytes generations may use beyond the weights; default: the system's available memory
+    /// (CPU backends). Requests estimated to need more are refused before any work starts.
+    pub fn memory_limit(mut self, bytes: Option<u64>) -> Self {
+        self.memory_limit = bytes;
+        self
+    }
+
     /// Show progress bars while downloading from the hub (default off).
     pub fn download_progress(mut self, on: bool) -> Self {
         self.download_progress = on;
@@ -186,6 +195,7 @@ impl<B: Backend> PipelineBuilder<B> {
             model_dir: self.model_dir,
             model_id,
             weights_fingerprint,
+            memory_limit: self.memory_limit,
         })
     }
 }
@@ -206,6 +216,7 @@ impl<B: Backend> OmniGenPipeline<B> {
             dtype: DType::F32,
             vae_tiling: None,
             download_progress: false,
+            memory_limit: None,
         }
     }
 
@@ -302,6 +313,7 @@ impl<B: Backend> OmniGenPipeline<B> {
         stats.process = t0.elapsed();
         stats.tokens_per_branch = batch.model_inputs().iter().map(|m| m.seq_len).collect();
         info!(tokens_per_branch = ?stats.tokens_per_branch, height = batch.height, width = batch.width, "processed");
+        self.guard_memory(&batch, request)?;
 
         let n = batch.num_prompts;
         let f = self.vae.downsample_factor();
@@ -393,6 +405,46 @@ impl<B: Backend> OmniGenPipeline<B> {
             latents: z,
             stats,
         })
+    }
+
+    /// Estimates the request's memory and refuses it when it cannot fit.
+    fn guard_memory(&self, batch: &ProcessedBatch, request: &GenerationRequest) -> Result<()> {
+        let output_tokens = (batch.height / 16) * (batch.width / 16);
+        if request.use_input_image_size_as_output && output_tokens > 4096 {
+            warn!(
+                width = batch.width,
+                height = batch.height,
+                output_tokens,
+                "use_input_image_size_as_output gives an output larger than 1024x1024: every step \
+                 will be slow; lower max_input_image_size to bound it"
+            );
+        }
+        let backend = B::name(&self.device).to_lowercase();
+        let host_memory = !backend.contains("cuda") && !backend.contains("wgpu");
+        let available = match self.memory_limit {
+            Some(limit) => limit,
+            None if host_memory => match crate::memory::available_memory() {
+                Some(a) => a,
+                None => return Ok(()),
+            },
+            None => return Ok(()),
+        };
+        let weight_bytes = match self.transformer.dtype() {
+            DType::F32 => 4,
+            _ => 2,
+        };
+        let tile = self.vae.tiling().map(|t| t.tile_sample_size);
+        let est = crate::memory::estimate(
+            batch,
+            &self.transformer.config,
+            self.vae.config(),
+            tile,
+            weight_bytes,
+            request.kv_cache != KvCache::Off,
+            backend.contains("ndarray"),
+        );
+        debug!(?est, available, "memory estimate");
+        crate::memory::check(&est, available, batch, request.max_input_image_size)
     }
 
     fn initial_latents(

@@ -1,0 +1,113 @@
+//! Memory guard: the request's tokens and memory are estimated before any work starts, and a
+//! request that cannot fit is refused with the option that would make it fit.
+
+use omnigen_core::{Error, Result, TransformerConfig, VaeConfig};
+
+use crate::processor::{GuidanceInputs, ProcessedBatch};
+
+/// Bytes a generation needs beyond the loaded weights, by cause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemoryEstimate {
+    /// Largest transformer call's live activations (one layer at a time, attention scores
+    /// included when the backend materialises them).
+    pub activations: u64,
+    /// Keys and values of the condition tokens, all branches and layers.
+    pub kv_cache: u64,
+    /// Input-image tokens' share of the two above.
+    pub input_image_share: u64,
+    /// VAE decode (or encode) feature maps at full resolution (or per tile).
+    pub vae: u64,
+}
+
+impl MemoryEstimate {
+    /// Peak bytes: the transformer phase and the VAE phase do not overlap.
+    pub fn peak(&self) -> u64 {
+        (self.activations + self.kv_cache).max(self.vae + self.kv_cache)
+    }
+}
+
+/// Estimates the memory of a processed request.
+#[allow(clippy::too_many_arguments)]
+pub fn estimate(
+    batch: &ProcessedBatch,
+    cfg: &TransformerConfig,
+    vae: &VaeConfig,
+    vae_tile: Option<usize>,
+    weight_bytes: u64,
+    kv_cache: bool,
+    scores_materialised: bool,
+) -> MemoryEstimate {
+    let f32b = 4u64;
+    let (d, i, heads) =
+        (cfg.hidden_size as u64, cfg.intermediate_size as u64, cfg.num_attention_heads as u64);
+    let mut est = MemoryEstimate::default();
+    for m in batch.model_inputs() {
+        let (rows, s) = (m.batch_size as u64, m.seq_len as u64);
+        // residual + normed input + fused qkv + attention output + fused gate/up + its product,
+        // plus the mask bias of the call
+        let per_layer = rows * s * (d + d + 3 * d + d + 2 * i + i) * f32b + rows * s * s * f32b;
+        let scores = if scores_materialised { rows * heads * s * s * f32b } else { 0 };
+        let act = per_layer + scores;
+        let image_tokens: u64 = m.images.iter().map(|im| (im.height * im.width / 256) as u64).sum();
+        let cond = (m.text_len as u64) * rows;
+        let kv = if kv_cache { 2 * cfg.num_hidden_layers as u64 * cond * d * weight_bytes } else { 0 };
+        est.kv_cache += kv;
+        if act > est.activations {
+            est.activations = act;
+        }
+        est.input_image_share += image_tokens * (2 * cfg.num_hidden_layers as u64 * d * weight_bytes)
+            * u64::from(kv_cache)
+            + image_tokens * rows.min(1) * (6 * d + 3 * i) * f32b;
+    }
+    if matches!(batch.inputs, GuidanceInputs::Joint(_)) {
+        // all branches' rows live at once in the joint form; nothing more to add: the single
+        // model input already holds them
+    }
+    let (h, w) = match vae_tile {
+        Some(t) => (t.min(batch.height) as u64, t.min(batch.width) as u64),
+        None => (batch.height as u64, batch.width as u64),
+    };
+    let c0 = vae.block_out_channels.first().copied().unwrap_or(128) as u64;
+    // a full-resolution feature map, its GroupNorm output, its conv output and a residual
+    est.vae = 4 * c0 * h * w * f32b;
+    est
+}
+
+/// Available memory in bytes (`MemAvailable` of `/proc/meminfo`), when the system tells.
+pub fn available_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Refuses `est` when it exceeds `available`, naming the option that would help most.
+pub fn check(
+    est: &MemoryEstimate,
+    available: u64,
+    batch: &ProcessedBatch,
+    max_input_image_size: usize,
+) -> Result<()> {
+    let needed = est.peak();
+    if needed <= available {
+        return Ok(());
+    }
+    let joint = matches!(batch.inputs, GuidanceInputs::Joint(_));
+    let hint = if est.vae + est.kv_cache > est.activations + est.kv_cache {
+        "decode with a tiled VAE (PipelineBuilder::vae_tiling) or request a smaller output size"
+            .to_string()
+    } else if est.input_image_share * 2 > needed {
+        format!(
+            "lower max_input_image_size (now {max_input_image_size}) so input images take fewer tokens"
+        )
+    } else if joint {
+        "set separate_cfg_infer (one forward per guidance branch) or request a smaller output size"
+            .to_string()
+    } else {
+        format!(
+            "request a smaller output size than {}x{} (tokens grow with the area)",
+            batch.width, batch.height
+        )
+    };
+    Err(Error::OutOfMemory { needed_mib: needed >> 20, available_mib: available >> 20, hint })
+}
