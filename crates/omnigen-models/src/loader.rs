@@ -109,7 +109,9 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// Reads tensor `name` with the given shape.
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
         let data = self.reader.read(&self.key(name), &shape, self.dtype)?;
-        Ok(Tensor::from_data(data, &self.device))
+        // The dtype must be given: `from_data` with only a device converts to the device's
+        // default float dtype (f32), which would silently load a bf16/f16 model in f32.
+        Ok(Tensor::from_data(data, (&self.device, self.dtype)))
     }
 
     /// Reads tensor `name` as a parameter.

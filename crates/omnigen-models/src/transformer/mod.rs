@@ -307,7 +307,7 @@ impl<B: Backend> OmniGenTransformer<B> {
             KvCacheMode::Exact => mask,
             KvCacheMode::Official => {
                 // OmniGenCache crops the first call's keys/values to the condition tokens.
-                let zeros = Tensor::zeros([b, n_new, n_new], &mask.device());
+                let zeros = Tensor::zeros([b, n_new, n_new], (&mask.device(), mask.dtype()));
                 mask.slice_assign([0..b, cond_len..s, cond_len..s], zeros)
             }
         };
