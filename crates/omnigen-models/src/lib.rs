@@ -8,6 +8,7 @@
 
 pub mod backend;
 pub mod loader;
+pub mod lora;
 pub mod scheduler;
 pub mod transformer;
 pub mod vae;

@@ -30,6 +30,29 @@ impl WeightReader for TransformerWeights {
     }
 }
 
+/// Returns `base`'s tensors rounded to bf16 (round to nearest, ties to even), then converted to
+/// the requested dtype: what the official pipeline's `model.to(torch.bfloat16)` in `__init__`
+/// followed by `.to(dtype)` in `__call__` does to every weight and buffer. A no-op on a
+/// checkpoint stored in bf16 (or holding only bf16-exact values).
+pub struct Bf16RoundedReader<'a> {
+    /// The reader rounded.
+    pub base: &'a dyn WeightReader,
+}
+
+impl WeightReader for Bf16RoundedReader<'_> {
+    fn read(&self, key: &str, shape: &[usize], dtype: DType) -> Result<TensorData> {
+        if dtype == DType::BF16 {
+            // The conversion to bf16 is the rounding.
+            return self.base.read(key, shape, dtype);
+        }
+        let mut values = crate::lora::read_f32(self.base, key, shape)?;
+        for v in &mut values {
+            *v = crate::lora::round_bf16(*v);
+        }
+        Ok(TensorData::new(values, shape.to_vec()).convert_dtype(dtype))
+    }
+}
+
 /// Reads parameters under a key prefix onto a device, in one dtype.
 pub struct Loader<'a, B: Backend> {
     reader: &'a dyn WeightReader,
@@ -86,7 +109,9 @@ impl<'a, B: Backend> Loader<'a, B> {
     /// Reads tensor `name` with the given shape.
     pub fn tensor<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
         let data = self.reader.read(&self.key(name), &shape, self.dtype)?;
-        Ok(Tensor::from_data(data, &self.device))
+        // The dtype must be given: `from_data` with only a device converts to the device's
+        // default float dtype (f32), which would silently load a bf16/f16 model in f32.
+        Ok(Tensor::from_data(data, (&self.device, self.dtype)))
     }
 
     /// Reads tensor `name` as a parameter.

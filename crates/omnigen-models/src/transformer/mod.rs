@@ -13,7 +13,7 @@ pub mod kv_cache;
 pub mod phi3;
 pub mod rope;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use burn::module::Module;
 use burn::tensor::backend::Backend;
@@ -26,7 +26,8 @@ pub use kv_cache::{KvCache, KvCacheMode};
 pub use phi3::{Attention, DecoderLayer, Mlp, Phi3Model, RmsNorm};
 pub use rope::{LongRope, RopeTables};
 
-use crate::loader::{Loader, WeightReader};
+use crate::loader::{Bf16RoundedReader, Loader, WeightReader};
+use crate::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader};
 use phi3::KeyValue;
 
 /// One transformer call's inputs, as the official processor/collator produce them.
@@ -49,6 +50,51 @@ pub struct TransformerInput<B: Backend> {
     pub attention_mask: Tensor<B, 3>,
     /// Position ids `[B, S]` (0 on left padding).
     pub position_ids: Tensor<B, 2, Int>,
+}
+
+/// How a checkpoint is turned into model weights: the official bf16 rounding and LoRA adapters.
+///
+/// The default reproduces the official pipeline: every weight (and the `pos_embed` buffer) is
+/// rounded to bf16, because `OmniGenPipeline.__init__` casts the model to bf16 and `__call__`
+/// casts it back to the compute dtype; adapters are merged in bf16 as `merge_lora` does. For the
+/// official checkpoints and the test fixtures, whose values are bf16-exact, the rounding changes
+/// nothing; set `round_weights_to_bf16: false` to use an f32 checkpoint's full precision.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoadOptions {
+    /// PEFT LoRA adapter folders with a user scale each (multiplying `alpha / r`; 1.0 = the
+    /// official merge), merged in order.
+    pub lora: Vec<(PathBuf, f32)>,
+    /// Precision of the LoRA merge.
+    pub lora_precision: LoraMergePrecision,
+    /// Round every weight to bf16 (round to nearest, ties to even) before the LoRA merge and
+    /// the conversion to the model dtype. Default `true`.
+    pub round_weights_to_bf16: bool,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            lora: Vec::new(),
+            lora_precision: LoraMergePrecision::Official,
+            round_weights_to_bf16: true,
+        }
+    }
+}
+
+impl LoadOptions {
+    /// The weights exactly as stored (converted to the model dtype): no rounding, no adapters.
+    pub fn as_stored() -> Self {
+        Self {
+            round_weights_to_bf16: false,
+            ..Self::default()
+        }
+    }
+
+    /// Adds an adapter folder with a scale.
+    pub fn with_lora(mut self, dir: impl Into<PathBuf>, scale: f32) -> Self {
+        self.lora.push((dir.into(), scale));
+        self
+    }
 }
 
 /// The OmniGen diffusion transformer (`OmniGen/model.py::OmniGen`), backend-generic.
@@ -101,18 +147,52 @@ fn shape_error(name: &'static str, expected: String, found: &[usize]) -> Error {
 }
 
 impl<B: Backend> OmniGenTransformer<B> {
-    /// Builds the model from a checkpoint in either key layout.
+    /// Builds the model from a checkpoint in either key layout, with the default
+    /// [`LoadOptions`] (official bf16 rounding of the weights, no adapters).
     pub fn load(
         weights: &TransformerWeights,
         config: &TransformerConfig,
         device: &B::Device,
         dtype: DType,
     ) -> Result<Self> {
-        Self::load_reader(weights, config, device, dtype)
+        Self::load_with(weights, config, device, dtype, &LoadOptions::default())
+    }
+
+    /// Builds the model from a checkpoint in either key layout with `options`: bf16 rounding
+    /// and LoRA adapters (read and validated before any weight is).
+    ///
+    /// `dtype` is the parameter dtype (`F32`, `BF16` or `F16`); a half-precision model wants its
+    /// inputs (`x`, masks) in that dtype and returns its output in it (cast to f32 by the caller).
+    pub fn load_with(
+        weights: &dyn WeightReader,
+        config: &TransformerConfig,
+        device: &B::Device,
+        dtype: DType,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let adapters = options
+            .lora
+            .iter()
+            .map(|(dir, scale)| LoraAdapter::open(dir, *scale))
+            .collect::<Result<Vec<_>>>()?;
+        let rounded = Bf16RoundedReader { base: weights };
+        let base: &dyn WeightReader = if options.round_weights_to_bf16 {
+            &rounded
+        } else {
+            weights
+        };
+        if adapters.is_empty() {
+            return Self::load_reader(base, config, device, dtype);
+        }
+        let merged = LoraMergedReader::new(base, adapters, options.lora_precision);
+        let model = Self::load_reader(&merged, config, device, dtype)?;
+        merged.finish()?;
+        Ok(model)
     }
 
     /// Builds the model from any reader of official key names (e.g.
-    /// [`RandomWeights`](crate::loader::RandomWeights) for benches).
+    /// [`RandomWeights`](crate::loader::RandomWeights) for benches), taking the tensors exactly
+    /// as the reader returns them (no [`LoadOptions`]).
     pub fn load_reader(
         reader: &dyn WeightReader,
         config: &TransformerConfig,
@@ -136,7 +216,28 @@ impl<B: Backend> OmniGenTransformer<B> {
     /// Loads from a model folder: the official `config.json` + `model.safetensors`, diffusers'
     /// `transformer/` folder (`config.json` + `diffusion_pytorch_model.safetensors`), or a
     /// diffusers repository root containing `transformer/`. The key layout is auto-detected.
+    /// Uses the default [`LoadOptions`] (official bf16 rounding, no adapters).
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
+        Self::from_dir_with(dir, device, dtype, &LoadOptions::default())
+    }
+
+    /// [`from_dir`](Self::from_dir) with [`LoadOptions`], e.g. LoRA adapters:
+    ///
+    /// ```no_run
+    /// # use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
+    /// # use omnigen_models::{default_device, DefaultBackend};
+    /// # use burn::tensor::DType;
+    /// let options = LoadOptions::default().with_lora("my_lora", 1.0);
+    /// let model = OmniGenTransformer::<DefaultBackend>::from_dir_with(
+    ///     "OmniGen-v1", &default_device(), DType::F32, &options)?;
+    /// # Ok::<(), omnigen_core::Error>(())
+    /// ```
+    pub fn from_dir_with(
+        dir: impl AsRef<Path>,
+        device: &B::Device,
+        dtype: DType,
+        options: &LoadOptions,
+    ) -> Result<Self> {
         let dir = dir.as_ref();
         let has = |stem: &str| {
             dir.join(format!("{stem}.safetensors")).is_file()
@@ -147,7 +248,7 @@ impl<B: Backend> OmniGenTransformer<B> {
         } else if has("diffusion_pytorch_model") {
             "diffusion_pytorch_model"
         } else if dir.join("transformer").is_dir() {
-            return Self::from_dir(dir.join("transformer"), device, dtype);
+            return Self::from_dir_with(dir.join("transformer"), device, dtype, options);
         } else {
             return Err(Error::ModelNotFound {
                 id: dir.display().to_string(),
@@ -156,7 +257,7 @@ impl<B: Backend> OmniGenTransformer<B> {
         };
         let config = TransformerConfig::from_file(dir.join("config.json"))?;
         let weights = TransformerWeights::new(WeightSource::open_in_dir(dir, stem)?)?;
-        Self::load(&weights, &config, device, dtype)
+        Self::load_with(&weights, &config, device, dtype, options)
     }
 
     /// The parameter dtype.
@@ -206,7 +307,7 @@ impl<B: Backend> OmniGenTransformer<B> {
             KvCacheMode::Exact => mask,
             KvCacheMode::Official => {
                 // OmniGenCache crops the first call's keys/values to the condition tokens.
-                let zeros = Tensor::zeros([b, n_new, n_new], &mask.device());
+                let zeros = Tensor::zeros([b, n_new, n_new], (&mask.device(), mask.dtype()));
                 mask.slice_assign([0..b, cond_len..s, cond_len..s], zeros)
             }
         };
