@@ -12,16 +12,17 @@
 //!
 //! Pillow's resampler (`src/libImaging/Resample.c`) works on 8-bit data in fixed point, so
 //! any float implementation differs by ±1 level here and there. [`pillow_resize`] reimplements
-//! its 8-bit path: separable convolution (horizontal pass, then vertical), per-output-pixel
-//! coefficients normalised to sum 1 and quantised to 22 fractional bits, each pass rounded
-//! and clipped to u8.
+//! its 8-bit path: separable convolution, per-output-pixel coefficients normalised to sum 1
+//! and quantised to 22 fractional bits, each pass rounded and clipped to u8.
 //!
-//! Known gap: that is the pass order of Pillow <= 12 (`ImagingResampleInner`: horizontal
-//! first). Pillow 13.0.0, which produced the reference fixtures, does the vertical pass first
-//! for some downscales (never for upscales, in our probes); the selection rule is not in any
-//! source available to us yet. When it picks vertical-first the result can differ by ±1 level
-//! in some pixels. Upscales, single-axis resizes and every Pillow-13 horizontal-first case are
-//! bit-exact (checked against Pillow 13.0.0 outputs).
+//! The pass order follows Pillow 13.0.0 (the version that produced the reference fixtures).
+//! Its `ImagingResampleInner` runs the vertical pass first when the height shrinks by more
+//! than twice as many pixels as the width, i.e. when
+//! `in_h - out_h > 0 && in_h - out_h > 2 * (in_w - out_w)` (signed differences, so a widened
+//! image with a shrinking height goes vertical-first too); otherwise horizontal then
+//! vertical, as every Pillow <= 12 does. Since each pass rounds to u8 the order can change
+//! results by ±1 level. Nothing else in the 8-bit BOX/BICUBIC path changed between 12.0.0 and
+//! 13.0.0, and `Image.resize` with the default `reducing_gap=None` never calls `reduce()`.
 
 use image::RgbImage;
 use omnigen_core::{Error, Result};
@@ -172,6 +173,14 @@ fn resample_pass(
     RgbImage::from_raw(out_w, out_h, out).unwrap_or_else(|| RgbImage::new(out_w, out_h))
 }
 
+/// Pillow 13's pass order: vertical first when the height loses more than twice as many
+/// pixels as the width (`ImagingResampleInner`, "to make the horizontal pass faster").
+fn vertical_first(in_w: u32, in_h: u32, out_w: u32, out_h: u32) -> bool {
+    let dh = in_h as i64 - out_h as i64;
+    let dw = in_w as i64 - out_w as i64;
+    dh > 0 && dh > 2 * dw
+}
+
 /// `Image.resize((width, height), filter)` of Pillow for an RGB image, bit for bit.
 ///
 /// Fails with [`Error::InvalidArgument`] for a zero target size.
@@ -190,13 +199,27 @@ pub fn pillow_resize(
     let (in_w, in_h) = src.dimensions();
     let mut current = src.clone();
     // Pillow skips a pass whose size does not change (a scale-1 pass would be the identity).
-    if width != in_w {
+    let horizontal = |img: &RgbImage| {
         let coeffs = coefficients(in_w as usize, width as usize, filter);
-        current = resample_pass(&current, width, in_h, &coeffs, true);
-    }
-    if height != in_h {
+        resample_pass(img, width, img.height(), &coeffs, true)
+    };
+    let vertical = |img: &RgbImage| {
         let coeffs = coefficients(in_h as usize, height as usize, filter);
-        current = resample_pass(&current, width, height, &coeffs, false);
+        resample_pass(img, img.width(), height, &coeffs, false)
+    };
+    if vertical_first(in_w, in_h, width, height) {
+        // The height shrinks here, so the vertical pass always runs.
+        current = vertical(&current);
+        if width != in_w {
+            current = horizontal(&current);
+        }
+    } else {
+        if width != in_w {
+            current = horizontal(&current);
+        }
+        if height != in_h {
+            current = vertical(&current);
+        }
     }
     Ok(current)
 }

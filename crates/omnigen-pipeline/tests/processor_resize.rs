@@ -1,7 +1,9 @@
 //! Pillow-exact resizing and the official `crop_arr`.
 //!
-//! `proc/proc_resize.*` (the official processor-only dump) is checked when present. An extra,
-//! ignored test compares against a directory of Pillow outputs (`OMNIGEN_PILLOW_VECTORS`).
+//! `proc/proc_resize.*` (the official processor-only dump, every intermediate step) is checked
+//! when present, `proc/pillow13_pass_order.safetensors` (Pillow 13's vertical-first cases)
+//! always. An extra, ignored test compares against a directory of Pillow outputs
+//! (`OMNIGEN_PILLOW_VECTORS`).
 
 mod processor_support;
 
@@ -94,6 +96,44 @@ fn normalization_matches_torch() {
     assert_eq!(pre.pixels, normalize(&img));
 }
 
+/// Each recorded intermediate of the official `crop_arr` (`NAME.after_box`, `NAME.after_down`,
+/// `NAME.after_up`), recomputed from the previous recorded step so a mismatch is pinned to
+/// one resize.
+fn check_official_steps(tensors: &Tensors, name: &str, input: &RgbImage, max: u32) {
+    let recorded = |step: &str| -> Option<RgbImage> {
+        let key = format!("{name}.{step}");
+        if !tensors.has(&key) {
+            return None;
+        }
+        let shape = tensors.shape(&key);
+        assert_eq!(shape.len(), 3, "{key}: HWC expected");
+        assert_eq!(shape[2], 3, "{key}: RGB expected");
+        Some(RgbImage::from_raw(shape[1] as u32, shape[0] as u32, tensors.u8(&key)).unwrap())
+    };
+    let mut current = input.clone();
+    if let Some(want) = recorded("after_box") {
+        while current.width().min(current.height()) >= 2 * max {
+            let (w, h) = current.dimensions();
+            current = pillow_resize(&current, w / 2, h / 2, ResampleFilter::Box).unwrap();
+        }
+        assert!(current == want, "{name}.after_box");
+        current = want;
+    }
+    for step in ["after_down", "after_up"] {
+        if let Some(want) = recorded(step) {
+            let got = pillow_resize(
+                &current,
+                want.width(),
+                want.height(),
+                ResampleFilter::Bicubic,
+            )
+            .unwrap();
+            assert!(got == want, "{name}.{step}");
+            current = want;
+        }
+    }
+}
+
 /// The official processor-only dump (`tests/fixtures/proc/proc_resize.*`), when committed.
 #[test]
 fn official_resize_dump() {
@@ -127,6 +167,7 @@ fn official_resize_dump() {
             .unwrap_or_else(|| panic!("{name}: no max_input_image_size in JSON"))
             as u32;
         let input = load(&dir.join(file));
+        check_official_steps(&tensors, &name, &input, max);
         let pre = preprocess_image(&input, max, &name).unwrap();
         let shape = tensors.shape(&format!("{name}.cropped"));
         assert_eq!(shape, vec![pre.height, pre.width, 3], "{name} shape");
@@ -143,16 +184,39 @@ fn official_resize_dump() {
     }
 }
 
-/// Ad-hoc check against Pillow outputs: `inN.png`, `outN.png` (= crop_arr), `bicN.png`
+/// Ad-hoc check against Pillow 13 outputs: `inN.png`, `outN.png` (= crop_arr), `bicN.png`
 /// (BICUBIC to w/3 x h/2), `boxN.png` (BOX to w/2 x h/2), `upN.png` (BICUBIC to 2w+1 x h+3),
-/// `cases.txt` lines `N max`. Known to fail where Pillow 13 does the vertical pass first (see
-/// the `image_preprocess` module docs), e.g. a 15x100 -> 5x50 BICUBIC downscale.
+/// `cases.txt` lines `N max`; optionally `pairs.txt` lines `N box|bicubic W H FILE` (`inN.png`
+/// resized to WxH with that filter). Every mismatch is collected and reported at the end.
 #[test]
 #[ignore = "needs OMNIGEN_PILLOW_VECTORS"]
 fn pillow_vectors() {
     let dir = std::path::PathBuf::from(
         std::env::var("OMNIGEN_PILLOW_VECTORS").expect("set OMNIGEN_PILLOW_VECTORS"),
     );
+    let mut failures = Vec::new();
+    let mut checked = 0usize;
+    let mut check = |name: &str, got: RgbImage| {
+        checked += 1;
+        let want = load(&dir.join(name));
+        if got.dimensions() != want.dimensions() {
+            failures.push(format!(
+                "{name}: size {:?} vs {:?}",
+                got.dimensions(),
+                want.dimensions()
+            ));
+            return;
+        }
+        let diffs = got
+            .as_raw()
+            .iter()
+            .zip(want.as_raw())
+            .filter(|(a, b)| a != b)
+            .count();
+        if diffs != 0 {
+            failures.push(format!("{name}: {diffs} bytes differ"));
+        }
+    };
     let cases = std::fs::read_to_string(dir.join("cases.txt")).unwrap();
     for line in cases.lines() {
         let mut it = line.split_whitespace();
@@ -162,17 +226,6 @@ fn pillow_vectors() {
         );
         let input = load(&dir.join(format!("in{i}.png")));
         let (w, h) = input.dimensions();
-        let check = |name: &str, got: RgbImage| {
-            let want = load(&dir.join(name));
-            assert_eq!(got.dimensions(), want.dimensions(), "{name}");
-            let diffs = got
-                .as_raw()
-                .iter()
-                .zip(want.as_raw())
-                .filter(|(a, b)| a != b)
-                .count();
-            assert_eq!(diffs, 0, "{name}: {diffs} bytes differ");
-        };
         check(&format!("out{i}.png"), crop_arr(&input, max, "t").unwrap());
         check(
             &format!("bic{i}.png"),
@@ -193,4 +246,82 @@ fn pillow_vectors() {
             pillow_resize(&input, w * 2 + 1, h + 3, ResampleFilter::Bicubic).unwrap(),
         );
     }
+    if let Ok(pairs) = std::fs::read_to_string(dir.join("pairs.txt")) {
+        for line in pairs.lines().filter(|l| !l.trim().is_empty()) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let input = load(&dir.join(format!("in{}.png", f[0])));
+            let filter = match f[1] {
+                "box" => ResampleFilter::Box,
+                "bicubic" => ResampleFilter::Bicubic,
+                other => panic!("unknown filter {other}"),
+            };
+            let (ow, oh) = (f[2].parse().unwrap(), f[3].parse().unwrap());
+            check(f[4], pillow_resize(&input, ow, oh, filter).unwrap());
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {checked} images differ:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    eprintln!("{checked} images bit-exact");
+}
+
+/// `proc/pillow13_pass_order.safetensors`: Pillow 13.0.0 resizes chosen around its pass-order
+/// rule (vertical pass first iff `in_h - out_h > 0 && in_h - out_h > 2 * (in_w - out_w)`),
+/// including both sides of the boundary (`20x24` / `20x23`, `39x62` / `39x61`), a widened
+/// image whose height shrinks (`50x30`), a height-only resize and an upscale; plus the
+/// official `crop_arr(b, 64)` of a 24x150 portrait whose BICUBIC downscale runs vertical-first.
+/// Input `a.input` [64,40,3], `b.input` [150,24,3]; `a.{box,bicubic}.WxH` = `a.resize((W, H))`.
+/// Made by this script under `tools/reference/.venv` (Pillow 13.0.0):
+///
+/// ```python
+/// rng = np.random.default_rng(1300)
+/// a = rng.integers(0, 256, (64, 40, 3), dtype=np.uint8)
+/// b = rng.integers(0, 256, (150, 24, 3), dtype=np.uint8)
+/// b[..., 1] = np.arange(24, dtype=np.uint8)[None, :] * 10
+/// # a.F.WxH = Image.fromarray(a).resize((W, H), F); b.crop64.after_down = b resized to 10x64
+/// # BICUBIC, .after_up = that to 16x102 BICUBIC, .cropped = OmniGen.utils.crop_arr(b, 64),
+/// # b.box_half = b resized to 12x75 BOX
+/// ```
+#[test]
+fn pillow13_pass_order_vectors() {
+    let path = fixtures_dir().join("proc/pillow13_pass_order.safetensors");
+    let tensors = Tensors::open(&path);
+    let image = |key: &str| {
+        let shape = tensors.shape(key);
+        RgbImage::from_raw(shape[1] as u32, shape[0] as u32, tensors.u8(key)).unwrap()
+    };
+    let a = image("a.input");
+    let mut checked = 0;
+    for key in tensors.names() {
+        let Some(rest) = key.strip_prefix("a.") else {
+            continue;
+        };
+        let Some((filter, size)) = rest.split_once('.') else {
+            continue;
+        };
+        let filter = match filter {
+            "box" => ResampleFilter::Box,
+            "bicubic" => ResampleFilter::Bicubic,
+            _ => continue,
+        };
+        let (w, h) = size.split_once('x').unwrap();
+        let got = pillow_resize(&a, w.parse().unwrap(), h.parse().unwrap(), filter).unwrap();
+        assert!(got == image(&key), "{key}");
+        checked += 1;
+    }
+    assert_eq!(checked, 15);
+    let b = image("b.input");
+    let down = pillow_resize(&b, 10, 64, ResampleFilter::Bicubic).unwrap();
+    assert!(down == image("b.crop64.after_down"), "b.crop64.after_down");
+    let up = pillow_resize(&down, 16, 102, ResampleFilter::Bicubic).unwrap();
+    assert!(up == image("b.crop64.after_up"), "b.crop64.after_up");
+    assert!(
+        crop_arr(&b, 64, "b").unwrap() == image("b.crop64.cropped"),
+        "b.crop64.cropped"
+    );
+    let half = pillow_resize(&b, 12, 75, ResampleFilter::Box).unwrap();
+    assert!(half == image("b.box_half"), "b.box_half");
 }
