@@ -38,31 +38,50 @@ pub fn estimate(
     scores_materialised: bool,
 ) -> MemoryEstimate {
     let f32b = 4u64;
-    let (d, i, heads) =
-        (cfg.hidden_size as u64, cfg.intermediate_size as u64, cfg.num_attention_heads as u64);
-    let mut est = MemoryEstimate::default();
-    for m in batch.model_inputs() {
-        let (rows, s) = (m.batch_size as u64, m.seq_len as u64);
+    let (d, i, heads) = (
+        cfg.hidden_size as u64,
+        cfg.intermediate_size as u64,
+        cfg.num_attention_heads as u64,
+    );
+    let layers = cfg.num_hidden_layers as u64;
+    // Live bytes of one call with `rows` rows of `s` tokens, `cond` of them condition tokens.
+    let call = |rows: u64, s: u64, cond: u64| -> (u64, u64) {
         // residual + normed input + fused qkv + attention output + fused gate/up + its product,
-        // plus the mask bias of the call
-        let per_layer = rows * s * (d + d + 3 * d + d + 2 * i + i) * f32b + rows * s * s * f32b;
-        let scores = if scores_materialised { rows * heads * s * s * f32b } else { 0 };
-        let act = per_layer + scores;
-        let image_tokens: u64 = m.images.iter().map(|im| (im.height * im.width / 256) as u64).sum();
-        let cond = (m.text_len as u64) * rows;
-        let kv = if kv_cache { 2 * cfg.num_hidden_layers as u64 * cond * d * weight_bytes } else { 0 };
+        // plus the call's additive mask
+        let per_layer = rows * s * (6 * d + 3 * i) * f32b + rows * s * s * f32b;
+        let scores = if scores_materialised {
+            rows * heads * s * s * f32b
+        } else {
+            0
+        };
+        let kv = if kv_cache {
+            2 * layers * rows * cond * d * weight_bytes
+        } else {
+            0
+        };
+        (per_layer + scores, kv)
+    };
+    let mut est = MemoryEstimate::default();
+    let mut act_share = 0;
+    for m in batch.model_inputs() {
+        let (rows, s, cond) = (m.batch_size as u64, m.seq_len as u64, m.text_len as u64);
+        let (act, kv) = call(rows, s, cond);
         est.kv_cache += kv;
+        // the same call had the input images taken no tokens: their share of the cost
+        let image_tokens: u64 = m
+            .images
+            .iter()
+            .map(|im| (im.height * im.width / 256) as u64)
+            .sum();
+        let per_row = image_tokens / rows.max(1);
+        let (act0, kv0) = call(rows, s - per_row.min(s), cond - per_row.min(cond));
+        est.input_image_share += kv - kv0;
         if act > est.activations {
             est.activations = act;
+            act_share = act - act0;
         }
-        est.input_image_share += image_tokens * (2 * cfg.num_hidden_layers as u64 * d * weight_bytes)
-            * u64::from(kv_cache)
-            + image_tokens * rows.min(1) * (6 * d + 3 * i) * f32b;
     }
-    if matches!(batch.inputs, GuidanceInputs::Joint(_)) {
-        // all branches' rows live at once in the joint form; nothing more to add: the single
-        // model input already holds them
-    }
+    est.input_image_share += act_share;
     let (h, w) = match vae_tile {
         Some(t) => (t.min(batch.height) as u64, t.min(batch.width) as u64),
         None => (batch.height as u64, batch.width as u64),
@@ -109,5 +128,9 @@ pub fn check(
             batch.width, batch.height
         )
     };
-    Err(Error::OutOfMemory { needed_mib: needed >> 20, available_mib: available >> 20, hint })
+    Err(Error::OutOfMemory {
+        needed_mib: needed >> 20,
+        available_mib: available >> 20,
+        hint,
+    })
 }

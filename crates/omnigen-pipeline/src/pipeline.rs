@@ -11,7 +11,7 @@ use image::RgbImage;
 use omnigen_core::{Error, Result};
 use omnigen_models::scheduler::{FlowMatchEulerScheduler, Scheduler};
 use omnigen_models::transformer::{KvCache as TransformerKvCache, KvCacheMode};
-use omnigen_models::transformer::{OmniGenTransformer, TransformerInput};
+use omnigen_models::transformer::{LoadOptions, OmniGenTransformer, TransformerInput};
 use omnigen_models::vae::{AutoencoderKL, LatentChoice, TilingConfig};
 use tracing::{debug, info, info_span, warn};
 
@@ -110,9 +110,25 @@ pub struct PipelineBuilder<B: Backend> {
     vae_tiling: Option<TilingConfig>,
     download_progress: bool,
     memory_limit: Option<u64>,
+    load_options: LoadOptions,
 }
 
 impl<B: Backend> PipelineBuilder<B> {
+    /// Merges a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into the
+    /// transformer at load time, as the official `merge_lora` does; `scale` multiplies the
+    /// adapter's `alpha / r`. Call again to stack adapters.
+    pub fn lora(mut self, adapter_dir: impl Into<PathBuf>, scale: f32) -> Self {
+        self.load_options.lora.push((adapter_dir.into(), scale));
+        self
+    }
+
+    /// Round transformer weights to bf16 before use, as the official pipeline does (default
+    /// true; exact no-op for bf16 checkpoints). `false` uses the stored values as they are.
+    pub fn round_weights_to_bf16(mut self, on: bool) -> Self {
+        self.load_options.round_weights_to_bf16 = on;
+        self
+    }
+
     /// Bytes generations may use beyond the weights; default: the system's available memory
     /// (CPU backends). Requests estimated to need more are refused before any work starts.
     pub fn memory_limit(mut self, bytes: Option<u64>) -> Self {
@@ -172,7 +188,8 @@ impl<B: Backend> PipelineBuilder<B> {
         let start = Instant::now();
         let _span = info_span!("load", dir = %dir.display()).entered();
         let processor = OmniGenProcessor::from_dir(dir)?;
-        let transformer = OmniGenTransformer::from_dir(dir, &self.device, self.dtype)?;
+        let transformer =
+            OmniGenTransformer::from_dir_with(dir, &self.device, self.dtype, &self.load_options)?;
         let vae = AutoencoderKL::from_dir(&vae_dir, &self.device, DType::F32)?
             .with_tiling(self.vae_tiling)?;
         info!(
@@ -217,6 +234,7 @@ impl<B: Backend> OmniGenPipeline<B> {
             vae_tiling: None,
             download_progress: false,
             memory_limit: None,
+            load_options: LoadOptions::default(),
         }
     }
 
@@ -542,6 +560,12 @@ impl<B: Backend> OmniGenPipeline<B> {
         input_img_latents: Vec<Tensor<B, 4>>,
     ) -> TransformerInput<B> {
         let d = &self.device;
+        // The VAE runs in f32; the transformer takes its inputs in its own dtype.
+        let dtype = self.transformer.dtype();
+        let input_img_latents = input_img_latents
+            .into_iter()
+            .map(|t| t.cast(dtype))
+            .collect();
         TransformerInput {
             // x and timestep are replaced at every step
             x: Tensor::zeros([1, 1, 1, 1], d),
@@ -552,10 +576,11 @@ impl<B: Backend> OmniGenPipeline<B> {
             )),
             input_img_latents,
             image_spans: m.image_spans.clone(),
-            attention_mask: Tensor::from_data(
+            attention_mask: Tensor::<B, 3>::from_data(
                 TensorData::new(m.attention_mask.clone(), m.attention_mask_shape()),
                 d,
-            ),
+            )
+            .cast(dtype),
             position_ids: Tensor::from_data(
                 TensorData::new(m.position_ids.clone(), m.position_ids_shape()),
                 d,

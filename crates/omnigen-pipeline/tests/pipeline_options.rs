@@ -1,0 +1,228 @@
+//! Pipeline options beyond parity: progress, cancellation, memory guard, dtype, LoRA, errors.
+
+use std::path::{Path, PathBuf};
+
+use burn::tensor::DType;
+use omnigen_core::Error;
+use omnigen_models::scheduler::FlowMatchEulerScheduler;
+use omnigen_models::DefaultBackend as B;
+use omnigen_pipeline::{
+    CancellationToken, ConditionImage, GenerationRequest, Hooks, InitialLatents, OmniGenPipeline,
+    Progress, Prompt,
+};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+}
+
+fn model() -> PathBuf {
+    fixtures().join("A/model")
+}
+
+fn t2i() -> GenerationRequest {
+    GenerationRequest::new("a red cat sitting on a blue mat")
+        .size(64, 64)
+        .steps(4)
+        .seed(5)
+}
+
+fn latents(g: &omnigen_pipeline::Generation<B>) -> Vec<f32> {
+    g.latents
+        .clone()
+        .into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap()
+}
+
+#[test]
+fn progress_is_reported_every_step() {
+    let pipe = OmniGenPipeline::<B>::from_dir(model(), &Default::default()).unwrap();
+    let mut seen = Vec::new();
+    let mut cb = |p: Progress| seen.push((p.step, p.total));
+    let hooks = Hooks {
+        on_progress: Some(&mut cb),
+        cancel: None,
+    };
+    pipe.generate_with(&t2i(), &mut FlowMatchEulerScheduler::new(), hooks)
+        .unwrap();
+    assert_eq!(seen, [(1, 4), (2, 4), (3, 4), (4, 4)]);
+}
+
+#[test]
+fn cancellation_stops_at_the_next_step() {
+    let pipe = OmniGenPipeline::<B>::from_dir(model(), &Default::default()).unwrap();
+    let token = CancellationToken::new();
+    let t2 = token.clone();
+    let mut cb = move |p: Progress| {
+        if p.step == 2 {
+            t2.cancel();
+        }
+    };
+    let hooks = Hooks {
+        on_progress: Some(&mut cb),
+        cancel: Some(token),
+    };
+    let err = pipe
+        .generate_with(&t2i(), &mut FlowMatchEulerScheduler::new(), hooks)
+        .unwrap_err();
+    assert!(matches!(err, Error::Cancelled { step: 2 }), "{err}");
+}
+
+#[test]
+fn memory_guard_refuses_what_cannot_fit_and_names_an_option() {
+    let pipe = OmniGenPipeline::<B>::builder(model())
+        .memory_limit(Some(1 << 20))
+        .build()
+        .unwrap();
+    let err = pipe.generate(&t2i()).unwrap_err();
+    match &err {
+        Error::OutOfMemory {
+            needed_mib,
+            available_mib,
+            hint,
+        } => {
+            assert_eq!(*available_mib, 1);
+            assert!(*needed_mib >= 1);
+            assert!(
+                hint.contains("output size") || hint.contains("tiled VAE"),
+                "{hint}"
+            );
+        }
+        other => panic!("expected OutOfMemory, got {other:?}"),
+    }
+    // big input images in a small budget point at max_input_image_size
+    let big = image::RgbImage::from_fn(1024, 1024, |x, y| image::Rgb([x as u8, y as u8, 9]));
+    let req = GenerationRequest::new(
+        Prompt::from_text("<img><|image_1|></img> x", vec![ConditionImage::from(big)]).unwrap(),
+    )
+    .size(64, 64)
+    .steps(1);
+    let pipe = OmniGenPipeline::<B>::builder(model())
+        .memory_limit(Some(64 << 20))
+        .build()
+        .unwrap();
+    let err = pipe.generate(&req).unwrap_err();
+    assert!(err.to_string().contains("max_input_image_size"), "{err}");
+    // a generous budget lets the same request through
+    let pipe = OmniGenPipeline::<B>::builder(model())
+        .memory_limit(Some(64 << 30))
+        .build()
+        .unwrap();
+    pipe.generate(&t2i()).unwrap();
+}
+
+#[test]
+fn half_precision_transformer_stays_close_to_f32() {
+    let f32p = OmniGenPipeline::<B>::from_dir(model(), &Default::default()).unwrap();
+    let reference = latents(&f32p.generate(&t2i()).unwrap());
+    for (dtype, tol) in [(DType::BF16, 0.25f32), (DType::F16, 0.05)] {
+        let pipe = OmniGenPipeline::<B>::builder(model())
+            .dtype(dtype)
+            .build()
+            .unwrap();
+        assert_eq!(pipe.transformer().dtype(), dtype);
+        let ours = latents(&pipe.generate(&t2i()).unwrap());
+        let d = ours
+            .iter()
+            .zip(&reference)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0f32, f32::max);
+        println!("{dtype:?}: max |latents - f32| = {d:.3e}");
+        assert!(d < tol, "{dtype:?} drifted {d} from f32");
+        assert!(ours.iter().all(|v| v.is_finite()));
+    }
+}
+
+#[test]
+fn lora_changes_the_output_and_a_zero_scale_does_not() {
+    let base = OmniGenPipeline::<B>::from_dir(model(), &Default::default()).unwrap();
+    let want = latents(&base.generate(&t2i()).unwrap());
+    let lora = fixtures().join("A/lora");
+    let merged = OmniGenPipeline::<B>::builder(model())
+        .lora(&lora, 1.0)
+        .build()
+        .unwrap();
+    let got = latents(&merged.generate(&t2i()).unwrap());
+    let d = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(
+        d > 1e-3,
+        "a merged adapter must change the result (diff {d})"
+    );
+    let zero = OmniGenPipeline::<B>::builder(model())
+        .lora(&lora, 0.0)
+        .build()
+        .unwrap();
+    assert_eq!(latents(&zero.generate(&t2i()).unwrap()), want);
+    let err = OmniGenPipeline::<B>::builder(model())
+        .lora(fixtures().join("nope"), 1.0)
+        .build();
+    assert!(err.is_err());
+}
+
+#[test]
+fn bad_requests_fail_before_any_work_with_the_argument_named() {
+    let pipe = OmniGenPipeline::<B>::from_dir(model(), &Default::default()).unwrap();
+    let cases: Vec<(GenerationRequest, &str)> = vec![
+        (t2i().size(0, 64), "height"),
+        (t2i().size(64, 40), "width"),
+        (t2i().steps(0), "num_inference_steps"),
+        (t2i().guidance_scale(f32::INFINITY), "guidance_scale"),
+        (t2i().img_guidance_scale(f32::NAN), "img_guidance_scale"),
+        (t2i().num_images_per_prompt(0), "num_images_per_prompt"),
+        (
+            t2i().latents(InitialLatents {
+                values: vec![0.0; 10],
+                shape: [1, 4, 8, 8],
+            }),
+            "latents",
+        ),
+        (
+            t2i().latents(InitialLatents {
+                values: vec![0.0; 4 * 4 * 4],
+                shape: [1, 4, 4, 4],
+            }),
+            "latents",
+        ),
+    ];
+    for (req, name) in cases {
+        match pipe.generate(&req) {
+            Err(Error::InvalidArgument { name: n, .. }) => assert_eq!(n, name),
+            other => panic!("{name}: expected InvalidArgument, got {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn broken_model_folders_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let copy = |from: &Path, to: &Path| {
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(from, to).unwrap();
+    };
+    for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+        copy(&model().join(f), &dir.path().join(f));
+    }
+    // no vae/ folder
+    let err = OmniGenPipeline::<B>::from_dir(dir.path(), &Default::default()).unwrap_err();
+    assert!(err.to_string().contains("vae"), "{err}");
+    for f in ["vae/config.json", "vae/diffusion_pytorch_model.safetensors"] {
+        copy(&model().join(f), &dir.path().join(f));
+    }
+    OmniGenPipeline::<B>::from_dir(dir.path(), &Default::default()).unwrap();
+    // truncated weights
+    let w = dir.path().join("model.safetensors");
+    let bytes = std::fs::read(&w).unwrap();
+    std::fs::write(&w, &bytes[..bytes.len() / 2]).unwrap();
+    let err = OmniGenPipeline::<B>::from_dir(dir.path(), &Default::default()).unwrap_err();
+    assert!(matches!(err, Error::CorruptWeights { .. }), "{err}");
+    std::fs::write(&w, &bytes).unwrap();
+    // malformed config
+    std::fs::write(dir.path().join("config.json"), "{ nope").unwrap();
+    let err = OmniGenPipeline::<B>::from_dir(dir.path(), &Default::default()).unwrap_err();
+    assert!(matches!(err, Error::Config { .. }), "{err}");
+}
