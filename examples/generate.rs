@@ -74,6 +74,12 @@ struct Args {
     /// Transformer weight dtype: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// PEFT LoRA adapter folder merged into the transformer at load time (repeatable).
+    #[arg(long = "lora")]
+    loras: Vec<PathBuf>,
+    /// Scale of the LoRA adapters (multiplies alpha / r).
+    #[arg(long, default_value_t = 1.0)]
+    lora_scale: f32,
     /// Output PNG.
     #[arg(long)]
     output: PathBuf,
@@ -154,7 +160,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let metadata = if args.no_metadata {
         Vec::new()
     } else {
-        omnigen::io::generation_metadata(&request, &pipeline)
+        omnigen::io::generation_metadata(&request, &pipeline, image.dimensions())
     };
     save_png(&args.output, image, &metadata)?;
     let s = &generation.stats;

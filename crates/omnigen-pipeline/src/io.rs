@@ -66,10 +66,12 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
 }
 
 /// The parameters of a generation as PNG text chunks, with an "AI-generated" marker, so an
-/// output can be traced back to its model and reproduced.
+/// output can be traced back to its model and reproduced. `size` is the generated image's
+/// `(width, height)` (it differs from the request's with `use_input_image_size_as_output`).
 pub fn generation_metadata<B: Backend>(
     request: &GenerationRequest,
     pipeline: &OmniGenPipeline<B>,
+    size: (u32, u32),
 ) -> PngMetadata {
     let prompts: Vec<&str> = request.prompts.iter().map(|p| p.as_text()).collect();
     let mut m = vec![
@@ -103,9 +105,10 @@ pub fn generation_metadata<B: Backend>(
             "img_guidance_scale".to_string(),
             request.img_guidance_scale.to_string(),
         ),
+        ("size".to_string(), format!("{}x{}", size.0, size.1)),
         (
-            "size".to_string(),
-            format!("{}x{}", request.width, request.height),
+            "dtype".to_string(),
+            format!("{:?}", pipeline.transformer().dtype()).to_lowercase(),
         ),
         (
             "kv_cache".to_string(),
@@ -124,6 +127,12 @@ pub fn generation_metadata<B: Backend>(
             pipeline.model_dir().display().to_string(),
         ),
     ];
+    for (path, scale) in pipeline.loras() {
+        m.push((
+            "lora".to_string(),
+            format!("{} (scale {scale})", path.display()),
+        ));
+    }
     if request.latents.is_some() {
         m.push((
             "initial_latents".to_string(),

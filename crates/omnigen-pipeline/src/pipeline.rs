@@ -99,6 +99,7 @@ pub struct OmniGenPipeline<B: Backend> {
     model_id: String,
     weights_fingerprint: Option<String>,
     memory_limit: Option<u64>,
+    loras: Vec<(PathBuf, f32)>,
 }
 
 /// Builds an [`OmniGenPipeline`] from a model directory.
@@ -213,6 +214,7 @@ impl<B: Backend> PipelineBuilder<B> {
             model_id,
             weights_fingerprint,
             memory_limit: self.memory_limit,
+            loras: self.load_options.lora.clone(),
         })
     }
 }
@@ -256,6 +258,11 @@ impl<B: Backend> OmniGenPipeline<B> {
     /// The model directory (for a hub id: its snapshot in the local cache).
     pub fn model_dir(&self) -> &Path {
         &self.model_dir
+    }
+
+    /// The LoRA adapters merged at load time, with their scales.
+    pub fn loras(&self) -> &[(PathBuf, f32)] {
+        &self.loras
     }
 
     /// The model as the user named it: a directory or a hub id.
