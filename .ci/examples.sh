@@ -19,9 +19,13 @@ run generate -- --model $M --prompt "<img><|image_1|></img> and <img><|image_2|>
 # --latents: initial noise read from a safetensors file (here the one --save-latents wrote)
 run generate -- --model $M --prompt "a red cat sitting on a blue mat" --height 64 --width 64 \
   --steps 4 --latents "$OUT/t2i.safetensors" --output "$OUT/from_latents.png"
+run generate -- --model $M --prompt "a red cat sitting on a blue mat" --height 64 --width 64 \
+  --steps 2 --seed 0 --lora tests/fixtures/A/lora --lora-scale 0.5 --dtype bf16 --output "$OUT/lora.png"
+run generate -- --model $M --prompt "a red cat" --height 64 --width 64 --steps 2 --seed 0 \
+  --no-metadata --output "$OUT/plain.png"
 run embed -- $M "$OUT"
 run custom_scheduler -- $M "$OUT/heun.png"
-for f in t2i edit two from_latents embed_cat embed_green heun; do
+for f in t2i edit two from_latents lora plain embed_cat embed_green heun; do
   test -s "$OUT/$f.png" || { echo "missing $OUT/$f.png"; exit 1; }
 done
 
@@ -42,4 +46,22 @@ expect_fail bad_size --model $M --prompt "x" --height 65
 expect_fail zero_steps --model $M --prompt "x" --height 64 --width 64 --steps 0
 expect_fail nan_scale --model $M --prompt "x" --height 64 --width 64 --guidance-scale NaN
 expect_fail missing_image --model $M --prompt "<img><|image_1|></img>" --image "$OUT/none.png"
+echo "not a png" > "$OUT/garbage.png"
+expect_fail corrupt_image --model $M --prompt "<img><|image_1|></img>" --image "$OUT/garbage.png"
+: > "$OUT/empty.png"
+expect_fail empty_image --model $M --prompt "<img><|image_1|></img>" --image "$OUT/empty.png"
+expect_fail unused_image --model $M --prompt "no placeholder" --image tests/fixtures/A/edit_in.png
+mkdir -p "$OUT/broken/vae" && cp $M/config.json $M/tokenizer.json "$OUT/broken/"
+head -c 100000 $M/model.safetensors > "$OUT/broken/model.safetensors"
+cp $M/vae/* "$OUT/broken/vae/"
+expect_fail truncated_weights --model "$OUT/broken" --prompt "x" --height 64 --width 64
+cp $M/model.safetensors "$OUT/broken/" && echo "{" > "$OUT/broken/config.json"
+expect_fail bad_config --model "$OUT/broken" --prompt "x" --height 64 --width 64
+cp $M/config.json "$OUT/broken/" && rm -r "$OUT/broken/vae"
+expect_fail missing_vae --model "$OUT/broken" --prompt "x" --height 64 --width 64
+HF_ENDPOINT=http://127.0.0.1:9 HF_HOME="$OUT/hf" expect_fail hub_offline --model Shitao/OmniGen-v1 --prompt "x"
+if run generate -- --model $M --prompt x --height 64 --width 64 --steps 1 --output "$OUT/no/such/dir/x.png" 2>"$OUT/unwritable.err"; then
+  echo "expected failure: unwritable output"; exit 1
+fi
+grep -q '^error: ' "$OUT/unwritable.err" && echo "ok (fails cleanly): unwritable: $(head -n1 "$OUT/unwritable.err")"
 echo "examples ok"

@@ -131,10 +131,40 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     request.validate()?;
 
+    // Fail on unreadable inputs and an unwritable destination before the (slow) model load.
+    for image in request.prompts.iter().flat_map(|p| p.images()) {
+        image.load_rgb8()?;
+    }
+    for out in std::iter::once(&args.output).chain(&args.save_latents) {
+        let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
+        if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+            anyhow::bail!(
+                "cannot write {}: {} is not a directory",
+                out.display(),
+                dir.display()
+            );
+        }
+    }
     let dtype = omnigen::io::parse_dtype(&args.dtype)?;
-    let pipeline = OmniGenPipeline::<DefaultBackend>::builder(&args.model)
+    if !args.lora_scale.is_finite() {
+        anyhow::bail!(
+            "invalid argument `lora_scale`: {} is not a finite number",
+            args.lora_scale
+        );
+    }
+    let mut builder = OmniGenPipeline::<DefaultBackend>::builder(&args.model)
         .dtype(dtype)
-        .build()?;
+        .download_progress(true);
+    for lora in &args.loras {
+        builder = builder.lora(lora, args.lora_scale);
+    }
+    let load_start = std::time::Instant::now();
+    let pipeline = builder.build()?;
+    eprintln!(
+        "loaded {} in {:.2?}",
+        args.model.display(),
+        load_start.elapsed()
+    );
 
     let bar = ProgressBar::new(request.num_inference_steps as u64);
     bar.set_style(
@@ -165,7 +195,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     save_png(&args.output, image, &metadata)?;
     let s = &generation.stats;
     eprintln!(
-        "wrote {} ({}x{}); tokens per branch {:?}; process {:.2?}, encode {:.2?}, denoise {:.2?}, decode {:.2?}",
+        "wrote {} ({}x{}); tokens per branch {:?}; process {:.2?}, encode {:.2?}, denoise {:.2?}, decode {:.2?}; peak memory {} MiB",
         args.output.display(),
         image.width(),
         image.height(),
@@ -173,7 +203,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         s.process,
         s.encode,
         s.denoise,
-        s.decode
+        s.decode,
+        s.peak_memory_bytes.map_or("?".to_string(), |b| (b >> 20).to_string())
     );
     Ok(())
 }

@@ -100,6 +100,14 @@ pub fn available_memory() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Peak resident memory of this process (`VmHWM` of `/proc/self/status`), when the system tells.
+pub fn peak_resident_memory() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 /// Refuses `est` when it exceeds `available`, naming the option that would help most.
 pub fn check(
     est: &MemoryEstimate,

@@ -75,6 +75,8 @@ pub struct GenerationStats {
     pub denoise: Duration,
     /// VAE decoding.
     pub decode: Duration,
+    /// Peak resident memory of the process so far (`VmHWM`), where the system reports it.
+    pub peak_memory_bytes: Option<u64>,
 }
 
 /// The result of [`OmniGenPipeline::generate`].
@@ -424,6 +426,16 @@ impl<B: Backend> OmniGenPipeline<B> {
             self.decode_images(z.clone())?
         };
         stats.decode = t3.elapsed();
+        stats.peak_memory_bytes = crate::memory::peak_resident_memory();
+        info!(
+            tokens_per_branch = ?stats.tokens_per_branch,
+            process_ms = stats.process.as_millis() as u64,
+            encode_ms = stats.encode.as_millis() as u64,
+            denoise_ms = stats.denoise.as_millis() as u64,
+            decode_ms = stats.decode.as_millis() as u64,
+            peak_memory_mib = stats.peak_memory_bytes.map(|b| b >> 20),
+            "generation cost"
+        );
         debug!(?stats, "generation done");
         Ok(Generation {
             images,
