@@ -10,7 +10,7 @@ use omnigen_core::{Error, TransformerWeights, WeightSource};
 use omnigen_models::default_device;
 use omnigen_models::loader::{Bf16RoundedReader, WeightReader};
 use omnigen_models::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader};
-use omnigen_models::transformer::{LoadOptions, OmniGenTransformer, TransformerInput};
+use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
 use transformer_support::*;
 
 const D: usize = 48;
@@ -107,15 +107,7 @@ fn forward_with(options: &LoadOptions) -> Tensor<B, 4> {
     )
     .expect("model with LoRA loads");
     let fx = Fixture::open(&dir, "transformer_only");
-    let input = TransformerInput {
-        x: fx.f("tf.x"),
-        timestep: fx.f("tf.timestep"),
-        input_ids: Some(fx.i("tf.input_ids")),
-        input_img_latents: vec![fx.f("tf.input_img_latents.0")],
-        image_spans: Fixture::spans(&fx.json["input_image_sizes"], 1),
-        attention_mask: fx.f("tf.attention_mask"),
-        position_ids: fx.i("tf.position_ids"),
-    };
+    let input = fx.tf_input();
     model.forward(input).expect("forward")
 }
 

@@ -4,7 +4,6 @@
 
 mod transformer_support;
 
-use omnigen_models::transformer::TransformerInput;
 use transformer_support::*;
 
 macro_rules! cases {
@@ -62,15 +61,7 @@ fn b_transformer_only_long_and_short_rope() {
             fx.json["rope_factors"].as_str(),
             Some(if long { "long" } else { "short" })
         );
-        let input = TransformerInput {
-            x: fx.f("tf.x"),
-            timestep: fx.f("tf.timestep"),
-            input_ids: Some(fx.i("tf.input_ids")),
-            input_img_latents: vec![fx.f("tf.input_img_latents.0")],
-            image_spans: Fixture::spans(&fx.json["input_image_sizes"], 1),
-            attention_mask: fx.f("tf.attention_mask"),
-            position_ids: fx.i("tf.position_ids"),
-        };
+        let input = fx.tf_input();
         let s = input.position_ids.dims()[1];
         assert_eq!(model.rope.uses_long_factors(s), long);
         let rope = model

@@ -81,15 +81,7 @@ fn bf16_rounding_of_random_f32_weights_is_round_to_nearest_even() {
 
 /// The `transformer_only` inputs, float tensors cast to `dtype` (what the pipeline does).
 fn input(fx: &Fixture, dtype: DType) -> TransformerInput<B> {
-    TransformerInput {
-        x: fx.f::<4>("tf.x").cast(dtype),
-        timestep: fx.f::<1>("tf.timestep").cast(dtype),
-        input_ids: Some(fx.i("tf.input_ids")),
-        input_img_latents: vec![fx.f::<4>("tf.input_img_latents.0").cast(dtype)],
-        image_spans: Fixture::spans(&fx.json["input_image_sizes"], 1),
-        attention_mask: fx.f::<3>("tf.attention_mask").cast(dtype),
-        position_ids: fx.i("tf.position_ids"),
-    }
+    cast_input(fx.tf_input(), dtype)
 }
 
 fn half_forward(dtype: DType) -> f32 {

@@ -7,20 +7,8 @@ use burn::module::Module;
 use burn::tensor::DType;
 use omnigen_core::{CheckpointLayout, TransformerWeights, WeightSource};
 use omnigen_models::default_device;
-use omnigen_models::transformer::{OmniGenTransformer, TransformerInput};
+use omnigen_models::transformer::OmniGenTransformer;
 use transformer_support::*;
-
-fn transformer_only_input(fx: &Fixture) -> TransformerInput<B> {
-    TransformerInput {
-        x: fx.f("tf.x"),
-        timestep: fx.f("tf.timestep"),
-        input_ids: Some(fx.i("tf.input_ids")),
-        input_img_latents: vec![fx.f("tf.input_img_latents.0")],
-        image_spans: Fixture::spans(&fx.json["input_image_sizes"], 1),
-        attention_mask: fx.f("tf.attention_mask"),
-        position_ids: fx.i("tf.position_ids"),
-    }
-}
 
 #[test]
 fn diffusers_layout_is_detected_and_matches_official() {
@@ -42,12 +30,8 @@ fn diffusers_layout_is_detected_and_matches_official() {
     assert_eq!(diffusers.num_params(), official.num_params());
 
     let fx = Fixture::open(&dir, "transformer_only");
-    let out_d = diffusers
-        .forward(transformer_only_input(&fx))
-        .expect("forward");
-    let out_o = official
-        .forward(transformer_only_input(&fx))
-        .expect("forward");
+    let out_d = diffusers.forward(fx.tf_input()).expect("forward");
+    let out_o = official.forward(fx.tf_input()).expect("forward");
     // The copy is lossless (bf16-exact weights), so both layouts give the same numbers.
     check("diffusers vs official layout", out_d.clone(), out_o, 0.0);
     check("diffusers layout tf.out", out_d, fx.f("tf.out"), TOL);

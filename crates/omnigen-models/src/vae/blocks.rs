@@ -28,6 +28,23 @@ pub struct ResnetBlock2D<B: Backend> {
 }
 
 impl<B: Backend> ResnetBlock2D<B> {
+    /// The `resnets.{0..n}` of a down or up block: the first maps `c_in` to `c_out`, the rest
+    /// keep `c_out`.
+    pub(crate) fn load_stack(
+        ld: &Loader<B>,
+        n: usize,
+        c_in: usize,
+        c_out: usize,
+        groups: usize,
+    ) -> Result<Vec<Self>> {
+        (0..n)
+            .map(|i| {
+                let c = if i == 0 { c_in } else { c_out };
+                Self::load(&ld.sub("resnets").sub(i), c, c_out, groups)
+            })
+            .collect()
+    }
+
     pub(crate) fn load(ld: &Loader<B>, c_in: usize, c_out: usize, groups: usize) -> Result<Self> {
         let conv_shortcut = if c_in != c_out {
             Some(ld.sub("conv_shortcut").conv2d(c_in, c_out, 1, 1, 0)?)

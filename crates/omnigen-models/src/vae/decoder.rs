@@ -28,12 +28,14 @@ impl<B: Backend> UpDecoderBlock2D<B> {
         cfg: &VaeConfig,
         upsample: bool,
     ) -> Result<Self> {
-        let resnets = (0..cfg.layers_per_block + 1)
-            .map(|i| {
-                let c = if i == 0 { c_in } else { c_out };
-                ResnetBlock2D::load(&ld.sub("resnets").sub(i), c, c_out, cfg.norm_num_groups)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        // the decoder's up blocks have one resnet more than the encoder's down blocks
+        let resnets = ResnetBlock2D::load_stack(
+            ld,
+            cfg.layers_per_block + 1,
+            c_in,
+            c_out,
+            cfg.norm_num_groups,
+        )?;
         let upsamplers = if upsample {
             vec![Upsample2D::load(&ld.sub("upsamplers").sub(0), c_out)?]
         } else {

@@ -28,12 +28,8 @@ impl<B: Backend> DownEncoderBlock2D<B> {
         cfg: &VaeConfig,
         downsample: bool,
     ) -> Result<Self> {
-        let resnets = (0..cfg.layers_per_block)
-            .map(|i| {
-                let c = if i == 0 { c_in } else { c_out };
-                ResnetBlock2D::load(&ld.sub("resnets").sub(i), c, c_out, cfg.norm_num_groups)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let resnets =
+            ResnetBlock2D::load_stack(ld, cfg.layers_per_block, c_in, c_out, cfg.norm_num_groups)?;
         let downsamplers = if downsample {
             vec![Downsample2D::load(&ld.sub("downsamplers").sub(0), c_out)?]
         } else {

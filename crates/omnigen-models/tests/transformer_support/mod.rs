@@ -25,6 +25,19 @@ pub struct Fixture {
 }
 
 impl Fixture {
+    /// The inputs of a `transformer_only*` dump (one cond row with one input image).
+    pub fn tf_input(&self) -> TransformerInput<B> {
+        TransformerInput {
+            x: self.f("tf.x"),
+            timestep: self.f("tf.timestep"),
+            input_ids: Some(self.i("tf.input_ids")),
+            input_img_latents: vec![self.f("tf.input_img_latents.0")],
+            image_spans: Fixture::spans(&self.json["input_image_sizes"], 1),
+            attention_mask: self.f("tf.attention_mask"),
+            position_ids: self.i("tf.position_ids"),
+        }
+    }
+
     pub fn open(dir: &Path, name: &str) -> Self {
         let bytes =
             std::fs::read(dir.join(format!("{name}.safetensors"))).expect("fixture safetensors");
