@@ -105,7 +105,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let images = args
         .images
         .iter()
-        .map(|p| ConditionImage::from_path(p))
+        .map(ConditionImage::from_path)
         .collect();
     let prompt = Prompt::from_text(args.prompt.clone(), images)?;
     let mut request = GenerationRequest::new(prompt)
