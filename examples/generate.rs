@@ -102,11 +102,7 @@ fn main() -> ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let images = args
-        .images
-        .iter()
-        .map(ConditionImage::from_path)
-        .collect();
+    let images = args.images.iter().map(ConditionImage::from_path).collect();
     let prompt = Prompt::from_text(args.prompt.clone(), images)?;
     let mut request = GenerationRequest::new(prompt)
         .size(args.height, args.width)
