@@ -6,6 +6,7 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use omnigen_models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 
 fn gemm(c: &mut Criterion) {
+    omnigen_models::tune_host_allocator();
     let device = default_device();
     let mut group = c.benchmark_group(format!("gemm_{DEFAULT_BACKEND_NAME}"));
     group.sample_size(20);

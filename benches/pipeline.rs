@@ -11,6 +11,7 @@ use omnigen_pipeline::{GenerationRequest, KvCache, OmniGenPipeline};
 mod common;
 
 fn pipeline(c: &mut Criterion) {
+    omnigen_models::tune_host_allocator();
     let dir = common::medium_checkpoint();
     let pipe = OmniGenPipeline::<DefaultBackend>::builder(dir.path())
         .build()

@@ -49,6 +49,7 @@ fn input(text: usize, latent: usize, device: &burn::tensor::Device<B>) -> Transf
 }
 
 fn bench(c: &mut Criterion) {
+    omnigen_models::tune_host_allocator();
     let device = default_device();
     let config = common::transformer_config();
     let model = OmniGenTransformer::<B>::load_reader(

@@ -15,6 +15,7 @@ use omnigen_models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 mod common;
 
 fn vae(c: &mut Criterion) {
+    omnigen_models::tune_host_allocator();
     let device = default_device();
     let config = common::vae_config();
     let vae = AutoencoderKL::<DefaultBackend>::load(

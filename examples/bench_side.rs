@@ -40,6 +40,9 @@ struct Args {
     /// Comma-separated subset of workloads (default: all).
     #[arg(long)]
     only: Option<String>,
+    /// Leave glibc's allocator settings alone (see `tune_host_allocator`).
+    #[arg(long)]
+    no_tune_alloc: bool,
     /// Transformer weight dtype: f32, bf16 or f16.
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -68,6 +71,9 @@ fn timed(runs: usize, mut f: impl FnMut()) -> serde_json::Value {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if !args.no_tune_alloc {
+        omnigen::models::tune_host_allocator();
+    }
     let want = |name: &str| {
         args.only
             .as_ref()
@@ -93,6 +99,7 @@ fn main() -> anyhow::Result<()> {
     res.insert("steps".into(), args.steps.into());
     res.insert("runs".into(), args.runs.into());
     res.insert("dtype".into(), args.dtype.clone().into());
+    res.insert("tuned_allocator".into(), (!args.no_tune_alloc).into());
 
     if want("gemm") {
         let n = 1024;
