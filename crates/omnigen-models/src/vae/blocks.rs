@@ -20,9 +20,10 @@ pub(crate) const NORM_EPS: f64 = 1e-6;
 ///
 /// burn-flex's convolution builds an im2col copy of every output tile (`9·C_in` floats per
 /// output pixel) and scatters the GEMM result back; at 256+ input channels the nine GEMMs
-/// `[C_out, C_in] × [C_in, H·(W+2)]` over shifted views of the padded input do the same work
-/// without that traffic (measured 15–25 % faster per conv at 512@64² and 256@128²). Below 256
-/// channels (K = C_in too short for an efficient GEMM) burn's convolution is faster.
+/// `[C_out, C_in] × [C_in, H·(W+2)]` over shifted views of the padded input, accumulated in
+/// place, do the same work without that traffic (SDXL decode 256×256: 3.98 -> 3.58 s on a
+/// 2-core Zen 5, see docs/performance.md). Below 256 channels (K = C_in too short for an
+/// efficient GEMM) burn's convolution is faster.
 const SHIFTED_GEMM_MIN_CHANNELS: usize = 256;
 
 /// A 3×3, stride-1, padding-1 convolution (every 3×3 convolution of the VAE resnets and
