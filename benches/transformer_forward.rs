@@ -1,42 +1,19 @@
-//! One OmniGen transformer forward on the harness's medium random config "M" (hidden 512,
-//! 4 layers, 8 heads, MLP 2048), 256x256 output (256 image tokens) after a 43-token prompt
-//! (S = 300, the sequence the reference `bench_ref.py` times), on the default backend.
-//! Also times a cached step (time + image tokens against the cached prompt).
+//! OmniGen transformer on the committed medium config M (`benches/configs/medium`: hidden 512,
+//! 4 layers, 8 heads, MLP 2048), 256x256 output (256 image tokens) after the 43-token t2i
+//! prompt (S = 300, the sequence `tools/reference/bench.py` times), on the default backend:
+//! the uncached forward, the first step with a KV cache (prefill) and a cached step (time +
+//! image tokens against the cached prompt). Throughput is reported in FLOP/s ("elem/s"):
+//! compare with the `gemm` bench's rate on the same machine.
 
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
-use criterion::{criterion_group, criterion_main, Criterion};
-use omnigen_core::{RopeScaling, TransformerConfig};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use omnigen_models::loader::RandomWeights;
 use omnigen_models::transformer::{KvCacheMode, OmniGenTransformer, TransformerInput};
 use omnigen_models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 
-type B = DefaultBackend;
+mod common;
 
-fn config_m() -> TransformerConfig {
-    let half = 512 / 8 / 2;
-    TransformerConfig {
-        hidden_size: 512,
-        intermediate_size: 2048,
-        num_hidden_layers: 4,
-        num_attention_heads: 8,
-        num_key_value_heads: 8,
-        rms_norm_eps: 1e-5,
-        vocab_size: 481,
-        rope_theta: 10000.0,
-        max_position_embeddings: 131072,
-        original_max_position_embeddings: 4096,
-        rope_scaling: Some(RopeScaling::LongRope {
-            short_factor: (0..half).map(|j| 1.0 + j as f64 / half as f64).collect(),
-            long_factor: (0..half)
-                .map(|j| 1.0 + 4.0 * j as f64 / half as f64)
-                .collect(),
-        }),
-        patch_size: 2,
-        in_channels: 4,
-        pos_embed_max_size: 192,
-        time_step_dim: 256,
-    }
-}
+type B = DefaultBackend;
 
 /// A t2i-shaped input: `text` causal tokens, the time token, `n` bidirectional image tokens.
 fn input(text: usize, latent: usize, device: &burn::tensor::Device<B>) -> TransformerInput<B> {
@@ -72,8 +49,9 @@ fn input(text: usize, latent: usize, device: &burn::tensor::Device<B>) -> Transf
 }
 
 fn bench(c: &mut Criterion) {
+    omnigen_models::tune_host_allocator();
     let device = default_device();
-    let config = config_m();
+    let config = common::transformer_config();
     let model = OmniGenTransformer::<B>::load_reader(
         &RandomWeights { seed: 7 },
         &config,
@@ -81,18 +59,35 @@ fn bench(c: &mut Criterion) {
         DType::F32,
     )
     .expect("random model");
-    let inp = input(43, 32, &device);
+    let (text, latent) = (43, 32);
+    let inp = input(text, latent, &device);
+    let s = text + 1 + (latent / 2) * (latent / 2);
     let mut group = c.benchmark_group(format!("transformer_M_256px_{DEFAULT_BACKEND_NAME}"));
     group.sample_size(10);
+    group.throughput(Throughput::Elements(common::transformer_flops(
+        &config, s, s,
+    )));
     group.bench_function("forward_S300", |b| {
         b.iter(|| {
             let out = model.forward(inp.clone()).expect("forward");
             out.into_data()
         })
     });
+    group.bench_function("prefill_S300", |b| {
+        b.iter(|| {
+            let (out, _cache) = model
+                .prefill(inp.clone(), KvCacheMode::Official)
+                .expect("prefill");
+            out.into_data()
+        })
+    });
     let (_, cache) = model
         .prefill(inp.clone(), KvCacheMode::Official)
         .expect("prefill");
+    let n_new = s - text;
+    group.throughput(Throughput::Elements(common::transformer_flops(
+        &config, n_new, s,
+    )));
     group.bench_function("forward_cached_257_of_300", |b| {
         b.iter(|| {
             let out = model

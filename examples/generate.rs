@@ -92,6 +92,8 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // Faster tensor allocation on the CPU backends (process-wide glibc malloc settings).
+    omnigen::models::tune_host_allocator();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),

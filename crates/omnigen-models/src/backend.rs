@@ -42,3 +42,27 @@ pub use chosen::{DefaultBackend, NAME as DEFAULT_BACKEND_NAME};
 pub fn default_device() -> burn::tensor::Device<DefaultBackend> {
     Default::default()
 }
+
+/// Tunes glibc's allocator for tensor work on the CPU backends (Linux/glibc; a no-op elsewhere).
+///
+/// burn's CPU backends allocate a fresh buffer for almost every op. glibc serves blocks above
+/// its mmap threshold (128 KiB, growing dynamically) with `mmap`, so every such op pays page
+/// faults on fresh zeroed pages and an `munmap` when the tensor drops: about 12 % of a cached
+/// transformer step in a profile. Raising the threshold to 32 MiB (glibc's maximum) and keeping
+/// freed memory in the heap (trim threshold 256 MiB, top pad 64 MiB) lets buffers be reused.
+/// Measured on the medium config: transformer forward 0.107 -> 0.091 s, VAE decode 256x256
+/// 3.25 -> 2.76 s. The price: up to a few hundred MiB of freed memory stay mapped.
+///
+/// It changes process-wide malloc settings, so a library does not call it on its own: the
+/// examples and benches call it first thing, and applications may. The same effect without
+/// code: `MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=268435456
+/// MALLOC_TOP_PAD_=67108864`.
+pub fn tune_host_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only adjusts allocator parameters; called with valid constants.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
+    }
+}

@@ -13,5 +13,6 @@ pub mod scheduler;
 pub mod transformer;
 pub mod vae;
 
+pub use backend::tune_host_allocator;
 #[cfg(any(feature = "flex", feature = "ndarray", feature = "cuda"))]
 pub use backend::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};

@@ -45,7 +45,7 @@ impl<B: Backend> FinalLayer<B> {
         let shift = modulation.clone().narrow(2, 0, d);
         let scale = modulation.narrow(2, d, d);
         let y = layer_norm_no_affine(x) * scale.add_scalar(1.0) + shift; // [B, N, D]
-        self.linear.forward(y)
+        super::phi3::linear3(&self.linear, y)
     }
 }
 

@@ -542,9 +542,10 @@ impl<B: Backend> OmniGenTransformer<B> {
         keep_prefix: Option<usize>,
     ) -> (Tensor<B, 3>, Vec<KeyValue<B>>) {
         let mut kept = Vec::new();
+        let rope = rope.repeat_heads(2 * self.config.num_attention_heads);
         for (i, layer) in self.llm.layers.iter().enumerate() {
             let (out, (k, v)) =
-                layer.forward(hidden, rope, bias.clone(), past.and_then(|p| p.get(i)));
+                layer.forward(hidden, &rope, bias.clone(), past.and_then(|p| p.get(i)));
             hidden = out;
             if let Some(len) = keep_prefix {
                 kept.push((k.narrow(2, 0, len), v.narrow(2, 0, len)));

@@ -14,6 +14,22 @@ use omnigen_core::{Result, TransformerConfig};
 use super::rope::{apply_rotary, RopeTables};
 use crate::loader::Loader;
 
+/// `Linear::forward` for `[B, S, in]` inputs without burn's per-call weight copy: burn's
+/// `linear` unsqueezes the weight to the input's rank, and burn-flex materialises that reshape
+/// of the transposed (PyTorch-layout) view on every call. Flattening the input to 2-D instead
+/// (free: it is contiguous) lets the GEMM read the transposed weight through its strides.
+pub(crate) fn linear3<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
+    let [b, s, d_in] = x.dims();
+    let w = linear.weight.val(); // [in, out]
+    let d_out = w.dims()[1];
+    let y = x.reshape([b * s, d_in]).matmul(w);
+    let y = match &linear.bias {
+        Some(bias) => y + bias.val().unsqueeze::<2>(),
+        None => y,
+    };
+    y.reshape([b, s, d_out])
+}
+
 /// Root-mean-square layer norm: `weight * x / sqrt(mean(x^2) + eps)`, computed in f32.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
@@ -79,6 +95,7 @@ impl<B: Backend> Attention<B> {
 
     /// `x` `[B, S, D]` attends to `past` keys/values (if any) followed by its own.
     ///
+    /// `rope` holds the tables repeated over `2H` heads ([`RopeTables::repeat_heads`]).
     /// `bias` is the additive mask `[B, 1, S, S_past + S]`. Returns the output `[B, S, D]` and the
     /// new tokens' keys/values after RoPE (what a cache stores).
     pub fn forward(
@@ -90,13 +107,22 @@ impl<B: Backend> Attention<B> {
     ) -> (Tensor<B, 3>, KeyValue<B>) {
         let [b, s, d] = x.dims();
         let (h, hd) = (self.num_heads, self.head_dim);
-        let qkv = self
+        // Per-head projection straight into the [B, 3H, S, hd] layout attention wants: the
+        // weight's `[3D, D]` storage viewed as `[3H, D, hd]` (no copy) is the right-hand side
+        // of one batched product, so no strided [B, S, 3H, hd] -> [B, 3H, S, hd] copy follows.
+        // (Reshapes only on the contiguous storage: burn-flex copies when reshaping a view.)
+        let w = self
             .qkv_proj
-            .forward(x)
-            .reshape([b, s, 3 * h, hd])
-            .swap_dims(1, 2); // [B, 3H, S, hd]
-        let q = apply_rotary(qkv.clone().narrow(1, 0, h), rope); // [B, H, S, hd]
-        let k = apply_rotary(qkv.clone().narrow(1, h, h), rope); // [B, H, S, hd]
+            .weight
+            .val() // [D, 3D] (transposed view of the checkpoint's [3D, D])
+            .transpose() // [3D, D], contiguous
+            .reshape([1, 3 * h, hd, d])
+            .swap_dims(2, 3); // [1, 3H, D, hd]
+        let qkv = x.unsqueeze_dim::<4>(1).matmul(w); // [B, 3H, S, hd]
+                                                     // q and k rotated together; `rope` holds tables repeated over 2H heads.
+        let qk = apply_rotary(qkv.clone().narrow(1, 0, 2 * h), rope); // [B, 2H, S, hd]
+        let q = qk.clone().narrow(1, 0, h); // [B, H, S, hd]
+        let k = qk.narrow(1, h, h); // [B, H, S, hd]
         let v = qkv.narrow(1, 2 * h, h); // [B, H, S, hd]
         let (k_all, v_all) = match past {
             Some((pk, pv)) => (
@@ -114,7 +140,7 @@ impl<B: Backend> Attention<B> {
             AttentionModuleOptions::default(),
         ); // [B, H, S, hd]
         let out = out.swap_dims(1, 2).reshape([b, s, d]); // [B, S, D]
-        (self.o_proj.forward(out), (k, v))
+        (linear3(&self.o_proj, out), (k, v))
     }
 }
 
@@ -143,10 +169,15 @@ impl<B: Backend> Mlp<B> {
     /// `[B, S, D]` -> `[B, S, D]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         let i = self.intermediate_size;
-        let gate_up = self.gate_up_proj.forward(x); // [B, S, 2I]
-        let gate = gate_up.clone().narrow(2, 0, i);
-        let up = gate_up.narrow(2, i, i);
-        self.down_proj.forward(up * silu(gate))
+        // Two products with the column halves of the fused weight (views, no copy) give
+        // contiguous gate and up: the elementwise ops then run on contiguous data instead of
+        // strided halves of one [B, S, 2I] tensor.
+        let [b, s, d] = x.dims();
+        let x = x.reshape([b * s, d]);
+        let w = self.gate_up_proj.weight.val(); // [D, 2I]
+        let gate = x.clone().matmul(w.clone().narrow(1, 0, i)); // [B·S, I]
+        let up = x.matmul(w.narrow(1, i, i)); // [B·S, I]
+        linear3(&self.down_proj, (up * silu(gate)).reshape([b, s, i]))
     }
 }
 

@@ -28,6 +28,16 @@ impl<B: Backend> RopeTables<B> {
         }
     }
 
+    /// The tables repeated over `heads` heads, `[B, heads, S, head_dim]` each: with tables of the
+    /// rotated tensor's own shape the RoPE products run on contiguous data instead of
+    /// broadcasting (which burn-flex iterates element by element).
+    pub fn repeat_heads(&self, heads: usize) -> Self {
+        Self {
+            cos: self.cos.clone().repeat_dim(1, heads),
+            sin_signed: self.sin_signed.clone().repeat_dim(1, heads),
+        }
+    }
+
     /// Plain `sin` (un-negated), `[B, 1, S, head_dim]`; for tests against reference tables.
     pub fn sin(&self) -> Tensor<B, 4> {
         let half = self.sin_signed.dims()[3] / 2;
@@ -126,9 +136,21 @@ fn halves<B: Backend>(x: Tensor<B, 4>, half: usize) -> [Tensor<B, 4>; 2] {
 
 /// `x * cos + rotate_half(x) * sin` for `x` `[B, H, S, head_dim]`, with
 /// `rotate_half(x) = cat(-x2, x1)`; the sign lives in `tables.sin_signed`.
+///
+/// The half swap is a product with a `[head_dim, head_dim]` permutation matrix: exact (one
+/// non-zero per column) and, unlike slicing the two halves and concatenating them, it reads
+/// and writes contiguous rows (burn-flex copies strided 4-D views element by element).
 pub fn apply_rotary<B: Backend>(x: Tensor<B, 4>, tables: &RopeTables<B>) -> Tensor<B, 4> {
-    let half = x.dims()[3] / 2;
-    let [x1, x2] = halves(x.clone(), half);
-    let swapped = Tensor::cat(vec![x2, x1], 3); // [B, H, S, head_dim]
+    let hd = x.dims()[3];
+    let half = hd / 2;
+    let mut perm = vec![0f32; hd * hd];
+    for j in 0..hd {
+        // swapped[j] = x[(j + half) % hd]
+        perm[((j + half) % hd) * hd + j] = 1.0;
+    }
+    let perm = Tensor::<B, 2>::from_data(TensorData::new(perm, [hd, hd]), &x.device())
+        .cast(x.dtype())
+        .unsqueeze::<4>(); // [1, 1, hd, hd]
+    let swapped = x.clone().matmul(perm); // [B, H, S, head_dim]
     x * tables.cos.clone() + swapped * tables.sin_signed.clone()
 }

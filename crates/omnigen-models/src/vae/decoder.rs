@@ -3,7 +3,6 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::GroupNorm;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use omnigen_core::{Result, VaeConfig};
@@ -109,6 +108,7 @@ impl<B: Backend> Decoder<B> {
         let h = self.conv_in.forward(z); // [B, C_last, h, w]
         let h = self.mid_block.forward(h); // [B, C_last, h, w]
         let h = self.up_blocks.iter().fold(h, |h, b| b.forward(h)); // [B, C0, h*f, w*f]
-        self.conv_out.forward(silu(self.conv_norm_out.forward(h))) // [B, 3, h*f, w*f]
+        self.conv_out
+            .forward(super::blocks::group_norm_silu(&self.conv_norm_out, h)) // [B, 3, h*f, w*f]
     }
 }

@@ -3,7 +3,6 @@
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::GroupNorm;
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use omnigen_core::{Result, VaeConfig};
@@ -97,6 +96,7 @@ impl<B: Backend> Encoder<B> {
         let h = self.conv_in.forward(x); // [B, C0, H, W]
         let h = self.down_blocks.iter().fold(h, |h, b| b.forward(h)); // [B, C_last, H/f, W/f]
         let h = self.mid_block.forward(h); // [B, C_last, H/f, W/f]
-        self.conv_out.forward(silu(self.conv_norm_out.forward(h))) // [B, 2*latent, H/f, W/f]
+        self.conv_out
+            .forward(super::blocks::group_norm_silu(&self.conv_norm_out, h)) // [B, 2*latent, H/f, W/f]
     }
 }

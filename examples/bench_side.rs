@@ -1,0 +1,251 @@
+//! Wall-time benchmark of this crate on a model directory, the Rust half of
+//! `tools/bench_compare.py` (the PyTorch half is `tools/reference/bench.py`, which runs the
+//! official code on the same directory, sizes, prompt, steps and thread count).
+//!
+//! ```text
+//! RAYON_NUM_THREADS=2 cargo run --release --example bench_side -- \
+//!     --model-dir /tmp/omnigen_bench_M --runs 5 --size 256
+//! ```
+//! Prints one JSON object: per workload the median, min and every run in seconds (after one
+//! warm-up), the measured GEMM rate, and the process's peak resident memory (`VmHWM`).
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
+use clap::Parser;
+use omnigen::models::transformer::{KvCacheMode, OmniGenTransformer, TransformerInput};
+use omnigen::models::vae::AutoencoderKL;
+use omnigen::models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
+use omnigen::pipeline::{
+    GenerationRequest, KvCache, OmniGenPipeline, OmniGenProcessor, ProcessorOptions,
+};
+
+type B = DefaultBackend;
+
+#[derive(Parser, Debug)]
+struct Args {
+    /// Model directory in the official layout (e.g. `make_tiny.py --config M`).
+    #[arg(long)]
+    model_dir: PathBuf,
+    /// Timed runs per workload (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Output image side in pixels.
+    #[arg(long, default_value_t = 256)]
+    size: usize,
+    /// Denoising steps of the pipeline workloads.
+    #[arg(long, default_value_t = 10)]
+    steps: usize,
+    /// Comma-separated subset of workloads (default: all).
+    #[arg(long)]
+    only: Option<String>,
+    /// Leave glibc's allocator settings alone (see `tune_host_allocator`).
+    #[arg(long)]
+    no_tune_alloc: bool,
+    /// Transformer weight dtype: f32, bf16 or f16.
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
+
+const PROMPT: &str = "a red cat sitting on a blue mat";
+
+fn timed(runs: usize, mut f: impl FnMut()) -> serde_json::Value {
+    f(); // warm-up
+    let mut ts: Vec<f64> = (0..runs)
+        .map(|_| {
+            let t = Instant::now();
+            f();
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    let runs_s = ts.clone();
+    ts.sort_by(|a, b| a.total_cmp(b));
+    let median = if ts.len() % 2 == 1 {
+        ts[ts.len() / 2]
+    } else {
+        (ts[ts.len() / 2 - 1] + ts[ts.len() / 2]) / 2.0
+    };
+    serde_json::json!({"median_s": median, "min_s": ts[0], "runs_s": runs_s})
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if !args.no_tune_alloc {
+        omnigen::models::tune_host_allocator();
+    }
+    let want = |name: &str| {
+        args.only
+            .as_ref()
+            .is_none_or(|o| o.split(',').any(|w| w == name))
+    };
+    let device = default_device();
+    let dtype = match args.dtype.as_str() {
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        "f16" => DType::F16,
+        other => anyhow::bail!("unknown dtype {other}"),
+    };
+    let (h, w) = (args.size, args.size);
+    let mut res = serde_json::Map::new();
+    res.insert("backend".into(), DEFAULT_BACKEND_NAME.into());
+    res.insert(
+        "threads".into(),
+        std::env::var("RAYON_NUM_THREADS")
+            .unwrap_or_else(|_| "default".into())
+            .into(),
+    );
+    res.insert("size".into(), serde_json::json!([h, w]));
+    res.insert("steps".into(), args.steps.into());
+    res.insert("runs".into(), args.runs.into());
+    res.insert("dtype".into(), args.dtype.clone().into());
+    res.insert("tuned_allocator".into(), (!args.no_tune_alloc).into());
+
+    if want("gemm") {
+        let n = 1024;
+        let a = Tensor::<B, 2>::random([n, n], Distribution::Default, &device);
+        let b = Tensor::<B, 2>::random([n, n], Distribution::Default, &device);
+        let mut v = timed(args.runs, || {
+            let _ = a.clone().matmul(b.clone()).into_data();
+        });
+        let gflops = 2.0 * (n as f64).powi(3) / 1e9 / v["median_s"].as_f64().unwrap_or(1.0);
+        v["gflops"] = gflops.into();
+        res.insert("gemm_1024".into(), v);
+    }
+
+    if want("transformer_forward") || want("transformer_prefill") || want("transformer_cached") {
+        let model = OmniGenTransformer::<B>::from_dir(&args.model_dir, &device, dtype)?;
+        let processor = OmniGenProcessor::from_dir(&args.model_dir)?;
+        let options = ProcessorOptions {
+            height: h,
+            width: w,
+            negative_prompt: None,
+            use_img_guidance: false,
+            max_input_image_size: 1024,
+            use_input_image_size_as_output: false,
+            separate_cfg_infer: true,
+        };
+        let batch = processor.process(&[PROMPT.into()], &options)?;
+        let m = batch.model_inputs()[0].clone(); // the condition branch
+        let input = TransformerInput::<B> {
+            x: Tensor::<B, 4>::random(
+                [1, 4, h / 8, w / 8],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            )
+            .cast(dtype),
+            timestep: Tensor::<B, 1>::from_data(TensorData::new(vec![0.5f32], [1]), &device)
+                .cast(dtype),
+            input_ids: Some(Tensor::<B, 2, Int>::from_data(
+                TensorData::new(m.input_ids.clone(), m.input_ids_shape()),
+                &device,
+            )),
+            input_img_latents: Vec::new(),
+            image_spans: m.image_spans.clone(),
+            attention_mask: Tensor::from_data(
+                TensorData::new(m.attention_mask.clone(), m.attention_mask_shape()),
+                &device,
+            ),
+            position_ids: Tensor::from_data(
+                TensorData::new(m.position_ids.clone(), m.position_ids_shape()),
+                &device,
+            ),
+        };
+        res.insert("seq_len".into(), m.seq_len.into());
+        if want("transformer_forward") {
+            let v = timed(args.runs, || {
+                let _ = model.forward(input.clone()).expect("forward").into_data();
+            });
+            res.insert("transformer_forward".into(), v);
+        }
+        if want("transformer_prefill") {
+            let v = timed(args.runs, || {
+                let (out, _cache) = model
+                    .prefill(input.clone(), KvCacheMode::Official)
+                    .expect("prefill");
+                let _ = out.into_data();
+            });
+            res.insert("transformer_prefill".into(), v);
+        }
+        if want("transformer_cached") {
+            let (_, cache) = model.prefill(input.clone(), KvCacheMode::Official)?;
+            let v = timed(args.runs, || {
+                let _ = model
+                    .forward_cached(&cache, input.x.clone(), input.timestep.clone())
+                    .expect("cached")
+                    .into_data();
+            });
+            res.insert("transformer_cached".into(), v);
+        }
+    }
+
+    if want("vae_decode") || want("vae_encode") {
+        let vae = AutoencoderKL::<B>::from_dir(&args.model_dir.join("vae"), &device, DType::F32)?;
+        if want("vae_decode") {
+            let z = Tensor::<B, 4>::random(
+                [1, 4, h / 8, w / 8],
+                Distribution::Normal(0.0, 1.0),
+                &device,
+            );
+            let v = timed(args.runs, || {
+                let _ = vae.decode(z.clone()).expect("decode").into_data();
+            });
+            res.insert("vae_decode".into(), v);
+        }
+        if want("vae_encode") {
+            let img =
+                Tensor::<B, 4>::random([1, 3, h, w], Distribution::Uniform(-1.0, 1.0), &device);
+            let v = timed(args.runs, || {
+                let _ = vae.encode(img.clone()).expect("encode").mean.into_data();
+            });
+            res.insert("vae_encode".into(), v);
+        }
+    }
+
+    if want("load") {
+        // Checkpoint load (mmap, straight into the target dtype): tokenizer, transformer, VAE.
+        let v = timed(args.runs, || {
+            let _ = OmniGenPipeline::<B>::builder(&args.model_dir)
+                .dtype(dtype)
+                .build()
+                .expect("load");
+        });
+        res.insert("load".into(), v);
+    }
+
+    if want("pipeline_kv") || want("pipeline_nokv") {
+        let pipe = OmniGenPipeline::<B>::builder(&args.model_dir)
+            .dtype(dtype)
+            .build()?;
+        for (name, kv) in [
+            ("pipeline_kv", KvCache::Official),
+            ("pipeline_nokv", KvCache::Off),
+        ] {
+            if !want(name) {
+                continue;
+            }
+            let req = GenerationRequest::new(PROMPT)
+                .size(h, w)
+                .steps(args.steps)
+                .guidance_scale(2.5)
+                .seed(0)
+                .kv_cache(kv);
+            let v = timed(args.runs, || {
+                let _ = pipe.generate(&req).expect("generate");
+            });
+            res.insert(name.into(), v);
+        }
+    }
+    // Peak resident memory of this process (Linux), MiB.
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        if let Some(kb) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        {
+            res.insert("peak_rss_mib".into(), (kb / 1024.0).into());
+        }
+    }
+    println!("{}", serde_json::Value::Object(res));
+    Ok(())
+}
