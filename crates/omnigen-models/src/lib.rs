@@ -7,6 +7,8 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+mod host;
 pub mod loader;
 pub mod lora;
 pub mod scheduler;

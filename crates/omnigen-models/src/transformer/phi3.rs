@@ -30,6 +30,12 @@ pub(crate) fn linear3<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor
     y.reshape([b, s, d_out])
 }
 
+/// Whether the host kernels of [`crate::host`] apply: an f32 tensor on a CPU backend.
+#[cfg(any(feature = "flex", feature = "ndarray"))]
+fn host_f32<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
+    x.dtype() == DType::F32 && crate::vae::is_cpu_backend::<B>(&x.device())
+}
+
 /// Root-mean-square layer norm: `weight * x / sqrt(mean(x^2) + eps)`, computed in f32.
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
@@ -50,6 +56,10 @@ impl<B: Backend> RmsNorm<B> {
 
     /// `x`: `[B, S, D]` -> `[B, S, D]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        #[cfg(any(feature = "flex", feature = "ndarray"))]
+        if host_f32(&x) {
+            return crate::host::rms_norm(x, self.weight.val(), self.eps);
+        }
         let dtype = x.dtype();
         // transformers upcasts to f32 for the statistics, then casts back before the scale.
         let x32 = x.cast(DType::F32);
@@ -121,9 +131,39 @@ impl<B: Backend> Attention<B> {
         let qkv = x.unsqueeze_dim::<4>(1).matmul(w); // [B, 3H, S, hd]
                                                      // q and k rotated together; `rope` holds tables repeated over 2H heads.
         let qk = apply_rotary(qkv.clone().narrow(1, 0, 2 * h), rope); // [B, 2H, S, hd]
-        let q = qk.clone().narrow(1, 0, h); // [B, H, S, hd]
-        let k = qk.narrow(1, h, h); // [B, H, S, hd]
-        let v = qkv.narrow(1, 2 * h, h); // [B, H, S, hd]
+        let k = qk.clone().narrow(1, h, h); // [B, H, S, hd]
+        let v = qkv.clone().narrow(1, 2 * h, h); // [B, H, S, hd]
+        #[cfg(any(feature = "flex", feature = "ndarray"))]
+        if host_f32(&qkv) {
+            // Host attention reads q, k and v in place from the projection (or from the
+            // concatenated cache) and writes [B, S, D] directly.
+            use crate::host::Heads;
+            let (k_src, v_src) = match past {
+                Some((pk, pv)) => (
+                    Heads {
+                        tensor: Tensor::cat(vec![pk.clone(), k.clone()], 2),
+                        h0: 0,
+                    },
+                    Heads {
+                        tensor: Tensor::cat(vec![pv.clone(), v.clone()], 2),
+                        h0: 0,
+                    },
+                ),
+                None => (
+                    Heads {
+                        tensor: qk.clone(),
+                        h0: h,
+                    },
+                    Heads {
+                        tensor: qkv.clone(),
+                        h0: 2 * h,
+                    },
+                ),
+            };
+            let q_src = Heads { tensor: qk, h0: 0 };
+            let out = crate::host::attention(q_src, k_src, v_src, bias, h);
+            return (linear3(&self.o_proj, out), (k, v));
+        }
         let (k_all, v_all) = match past {
             Some((pk, pv)) => (
                 Tensor::cat(vec![pk.clone(), k.clone()], 2),
@@ -131,6 +171,7 @@ impl<B: Backend> Attention<B> {
             ),
             None => (k.clone(), v.clone()),
         }; // [B, H, S_past + S, hd]
+        let q = qk.narrow(1, 0, h); // [B, H, S, hd]
         let out = attention(
             q,
             k_all,
@@ -177,6 +218,13 @@ impl<B: Backend> Mlp<B> {
         let w = self.gate_up_proj.weight.val(); // [D, 2I]
         let gate = x.clone().matmul(w.clone().narrow(1, 0, i)); // [B·S, I]
         let up = x.matmul(w.narrow(1, i, i)); // [B·S, I]
+        #[cfg(any(feature = "flex", feature = "ndarray"))]
+        if host_f32(&gate) {
+            return linear3(
+                &self.down_proj,
+                crate::host::silu_mul(gate, up).reshape([b, s, i]),
+            );
+        }
         linear3(&self.down_proj, (up * silu(gate)).reshape([b, s, i]))
     }
 }

@@ -23,6 +23,8 @@ mod decoder;
 mod encoder;
 mod tiling;
 
+pub(crate) use blocks::is_cpu_backend;
+
 use std::path::Path;
 
 use burn::module::Module;
