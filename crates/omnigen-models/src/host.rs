@@ -106,6 +106,47 @@ pub(crate) fn silu_mul<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(u, dims), &device)
 }
 
+/// RoPE on the first `heads` heads of `x` `[B, H_total, S, hd]`:
+/// `x · cos + rotate_half(x) · sin`, with `sin_signed` holding rotate-half's sign (see
+/// [`crate::transformer::RopeTables`]); tables `[B or 1, heads or 1, S, hd]`. One pass, heads in
+/// parallel; returns `[B, heads, S, hd]`.
+pub(crate) fn rope<B: Backend>(
+    x: Tensor<B, 4>,
+    heads: usize,
+    cos: Tensor<B, 4>,
+    sin_signed: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let device = x.device();
+    let [b, h_total, s, hd] = x.dims();
+    let [tb, th, ts, thd] = cos.dims();
+    assert!(ts == s && thd == hd && (tb == 1 || tb == b) && (th == 1 || th == heads));
+    assert!(sin_signed.dims() == cos.dims() && hd % 2 == 0);
+    let (xs, cos, sin) = (f32_data(x), f32_data(cos), f32_data(sin_signed));
+    let half = hd / 2;
+    let plane = s * hd;
+    let mut out = vec![0f32; b * heads * plane];
+    out.par_chunks_mut(plane).enumerate().for_each(|(bh, o)| {
+        let (bi, hi) = (bh / heads, bh % heads);
+        let xb = &xs[(bi * h_total + hi) * plane..][..plane];
+        let t0 = ((if tb == 1 { 0 } else { bi }) * th + if th == 1 { 0 } else { hi }) * plane;
+        let (cb, sb) = (&cos[t0..t0 + plane], &sin[t0..t0 + plane]);
+        for (((orow, xrow), crow), srow) in o
+            .chunks_exact_mut(hd)
+            .zip(xb.chunks_exact(hd))
+            .zip(cb.chunks_exact(hd))
+            .zip(sb.chunks_exact(hd))
+        {
+            let (x1, x2) = xrow.split_at(half);
+            let (o1, o2) = orow.split_at_mut(half);
+            for j in 0..half {
+                o1[j] = x1[j] * crow[j] + x2[j] * srow[j];
+                o2[j] = x2[j] * crow[half + j] + x1[j] * srow[half + j];
+            }
+        }
+    });
+    Tensor::from_data(TensorData::new(out, [b, heads, s, hd]), &device)
+}
+
 /// Heads `h0..h0 + H` of a contiguous `[B, H_total, L, hd]` buffer.
 pub(crate) struct Heads<B: Backend> {
     /// The whole `[B, H_total, L, hd]` tensor.

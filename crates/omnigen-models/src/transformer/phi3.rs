@@ -130,6 +130,18 @@ impl<B: Backend> Attention<B> {
             .swap_dims(2, 3); // [1, 3H, D, hd]
         let qkv = x.unsqueeze_dim::<4>(1).matmul(w); // [B, 3H, S, hd]
                                                      // q and k rotated together; `rope` holds tables repeated over 2H heads.
+        #[cfg(any(feature = "flex", feature = "ndarray"))]
+        let qk = if host_f32(&qkv) {
+            crate::host::rope(
+                qkv.clone(),
+                2 * h,
+                rope.cos.clone(),
+                rope.sin_signed.clone(),
+            )
+        } else {
+            apply_rotary(qkv.clone().narrow(1, 0, 2 * h), rope)
+        };
+        #[cfg(not(any(feature = "flex", feature = "ndarray")))]
         let qk = apply_rotary(qkv.clone().narrow(1, 0, 2 * h), rope); // [B, 2H, S, hd]
         let k = qk.clone().narrow(1, h, h); // [B, H, S, hd]
         let v = qkv.clone().narrow(1, 2 * h, h); // [B, H, S, hd]
