@@ -23,6 +23,7 @@ mod decoder;
 mod encoder;
 mod tiling;
 
+#[cfg(any(feature = "flex", feature = "ndarray"))]
 pub(crate) use blocks::is_cpu_backend;
 
 use std::path::Path;
