@@ -49,7 +49,7 @@ CONFIGS = {
         rope_type_in_file="longrope",
         vae=dict(block_out_channels=[8, 16, 16, 16], layers_per_block=2, norm_num_groups=4),
     ),
-    # Config M: MEDIUM model for bench_ref.py only (not a fixture): hidden 512, 4 layers, 8 heads (head_dim 64),
+    # Config M: MEDIUM model for bench.py only (not a fixture): hidden 512, 4 layers, 8 heads (head_dim 64),
     # and a VAE with the real SDXL VAE architecture (random weights).
     "M": dict(
         seed=777,

@@ -35,4 +35,4 @@ done
 "$PY" compare_diffusers.py "$FIX/A" "$FIX/B" > /dev/null
 "$PY" list_fixtures.py "$FIX" "$FIX/FIXTURES.md"
 du -sh "$FIX"
-if [ "${1:-}" = "--bench" ]; then "$PY" bench_ref.py | tee "$HERE/bench_result.json"; fi
+if [ "${1:-}" = "--bench" ]; then echo "timings: run python3 tools/bench_compare.py (without the AVX2 variables above)"; fi
