@@ -3,15 +3,18 @@
 //! The parts of omnigen-rs that know nothing about tensors' mathematics: the [`Error`] type,
 //! configurations read from a checkpoint's `config.json` files ([`TransformerConfig`],
 //! [`VaeConfig`]) and memory-mapped safetensors loading ([`WeightSource`]) with the mapping
-//! between the official and diffusers key layouts ([`TransformerWeights`]).
+//! between the official and diffusers key layouts ([`TransformerWeights`]); where each piece of a
+//! checkpoint lives in a model folder, for either layout ([`ModelFolder`]).
 #![deny(missing_docs)]
 
 pub mod config;
 pub mod error;
+pub mod folder;
 pub mod layout;
 pub mod weights;
 
 pub use config::{RopeScaling, TransformerConfig, VaeConfig};
 pub use error::{Error, Result};
+pub use folder::{FolderLayout, ModelFolder, WeightFiles};
 pub use layout::{CheckpointLayout, TransformerWeights};
 pub use weights::WeightSource;

@@ -6,7 +6,7 @@
 //! copy in the stored dtype. Headers are bounds-checked against the file size before any tensor is
 //! touched, so a truncated download fails at open time with the file named.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -17,6 +17,7 @@ use safetensors::tensor::{Dtype as StDtype, Metadata};
 use safetensors::SafeTensors;
 
 use crate::error::{Error, Result};
+use crate::folder::WeightFiles;
 
 /// One memory-mapped safetensors file with its validated header.
 struct MappedFile {
@@ -120,44 +121,14 @@ impl WeightSource {
     }
 
     /// Opens the weights of a model folder: `<stem>.safetensors`, or the shards listed in
-    /// `<stem>.safetensors.index.json`.
+    /// `<stem>.safetensors.index.json` (found by [`WeightFiles::find`]).
     pub fn open_in_dir(dir: impl AsRef<Path>, stem: &str) -> Result<Self> {
-        let dir = dir.as_ref();
-        let single = dir.join(format!("{stem}.safetensors"));
-        if single.is_file() {
-            return Self::open(single);
-        }
-        let index_path = dir.join(format!("{stem}.safetensors.index.json"));
-        if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| Error::io("read", &index_path, e))?;
-            let value: serde_json::Value =
-                serde_json::from_str(&text).map_err(|e| Error::Config {
-                    path: index_path.clone(),
-                    reason: e.to_string(),
-                })?;
-            let map = value
-                .get("weight_map")
-                .and_then(|m| m.as_object())
-                .ok_or_else(|| Error::Config {
-                    path: index_path.clone(),
-                    reason: "missing `weight_map` object".into(),
-                })?;
-            let shards: BTreeMap<&str, ()> = map
-                .values()
-                .filter_map(|v| v.as_str())
-                .map(|s| (s, ()))
-                .collect();
-            return Self::open_many(shards.keys().map(|s| dir.join(s)));
-        }
-        Err(Error::io(
-            "find",
-            &single,
-            std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "no such weights file (nor a sharded index)",
-            ),
-        ))
+        Self::open_files(&WeightFiles::find(dir.as_ref(), stem)?)
+    }
+
+    /// Opens weights located by a [`ModelFolder`](crate::ModelFolder).
+    pub fn open_files(files: &WeightFiles) -> Result<Self> {
+        Self::open_many(files.files.iter().cloned())
     }
 
     /// The file holding `name`, for messages (the first file when absent).

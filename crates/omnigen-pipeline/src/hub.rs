@@ -7,29 +7,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use omnigen_core::{Error, Result};
+use omnigen_core::{Error, FolderLayout, Result};
 
 /// The official checkpoint.
 pub const DEFAULT_MODEL_ID: &str = "Shitao/OmniGen-v1";
-
-/// Files of the official layout, in download order (small first).
-const OFFICIAL_FILES: &[&str] = &[
-    "config.json",
-    "tokenizer.json",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-    "model.safetensors",
-];
-
-/// Files of diffusers' layout (`Shitao/OmniGen-v1-diffusers`).
-const DIFFUSERS_FILES: &[&str] = &[
-    "model_index.json",
-    "transformer/config.json",
-    "tokenizer/tokenizer.json",
-    "vae/config.json",
-    "vae/diffusion_pytorch_model.safetensors",
-    "transformer/diffusion_pytorch_model.safetensors",
-];
 
 /// Whether `s` has the shape of a hub id (`owner/name`), as opposed to a filesystem path.
 pub fn looks_like_hub_id(s: &str) -> bool {
@@ -45,12 +26,17 @@ pub fn looks_like_hub_id(s: &str) -> bool {
     ok(parts.next()) && ok(parts.next()) && parts.next().is_none()
 }
 
-fn files_for(id: &str) -> &'static [&'static str] {
+/// The layout a hub repository ships in: diffusers conversions are named `*-diffusers`.
+fn layout_for(id: &str) -> FolderLayout {
     if id.ends_with("-diffusers") {
-        DIFFUSERS_FILES
+        FolderLayout::Diffusers
     } else {
-        OFFICIAL_FILES
+        FolderLayout::Official
     }
+}
+
+fn files_for(id: &str) -> &'static [&'static str] {
+    layout_for(id).hub_files()
 }
 
 /// Resolves `id_or_dir` to a model directory: an existing directory is used as is; a hub id is

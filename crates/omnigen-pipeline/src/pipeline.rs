@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use image::RgbImage;
-use omnigen_core::{Error, Result};
+use omnigen_core::{Error, ModelFolder, Result};
 use omnigen_models::scheduler::{FlowMatchEulerScheduler, Scheduler};
 use omnigen_models::transformer::{KvCache as TransformerKvCache, KvCacheMode};
 use omnigen_models::transformer::{LoadOptions, OmniGenTransformer, TransformerInput};
@@ -165,23 +165,17 @@ impl<B: Backend> PipelineBuilder<B> {
     }
 
     /// Loads the model: `config.json` + `model.safetensors` + `tokenizer.json` + `vae/` (the
-    /// official layout) or `transformer/` + `tokenizer/` + `vae/` (diffusers'). A model that is
+    /// official layout) or `transformer/` + `tokenizer/` + `vae/` (diffusers'), as
+    /// [`ModelFolder`] finds them. A model that is
     /// not a local directory but a hub id (`Shitao/OmniGen-v1`) is resolved through the local
     /// Hugging Face cache and downloaded if needed (cargo feature `hub`).
     pub fn build(mut self) -> Result<OmniGenPipeline<B>> {
         let model_id = self.model_dir.display().to_string();
         self.model_dir = crate::hub::resolve_model(&model_id, self.download_progress)?;
         let dir = &self.model_dir;
-        let vae_dir = dir.join("vae");
-        if !vae_dir.join("config.json").is_file() {
-            return Err(Error::ModelNotFound {
-                id: dir.display().to_string(),
-                reason: format!(
-                    "missing VAE: {} needs config.json and diffusion_pytorch_model.safetensors",
-                    vae_dir.display()
-                ),
-            });
-        }
+        let folder = ModelFolder::open(dir)?;
+        // Checked before anything is read so that an incomplete download fails at once.
+        let vae_dir = folder.vae_dir()?;
         if !matches!(self.dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::invalid_argument(
                 "dtype",
@@ -190,23 +184,25 @@ impl<B: Backend> PipelineBuilder<B> {
         }
         let start = Instant::now();
         let _span = info_span!("load", dir = %dir.display()).entered();
-        let processor = OmniGenProcessor::from_dir(dir)?;
-        let transformer =
-            OmniGenTransformer::from_dir_with(dir, &self.device, self.dtype, &self.load_options)?;
+        let processor = OmniGenProcessor::from_tokenizer_file(folder.tokenizer()?)?;
+        let transformer = OmniGenTransformer::from_folder(
+            &folder,
+            &self.device,
+            self.dtype,
+            &self.load_options,
+        )?;
         let vae = AutoencoderKL::from_dir(&vae_dir, &self.device, DType::F32)?
             .with_tiling(self.vae_tiling)?;
         info!(
             elapsed_ms = start.elapsed().as_millis() as u64,
             "model loaded"
         );
-        let weights_fingerprint = [
-            "model.safetensors",
-            "transformer/diffusion_pytorch_model.safetensors",
-        ]
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())
-        .and_then(|p| crate::fingerprint::weights_fingerprint(&p).ok());
+        // Sharded weights get no fingerprint: the metadata names one file's content.
+        let weights_fingerprint = folder
+            .transformer_weights()
+            .ok()
+            .and_then(|w| w.single().map(Path::to_path_buf))
+            .and_then(|p| crate::fingerprint::weights_fingerprint(&p).ok());
         Ok(OmniGenPipeline {
             processor,
             transformer,

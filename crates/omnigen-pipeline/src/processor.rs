@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use omnigen_core::{Error, Result};
+use omnigen_core::{Error, ModelFolder, Result};
 use tokenizers::Tokenizer;
 
 use crate::collator::{collate, ModelInput, TokenizedRow};
@@ -126,25 +126,21 @@ impl std::fmt::Debug for OmniGenProcessor {
 }
 
 impl OmniGenProcessor {
-    /// Loads `tokenizer.json` from a model directory: `DIR/tokenizer.json` (official layout)
-    /// or `DIR/tokenizer/tokenizer.json` (diffusers layout).
+    /// Loads the tokenizer of a model directory: `DIR/tokenizer.json` (official layout) or
+    /// `DIR/tokenizer/tokenizer.json` (diffusers layout), as [`ModelFolder::tokenizer`] finds it.
+    /// A folder without one is an [`Error::Tokenizer`] naming the file looked for.
     pub fn from_dir(model_dir: impl AsRef<Path>) -> Result<Self> {
         let dir = model_dir.as_ref();
-        let candidates = [
-            dir.join("tokenizer.json"),
-            dir.join("tokenizer").join("tokenizer.json"),
-        ];
-        match candidates.iter().find(|p| p.is_file()) {
-            Some(path) => Self::from_tokenizer_file(path),
-            None => Err(Error::Tokenizer {
-                path: dir.to_path_buf(),
-                reason: format!(
-                    "no tokenizer.json found (looked for {} and {})",
-                    candidates[0].display(),
-                    candidates[1].display()
-                ),
-            }),
-        }
+        let path = ModelFolder::open(dir)
+            .and_then(|folder| folder.tokenizer())
+            .map_err(|e| match e {
+                Error::ModelNotFound { reason, .. } => Error::Tokenizer {
+                    path: dir.to_path_buf(),
+                    reason,
+                },
+                other => other,
+            })?;
+        Self::from_tokenizer_file(path)
     }
 
     /// Loads a `tokenizer.json` file.

@@ -18,7 +18,9 @@ use std::path::{Path, PathBuf};
 use burn::module::Module;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, ElementConversion, Int, Tensor};
-use omnigen_core::{Error, Result, TransformerConfig, TransformerWeights, WeightSource};
+use omnigen_core::{
+    Error, ModelFolder, Result, TransformerConfig, TransformerWeights, WeightSource,
+};
 
 pub use embedders::{PatchEmbed, PosEmbed, TimestepEmbedder};
 pub use final_layer::FinalLayer;
@@ -215,7 +217,8 @@ impl<B: Backend> OmniGenTransformer<B> {
 
     /// Loads from a model folder: the official `config.json` + `model.safetensors`, diffusers'
     /// `transformer/` folder (`config.json` + `diffusion_pytorch_model.safetensors`), or a
-    /// diffusers repository root containing `transformer/`. The key layout is auto-detected.
+    /// diffusers repository root containing `transformer/` (see [`ModelFolder`]; shards with
+    /// their index too). The key layout is auto-detected.
     /// Uses the default [`LoadOptions`] (official bf16 rounding, no adapters).
     pub fn from_dir(dir: impl AsRef<Path>, device: &B::Device, dtype: DType) -> Result<Self> {
         Self::from_dir_with(dir, device, dtype, &LoadOptions::default())
@@ -238,25 +241,20 @@ impl<B: Backend> OmniGenTransformer<B> {
         dtype: DType,
         options: &LoadOptions,
     ) -> Result<Self> {
-        let dir = dir.as_ref();
-        let has = |stem: &str| {
-            dir.join(format!("{stem}.safetensors")).is_file()
-                || dir.join(format!("{stem}.safetensors.index.json")).is_file()
-        };
-        let stem = if has("model") {
-            "model"
-        } else if has("diffusion_pytorch_model") {
-            "diffusion_pytorch_model"
-        } else if dir.join("transformer").is_dir() {
-            return Self::from_dir_with(dir.join("transformer"), device, dtype, options);
-        } else {
-            return Err(Error::ModelNotFound {
-                id: dir.display().to_string(),
-                reason: "no model.safetensors, diffusion_pytorch_model.safetensors or transformer/ folder".into(),
-            });
-        };
-        let config = TransformerConfig::from_file(dir.join("config.json"))?;
-        let weights = TransformerWeights::new(WeightSource::open_in_dir(dir, stem)?)?;
+        Self::from_folder(&ModelFolder::open(dir)?, device, dtype, options)
+    }
+
+    /// Loads the transformer of an opened [`ModelFolder`] (its config and weights, wherever the
+    /// folder's layout keeps them) with `options`.
+    pub fn from_folder(
+        folder: &ModelFolder,
+        device: &B::Device,
+        dtype: DType,
+        options: &LoadOptions,
+    ) -> Result<Self> {
+        let config = TransformerConfig::from_file(folder.transformer_config()?)?;
+        let weights =
+            TransformerWeights::new(WeightSource::open_files(&folder.transformer_weights()?)?)?;
         Self::load_with(&weights, &config, device, dtype, options)
     }
 

@@ -40,8 +40,9 @@ pub use tiling::TilingConfig;
 
 use crate::loader::{Loader, WeightReader};
 
-/// File stem of the VAE weights inside a checkpoint's `vae/` folder.
-pub const WEIGHTS_STEM: &str = "diffusion_pytorch_model";
+/// File stem of the VAE weights inside a checkpoint's `vae/` folder (see
+/// [`ModelFolder::vae_weights`](omnigen_core::ModelFolder::vae_weights)).
+pub const WEIGHTS_STEM: &str = omnigen_core::folder::DIFFUSERS_WEIGHTS_STEM;
 
 /// The encoder's posterior: a diagonal Gaussian per latent element.
 #[derive(Debug, Clone)]
