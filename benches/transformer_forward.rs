@@ -8,15 +8,20 @@
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use omnigen_models::loader::RandomWeights;
-use omnigen_models::transformer::{KvCacheMode, OmniGenTransformer, TransformerInput};
+use omnigen_models::transformer::{KvCacheMode, OmniGenTransformer, TransformerCondition};
 use omnigen_models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 
 mod common;
 
 type B = DefaultBackend;
 
-/// A t2i-shaped input: `text` causal tokens, the time token, `n` bidirectional image tokens.
-fn input(text: usize, latent: usize, device: &burn::tensor::Device<B>) -> TransformerInput<B> {
+/// A t2i-shaped call: `text` causal tokens, the time token, `n` bidirectional image tokens; the
+/// condition, the noisy latents and the timestep.
+fn input(
+    text: usize,
+    latent: usize,
+    device: &burn::tensor::Device<B>,
+) -> (TransformerCondition<B>, Tensor<B, 4>, Tensor<B, 1>) {
     let n = (latent / 2) * (latent / 2);
     let s = text + 1 + n;
     let mut mask = vec![0f32; s * s];
@@ -27,13 +32,13 @@ fn input(text: usize, latent: usize, device: &burn::tensor::Device<B>) -> Transf
         }
     }
     let ids: Vec<i64> = (0..text as i64).map(|i| 1 + (i * 37) % 470).collect();
-    TransformerInput {
-        x: Tensor::random(
-            [1, 4, latent, latent],
-            Distribution::Normal(0.0, 1.0),
-            device,
-        ),
-        timestep: Tensor::from_data(TensorData::new(vec![0.3f32], [1]), device),
+    let x = Tensor::random(
+        [1, 4, latent, latent],
+        Distribution::Normal(0.0, 1.0),
+        device,
+    );
+    let timestep = Tensor::from_data(TensorData::new(vec![0.3f32], [1]), device);
+    let cond = TransformerCondition {
         input_ids: Some(Tensor::<B, 2, Int>::from_data(
             TensorData::new(ids, [1, text]),
             device,
@@ -45,7 +50,8 @@ fn input(text: usize, latent: usize, device: &burn::tensor::Device<B>) -> Transf
             TensorData::new((0..s as i64).collect::<Vec<_>>(), [1, s]),
             device,
         ),
-    }
+    };
+    (cond, x, timestep)
 }
 
 fn bench(c: &mut Criterion) {
@@ -60,7 +66,7 @@ fn bench(c: &mut Criterion) {
     )
     .expect("random model");
     let (text, latent) = (43, 32);
-    let inp = input(text, latent, &device);
+    let (cond, x, timestep) = input(text, latent, &device);
     let s = text + 1 + (latent / 2) * (latent / 2);
     let mut group = c.benchmark_group(format!("transformer_M_256px_{DEFAULT_BACKEND_NAME}"));
     group.sample_size(10);
@@ -69,20 +75,22 @@ fn bench(c: &mut Criterion) {
     )));
     group.bench_function("forward_S300", |b| {
         b.iter(|| {
-            let out = model.forward(inp.clone()).expect("forward");
+            let out = model
+                .forward(&cond, x.clone(), timestep.clone())
+                .expect("forward");
             out.into_data()
         })
     });
     group.bench_function("prefill_S300", |b| {
         b.iter(|| {
             let (out, _cache) = model
-                .prefill(inp.clone(), KvCacheMode::Official)
+                .prefill(&cond, x.clone(), timestep.clone(), KvCacheMode::Official)
                 .expect("prefill");
             out.into_data()
         })
     });
     let (_, cache) = model
-        .prefill(inp.clone(), KvCacheMode::Official)
+        .prefill(&cond, x.clone(), timestep.clone(), KvCacheMode::Official)
         .expect("prefill");
     let n_new = s - text;
     group.throughput(Throughput::Elements(common::transformer_flops(
@@ -91,7 +99,7 @@ fn bench(c: &mut Criterion) {
     group.bench_function("forward_cached_257_of_300", |b| {
         b.iter(|| {
             let out = model
-                .forward_cached(&cache, inp.x.clone(), inp.timestep.clone())
+                .forward_cached(&cache, x.clone(), timestep.clone())
                 .expect("cached");
             out.into_data()
         })

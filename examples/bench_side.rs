@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use clap::Parser;
-use omnigen::models::transformer::{KvCacheMode, OmniGenTransformer, TransformerInput};
+use omnigen::models::transformer::{KvCacheMode, OmniGenTransformer, TransformerCondition};
 use omnigen::models::vae::AutoencoderKL;
 use omnigen::models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 use omnigen::pipeline::{
@@ -127,15 +127,15 @@ fn main() -> anyhow::Result<()> {
         };
         let batch = processor.process(&[PROMPT.into()], &options)?;
         let m = batch.model_inputs()[0].clone(); // the condition branch
-        let input = TransformerInput::<B> {
-            x: Tensor::<B, 4>::random(
-                [1, 4, h / 8, w / 8],
-                Distribution::Normal(0.0, 1.0),
-                &device,
-            )
-            .cast(dtype),
-            timestep: Tensor::<B, 1>::from_data(TensorData::new(vec![0.5f32], [1]), &device)
-                .cast(dtype),
+        let x = Tensor::<B, 4>::random(
+            [1, 4, h / 8, w / 8],
+            Distribution::Normal(0.0, 1.0),
+            &device,
+        )
+        .cast(dtype);
+        let timestep =
+            Tensor::<B, 1>::from_data(TensorData::new(vec![0.5f32], [1]), &device).cast(dtype);
+        let cond = TransformerCondition::<B> {
             input_ids: Some(Tensor::<B, 2, Int>::from_data(
                 TensorData::new(m.input_ids.clone(), m.input_ids_shape()),
                 &device,
@@ -154,24 +154,28 @@ fn main() -> anyhow::Result<()> {
         res.insert("seq_len".into(), m.seq_len.into());
         if want("transformer_forward") {
             let v = timed(args.runs, || {
-                let _ = model.forward(input.clone()).expect("forward").into_data();
+                let _ = model
+                    .forward(&cond, x.clone(), timestep.clone())
+                    .expect("forward")
+                    .into_data();
             });
             res.insert("transformer_forward".into(), v);
         }
         if want("transformer_prefill") {
             let v = timed(args.runs, || {
                 let (out, _cache) = model
-                    .prefill(input.clone(), KvCacheMode::Official)
+                    .prefill(&cond, x.clone(), timestep.clone(), KvCacheMode::Official)
                     .expect("prefill");
                 let _ = out.into_data();
             });
             res.insert("transformer_prefill".into(), v);
         }
         if want("transformer_cached") {
-            let (_, cache) = model.prefill(input.clone(), KvCacheMode::Official)?;
+            let (_, cache) =
+                model.prefill(&cond, x.clone(), timestep.clone(), KvCacheMode::Official)?;
             let v = timed(args.runs, || {
                 let _ = model
-                    .forward_cached(&cache, input.x.clone(), input.timestep.clone())
+                    .forward_cached(&cache, x.clone(), timestep.clone())
                     .expect("cached")
                     .into_data();
             });
@@ -180,7 +184,8 @@ fn main() -> anyhow::Result<()> {
     }
 
     if want("vae_decode") || want("vae_encode") {
-        let vae = AutoencoderKL::<B>::from_dir(&args.model_dir.join("vae"), &device, DType::F32)?;
+        let vae_dir = omnigen::core::ModelFolder::open(&args.model_dir)?.vae_dir()?;
+        let vae = AutoencoderKL::<B>::from_dir(&vae_dir, &device, DType::F32)?;
         if want("vae_decode") {
             let z = Tensor::<B, 4>::random(
                 [1, 4, h / 8, w / 8],

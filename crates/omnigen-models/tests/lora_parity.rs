@@ -107,8 +107,7 @@ fn forward_with(options: &LoadOptions) -> Tensor<B, 4> {
     )
     .expect("model with LoRA loads");
     let fx = Fixture::open(&dir, "transformer_only");
-    let input = fx.tf_input();
-    model.forward(input).expect("forward")
+    fx.tf_input().forward(&model).expect("forward")
 }
 
 #[test]

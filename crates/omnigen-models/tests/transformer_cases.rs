@@ -62,11 +62,11 @@ fn b_transformer_only_long_and_short_rope() {
             Some(if long { "long" } else { "short" })
         );
         let input = fx.tf_input();
-        let s = input.position_ids.dims()[1];
+        let s = input.cond.position_ids.dims()[1];
         assert_eq!(model.rope.uses_long_factors(s), long);
         let rope = model
             .rope
-            .tables(input.position_ids.clone(), s, model.dtype());
+            .tables(input.cond.position_ids.clone(), s, model.dtype());
         check(
             &format!("{name} rope cos"),
             rope.cos.clone().squeeze_dim::<3>(1),
@@ -81,7 +81,7 @@ fn b_transformer_only_long_and_short_rope() {
         );
         check(
             &format!("{name} tf.out"),
-            model.forward(input).expect("forward"),
+            input.forward(&model).expect("forward"),
             fx.f("tf.out"),
             TOL,
         );

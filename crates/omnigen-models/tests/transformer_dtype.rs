@@ -7,7 +7,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::WeightSource;
 use omnigen_models::default_device;
 use omnigen_models::loader::{Bf16RoundedReader, RandomWeights, WeightReader};
-use omnigen_models::transformer::{LoadOptions, OmniGenTransformer, TransformerInput};
+use omnigen_models::transformer::{LoadOptions, OmniGenTransformer, TransformerCondition};
 use transformer_support::*;
 
 fn values(data: TensorData) -> Vec<f32> {
@@ -80,7 +80,7 @@ fn bf16_rounding_of_random_f32_weights_is_round_to_nearest_even() {
 }
 
 /// The `transformer_only` inputs, float tensors cast to `dtype` (what the pipeline does).
-fn input(fx: &Fixture, dtype: DType) -> TransformerInput<B> {
+fn input(fx: &Fixture, dtype: DType) -> Call {
     cast_input(fx.tf_input(), dtype)
 }
 
@@ -95,7 +95,7 @@ fn half_forward(dtype: DType) -> f32 {
     .expect("model loads");
     assert_eq!(model.dtype(), dtype);
     let fx = Fixture::open(&dir, "transformer_only");
-    let out = model.forward(input(&fx, dtype)).expect("forward");
+    let out = input(&fx, dtype).forward(&model).expect("forward");
     assert_eq!(out.dtype(), dtype);
     let out: Tensor<B, 4> = out.cast(DType::F32);
     let expected: Tensor<B, 4> = fx.f("tf.out");
@@ -120,17 +120,20 @@ fn f16_forward_is_close_to_f32_reference() {
 }
 
 /// Float inputs cast to `dtype`.
-fn cast_input(input: TransformerInput<B>, dtype: DType) -> TransformerInput<B> {
-    TransformerInput {
+fn cast_input(input: Call, dtype: DType) -> Call {
+    let cond = input.cond;
+    Call {
+        cond: TransformerCondition {
+            input_img_latents: cond
+                .input_img_latents
+                .into_iter()
+                .map(|l| l.cast(dtype))
+                .collect(),
+            attention_mask: cond.attention_mask.cast(dtype),
+            ..cond
+        },
         x: input.x.cast(dtype),
         timestep: input.timestep.cast(dtype),
-        input_img_latents: input
-            .input_img_latents
-            .into_iter()
-            .map(|l| l.cast(dtype))
-            .collect(),
-        attention_mask: input.attention_mask.cast(dtype),
-        ..input
     }
 }
 
@@ -146,11 +149,8 @@ fn half_kv_replay(dtype: DType) -> f32 {
     let mut worst = 0f32;
     for br in fx.branches() {
         let expected = |step: usize| fx.f::<4>(&format!("step{step}.{br}.out"));
-        let (out0, cache) = model
-            .prefill(
-                cast_input(fx.branch_input(&br, 0), dtype),
-                KvCacheMode::Official,
-            )
+        let (out0, cache) = cast_input(fx.branch_input(&br, 0), dtype)
+            .prefill(&model, KvCacheMode::Official)
             .expect("prefill");
         assert_eq!(out0.dtype(), dtype);
         worst = worst.max(max_abs(out0.cast(DType::F32), expected(0)));

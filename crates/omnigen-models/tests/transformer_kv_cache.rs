@@ -12,8 +12,9 @@ fn pipeline_case_cached(name: &str) {
     let model = load_model(&dir.join("model"));
     let fx = Fixture::open(&dir, name);
     for br in fx.branches() {
-        let (out0, cache) = model
-            .prefill(fx.branch_input(&br, 0), KvCacheMode::Official)
+        let (out0, cache) = fx
+            .branch_input(&br, 0)
+            .prefill(&model, KvCacheMode::Official)
             .expect("prefill");
         check(
             &format!("{name} step0.{br} (official prefill)"),
@@ -61,10 +62,11 @@ fn exact_equals_uncached(name: &str) {
     let model = load_model(&dir.join("model"));
     let fx = Fixture::open(&dir, name);
     for br in fx.branches() {
-        let (out0, cache) = model
-            .prefill(fx.branch_input(&br, 0), KvCacheMode::Exact)
+        let (out0, cache) = fx
+            .branch_input(&br, 0)
+            .prefill(&model, KvCacheMode::Exact)
             .expect("prefill");
-        let plain0 = model.forward(fx.branch_input(&br, 0)).expect("forward");
+        let plain0 = fx.branch_input(&br, 0).forward(&model).expect("forward");
         check(
             &format!("{name} step0.{br} exact vs uncached"),
             out0.clone(),
@@ -82,7 +84,7 @@ fn exact_equals_uncached(name: &str) {
             let cached = model
                 .forward_cached(&cache, input.x.clone(), input.timestep.clone())
                 .expect("cached");
-            let plain = model.forward(input).expect("forward");
+            let plain = input.forward(&model).expect("forward");
             check(
                 &format!("{name} step{step}.{br} cached vs uncached"),
                 cached.clone(),
@@ -114,10 +116,11 @@ fn official_step0_differs_from_uncached_but_later_steps_agree() {
     let dir = fixtures_a();
     let model = load_model(&dir.join("model"));
     let fx = Fixture::open(&dir, "t2i_nokv");
-    let (official0, cache) = model
-        .prefill(fx.branch_input("b0", 0), KvCacheMode::Official)
+    let (official0, cache) = fx
+        .branch_input("b0", 0)
+        .prefill(&model, KvCacheMode::Official)
         .expect("prefill");
-    let plain0 = model.forward(fx.branch_input("b0", 0)).expect("forward");
+    let plain0 = fx.branch_input("b0", 0).forward(&model).expect("forward");
     // Documented: the official step 0 is not the uncached forward.
     assert!(max_abs(official0, plain0) > 1e-2);
     let input = fx.branch_input("b0", 1);
@@ -127,7 +130,7 @@ fn official_step0_differs_from_uncached_but_later_steps_agree() {
     check(
         "official cache step1 vs uncached",
         cached,
-        model.forward(input).expect("forward"),
+        input.forward(&model).expect("forward"),
         1e-5,
     );
 }
@@ -137,8 +140,9 @@ fn cached_step_rejects_wrong_shapes() {
     let dir = fixtures_a();
     let model = load_model(&dir.join("model"));
     let fx = Fixture::open(&dir, "t2i_nokv");
-    let (_, cache) = model
-        .prefill(fx.branch_input("b0", 0), KvCacheMode::Exact)
+    let (_, cache) = fx
+        .branch_input("b0", 0)
+        .prefill(&model, KvCacheMode::Exact)
         .expect("prefill");
     let x = fx.f::<4>("step1.b0.x");
     let t = fx.f::<1>("step1.b0.timestep");

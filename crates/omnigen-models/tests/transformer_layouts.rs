@@ -30,8 +30,8 @@ fn diffusers_layout_is_detected_and_matches_official() {
     assert_eq!(diffusers.num_params(), official.num_params());
 
     let fx = Fixture::open(&dir, "transformer_only");
-    let out_d = diffusers.forward(fx.tf_input()).expect("forward");
-    let out_o = official.forward(fx.tf_input()).expect("forward");
+    let out_d = fx.tf_input().forward(&diffusers).expect("forward");
+    let out_o = fx.tf_input().forward(&official).expect("forward");
     // The copy is lossless (bf16-exact weights), so both layouts give the same numbers.
     check("diffusers vs official layout", out_d.clone(), out_o, 0.0);
     check("diffusers layout tf.out", out_d, fx.f("tf.out"), TOL);

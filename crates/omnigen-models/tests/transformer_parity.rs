@@ -3,7 +3,7 @@
 mod transformer_support;
 
 use burn::tensor::Tensor;
-use omnigen_models::transformer::TransformerInput;
+use omnigen_models::transformer::TransformerCondition;
 use transformer_support::*;
 
 #[test]
@@ -12,9 +12,8 @@ fn transformer_only_matches_official_forward_and_intermediates() {
     let model = load_model(&dir.join("model"));
     let fx = Fixture::open(&dir, "transformer_only");
     let ids = fx.i::<2>("tf.input_ids");
-    let input = TransformerInput {
-        x: fx.f("tf.x"),
-        timestep: fx.f("tf.timestep"),
+    let (x, timestep): (Tensor<B, 4>, Tensor<B, 1>) = (fx.f("tf.x"), fx.f("tf.timestep"));
+    let input = TransformerCondition {
         input_ids: Some(ids.clone()),
         input_img_latents: vec![fx.f("tf.input_img_latents.0")],
         image_spans: Fixture::spans(&fx.json["input_image_sizes"], 1),
@@ -41,20 +40,20 @@ fn transformer_only_matches_official_forward_and_intermediates() {
     );
     check(
         "time_token",
-        model.time_token.forward(input.timestep.clone()),
+        model.time_token.forward(timestep.clone()),
         fx.f("tf.time_token_emb"),
         1e-5,
     );
     check(
         "t_embedder",
-        model.t_embedder.forward(input.timestep.clone()),
+        model.t_embedder.forward(timestep.clone()),
         fx.f("tf.t_embedder_emb"),
         1e-5,
     );
     // Recorded as the bare patch embedding; the position crop is checked via the full sequence.
     check(
         "x_embedder",
-        model.x_embedder.forward(input.x.clone()),
+        model.x_embedder.forward(x.clone()),
         fx.f("tf.x_embedder_out"),
         1e-5,
     );
@@ -69,7 +68,7 @@ fn transformer_only_matches_official_forward_and_intermediates() {
     let cond = text.slice_assign([0..1, 24..36, 0..48], lat);
     check("llm_inputs_embeds[cond]", cond, emb.narrow(1, 0, l), 1e-6);
 
-    let out = model.forward(input).expect("forward");
+    let out = model.forward(&input, x, timestep).expect("forward");
     check("tf.out", out, fx.f("tf.out"), TOL);
 }
 
@@ -81,7 +80,7 @@ fn pipeline_case_uncached(name: &str) {
     let mut worst = 0f32;
     for step in 0..fx.steps() {
         for br in fx.branches() {
-            let out = model.forward(fx.branch_input(&br, step)).expect("forward");
+            let out = fx.branch_input(&br, step).forward(&model).expect("forward");
             worst = worst.max(check(
                 &format!("{name} step{step}.{br}"),
                 out,

@@ -32,13 +32,15 @@ use crate::loader::{Bf16RoundedReader, Loader, WeightReader};
 use crate::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader};
 use phi3::KeyValue;
 
-/// One transformer call's inputs, as the official processor/collator produce them.
+/// What a condition (one guidance branch, or the joint batch) gives the transformer: the same at
+/// every denoising step, as the official processor/collator produce it. The per-step noisy
+/// latents `x` and timestep are passed to [`OmniGenTransformer::forward`] beside it.
+///
+/// # Shapes
+/// With `B` rows, `L` text tokens (left-padded, image placeholders included) and `N` noisy-latent
+/// patch tokens, the sequence is `S = L + 1 + N` long (`S = 1 + N` without `input_ids`).
 #[derive(Debug, Clone)]
-pub struct TransformerInput<B: Backend> {
-    /// Noisy latents `[B, C, H/8, W/8]`.
-    pub x: Tensor<B, 4>,
-    /// Flow time in [0, 1] per row, `[B]` (0 = noise).
-    pub timestep: Tensor<B, 1>,
+pub struct TransformerCondition<B: Backend> {
     /// Left-padded token ids `[B, L]`, image placeholders included; `None` for a sequence of only
     /// `[time token | image tokens]`.
     pub input_ids: Option<Tensor<B, 2, Int>>,
@@ -48,7 +50,7 @@ pub struct TransformerInput<B: Backend> {
     /// Per batch row, the `[start, end)` token ranges (into that row's padded text) replaced by
     /// the input images, same order as `input_img_latents`. Empty, or one entry per row.
     pub image_spans: Vec<Vec<(usize, usize)>>,
-    /// The collator's 0/1 mask `[B, S, S]` (1 = may attend), `S = L + 1 + N`, `N` image tokens.
+    /// The collator's 0/1 mask `[B, S, S]` (1 = may attend).
     pub attention_mask: Tensor<B, 3>,
     /// Position ids `[B, S]` (0 on left padding).
     pub position_ids: Tensor<B, 2, Int>,
@@ -263,15 +265,25 @@ impl<B: Backend> OmniGenTransformer<B> {
         self.final_layer.linear.weight.val().dtype()
     }
 
-    /// The uncached forward with the official semantics: velocity `[B, C, H/8, W/8]`.
-    pub fn forward(&self, input: TransformerInput<B>) -> Result<Tensor<B, 4>> {
-        let [b, _, h, w] = input.x.dims();
-        let seq = self.embed_sequence(&input)?; // [B, S, D]
+    /// The uncached forward with the official semantics: the velocity of the noisy latents `x`
+    /// at flow time `timestep` under condition `cond`.
+    ///
+    /// # Shapes
+    /// `x`: `[B, C, h, w]` (`h`, `w` multiples of the patch size), `timestep`: `[B]` in [0, 1]
+    /// (0 = noise), `cond` as [`TransformerCondition`] with the same `B`; returns `[B, C, h, w]`.
+    pub fn forward(
+        &self,
+        cond: &TransformerCondition<B>,
+        x: Tensor<B, 4>,
+        timestep: Tensor<B, 1>,
+    ) -> Result<Tensor<B, 4>> {
+        let [b, _, h, w] = x.dims();
+        let seq = self.embed_sequence(cond, x, timestep.clone())?; // [B, S, D]
         let s = seq.dims()[1];
-        let rope = self.rope.tables(input.position_ids, s, self.dtype());
-        let bias = mask_to_bias(input.attention_mask, self.dtype()); // [B, 1, S, S]
+        let rope = self.rope.tables(cond.position_ids.clone(), s, self.dtype());
+        let bias = mask_to_bias(cond.attention_mask.clone(), self.dtype()); // [B, 1, S, S]
         let (hidden, _) = self.run_layers(seq, &rope, bias, None, None);
-        Ok(self.head(hidden, input.timestep, b, h, w))
+        Ok(self.head(hidden, timestep, b, h, w))
     }
 
     /// Step 0 with a KV cache: runs the whole sequence, returns its output and the cache of the
@@ -279,27 +291,33 @@ impl<B: Backend> OmniGenTransformer<B> {
     ///
     /// In [`KvCacheMode::Official`] the time and image tokens attend only to the condition
     /// tokens in this step (the official pipeline's behaviour); in [`KvCacheMode::Exact`] the
-    /// output equals [`forward`](Self::forward). `input.input_ids` must be present.
+    /// output equals [`forward`](Self::forward). `cond.input_ids` must be present.
+    ///
+    /// # Shapes
+    /// As [`forward`](Self::forward): `x` `[B, C, h, w]`, `timestep` `[B]`; returns
+    /// `[B, C, h, w]` and a cache of the first `L` tokens' keys/values per layer.
     pub fn prefill(
         &self,
-        input: TransformerInput<B>,
+        cond: &TransformerCondition<B>,
+        x: Tensor<B, 4>,
+        timestep: Tensor<B, 1>,
         mode: KvCacheMode,
     ) -> Result<(Tensor<B, 4>, KvCache<B>)> {
-        if input.input_ids.is_none() {
+        if cond.input_ids.is_none() {
             return Err(Error::invalid_argument(
                 "input_ids",
                 "a KV cache needs condition tokens to cache",
             ));
         }
-        let [b, _, h, w] = input.x.dims();
-        let seq = self.embed_sequence(&input)?; // [B, S, D]
+        let [b, _, h, w] = x.dims();
+        let seq = self.embed_sequence(cond, x, timestep.clone())?; // [B, S, D]
         let s = seq.dims()[1];
         let p = self.config.patch_size;
         let n_new = (h / p) * (w / p) + 1;
         let cond_len = s - n_new;
         let dtype = self.dtype();
-        let rope = self.rope.tables(input.position_ids, s, dtype);
-        let mask = input.attention_mask;
+        let rope = self.rope.tables(cond.position_ids.clone(), s, dtype);
+        let mask = cond.attention_mask.clone();
         let tail_bias = mask_to_bias(mask.clone().narrow(1, cond_len, n_new), dtype); // [B, 1, 1+N, S]
         let step0_mask = match mode {
             KvCacheMode::Exact => mask,
@@ -311,7 +329,7 @@ impl<B: Backend> OmniGenTransformer<B> {
         };
         let bias = mask_to_bias(step0_mask, dtype); // [B, 1, S, S]
         let (hidden, layers) = self.run_layers(seq, &rope, bias, None, Some(cond_len));
-        let out = self.head(hidden, input.timestep, b, h, w);
+        let out = self.head(hidden, timestep, b, h, w);
         let cache = KvCache {
             layers,
             tail_bias,
@@ -399,24 +417,25 @@ impl<B: Backend> OmniGenTransformer<B> {
         }
     }
 
-    /// Validates `input` and builds `[condition | time token | image tokens]`: `[B, S, D]`.
-    fn embed_sequence(&self, input: &TransformerInput<B>) -> Result<Tensor<B, 3>> {
-        let x_dims = input.x.dims();
+    /// Validates the inputs and builds `[condition | time token | image tokens]`: `[B, S, D]`.
+    fn embed_sequence(
+        &self,
+        cond: &TransformerCondition<B>,
+        x: Tensor<B, 4>,
+        timestep: Tensor<B, 1>,
+    ) -> Result<Tensor<B, 3>> {
+        let x_dims = x.dims();
         self.check_latent("x", x_dims, None)?;
         let [b, _, h, w] = x_dims;
         let p = self.config.patch_size;
         let n = (h / p) * (w / p);
-        if input.timestep.dims() != [b] {
-            return Err(shape_error(
-                "timestep",
-                format!("[{b}]"),
-                &input.timestep.dims(),
-            ));
+        if timestep.dims() != [b] {
+            return Err(shape_error("timestep", format!("[{b}]"), &timestep.dims()));
         }
-        let cond = match &input.input_ids {
-            Some(ids) => Some(self.embed_condition(ids.clone(), input, b)?),
+        let text = match &cond.input_ids {
+            Some(ids) => Some(self.embed_condition(ids.clone(), cond, b)?),
             None => {
-                if !input.input_img_latents.is_empty() {
+                if !cond.input_img_latents.is_empty() {
                     return Err(Error::invalid_argument(
                         "input_img_latents",
                         "input images need input_ids",
@@ -425,29 +444,26 @@ impl<B: Backend> OmniGenTransformer<B> {
                 None
             }
         };
-        let l = cond.as_ref().map_or(0, |c| c.dims()[1]);
+        let l = text.as_ref().map_or(0, |c| c.dims()[1]);
         let s = l + 1 + n;
-        if input.attention_mask.dims() != [b, s, s] {
+        if cond.attention_mask.dims() != [b, s, s] {
             return Err(shape_error(
                 "attention_mask",
                 format!("[{b}, {s}, {s}]"),
-                &input.attention_mask.dims(),
+                &cond.attention_mask.dims(),
             ));
         }
-        if input.position_ids.dims() != [b, s] {
+        if cond.position_ids.dims() != [b, s] {
             return Err(shape_error(
                 "position_ids",
                 format!("[{b}, {s}]"),
-                &input.position_ids.dims(),
+                &cond.position_ids.dims(),
             ));
         }
-        let time = self
-            .time_token
-            .forward(input.timestep.clone())
-            .unsqueeze_dim::<3>(1); // [B, 1, D]
-        let image = self.embed_output(input.x.clone())?; // [B, N, D]
+        let time = self.time_token.forward(timestep).unsqueeze_dim::<3>(1); // [B, 1, D]
+        let image = self.embed_output(x)?; // [B, N, D]
         let mut parts = Vec::with_capacity(3);
-        parts.extend(cond);
+        parts.extend(text);
         parts.push(time);
         parts.push(image);
         Ok(Tensor::cat(parts, 1))
@@ -458,7 +474,7 @@ impl<B: Backend> OmniGenTransformer<B> {
     fn embed_condition(
         &self,
         ids: Tensor<B, 2, Int>,
-        input: &TransformerInput<B>,
+        cond: &TransformerCondition<B>,
         b: usize,
     ) -> Result<Tensor<B, 3>> {
         let [ids_b, l] = ids.dims();
@@ -482,7 +498,7 @@ impl<B: Backend> OmniGenTransformer<B> {
             ));
         }
         let mut emb = self.llm.embed_tokens.forward(ids); // [B, L, D]
-        let spans = &input.image_spans;
+        let spans = &cond.image_spans;
         if !spans.is_empty() && spans.len() != b {
             return Err(Error::invalid_argument(
                 "image_spans",
@@ -490,18 +506,18 @@ impl<B: Backend> OmniGenTransformer<B> {
             ));
         }
         let total: usize = spans.iter().map(Vec::len).sum();
-        if total != input.input_img_latents.len() {
+        if total != cond.input_img_latents.len() {
             return Err(Error::invalid_argument(
                 "input_img_latents",
                 format!(
                     "{} latents for {total} image spans",
-                    input.input_img_latents.len()
+                    cond.input_img_latents.len()
                 ),
             ));
         }
         let d = self.config.hidden_size;
         let p = self.config.patch_size;
-        let mut latents = input.input_img_latents.iter();
+        let mut latents = cond.input_img_latents.iter();
         for (row, row_spans) in spans.iter().enumerate() {
             for &(start, end) in row_spans {
                 // Counted above: there is one latent per span.

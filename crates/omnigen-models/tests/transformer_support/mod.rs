@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Int, Tensor, TensorData};
-use omnigen_models::transformer::{OmniGenTransformer, TransformerInput};
+use omnigen_models::transformer::{OmniGenTransformer, TransformerCondition};
 use omnigen_models::{default_device, DefaultBackend};
 use safetensors::{Dtype, SafeTensors};
 
@@ -18,6 +18,29 @@ pub fn fixtures_a() -> PathBuf {
     ))
 }
 
+/// One recorded transformer call: the condition and the per-step inputs.
+pub struct Call {
+    pub cond: TransformerCondition<B>,
+    pub x: Tensor<B, 4>,
+    pub timestep: Tensor<B, 1>,
+}
+
+impl Call {
+    /// The uncached forward of this call.
+    pub fn forward(&self, model: &OmniGenTransformer<B>) -> omnigen_core::Result<Tensor<B, 4>> {
+        model.forward(&self.cond, self.x.clone(), self.timestep.clone())
+    }
+
+    /// The KV-cache prefill of this call.
+    pub fn prefill(
+        &self,
+        model: &OmniGenTransformer<B>,
+        mode: omnigen_models::transformer::KvCacheMode,
+    ) -> omnigen_core::Result<(Tensor<B, 4>, omnigen_models::transformer::KvCache<B>)> {
+        model.prefill(&self.cond, self.x.clone(), self.timestep.clone(), mode)
+    }
+}
+
 /// A fixture file: `NAME.safetensors` + `NAME.json`.
 pub struct Fixture {
     bytes: Vec<u8>,
@@ -26,15 +49,17 @@ pub struct Fixture {
 
 impl Fixture {
     /// The inputs of a `transformer_only*` dump (one cond row with one input image).
-    pub fn tf_input(&self) -> TransformerInput<B> {
-        TransformerInput {
+    pub fn tf_input(&self) -> Call {
+        Call {
+            cond: TransformerCondition {
+                input_ids: Some(self.i("tf.input_ids")),
+                input_img_latents: vec![self.f("tf.input_img_latents.0")],
+                image_spans: Fixture::spans(&self.json["input_image_sizes"], 1),
+                attention_mask: self.f("tf.attention_mask"),
+                position_ids: self.i("tf.position_ids"),
+            },
             x: self.f("tf.x"),
             timestep: self.f("tf.timestep"),
-            input_ids: Some(self.i("tf.input_ids")),
-            input_img_latents: vec![self.f("tf.input_img_latents.0")],
-            image_spans: Fixture::spans(&self.json["input_image_sizes"], 1),
-            attention_mask: self.f("tf.attention_mask"),
-            position_ids: self.i("tf.position_ids"),
         }
     }
 
@@ -114,21 +139,23 @@ impl Fixture {
     }
 
     /// The recorded uncached inputs of one branch (`bK` or `batch`) at step `step` of a pipeline case.
-    pub fn branch_input(&self, br: &str, step: usize) -> TransformerInput<B> {
+    pub fn branch_input(&self, br: &str, step: usize) -> Call {
         let p = format!("proc.{br}");
         let ids: Tensor<B, 2, Int> = self.i(&format!("{p}.input_ids"));
         let rows = ids.dims()[0];
         let n_img = self.json[&p]["num_pixel_values"].as_u64().unwrap_or(0) as usize;
-        TransformerInput {
+        Call {
+            cond: TransformerCondition {
+                input_ids: Some(ids),
+                input_img_latents: (0..n_img)
+                    .map(|j| self.f(&format!("step0.{br}.input_img_latents.{j}")))
+                    .collect(),
+                image_spans: Self::spans(&self.json[&p]["input_image_sizes"], rows),
+                attention_mask: self.f(&format!("{p}.attention_mask")),
+                position_ids: self.i(&format!("{p}.position_ids")),
+            },
             x: self.f(&format!("step{step}.{br}.x")),
             timestep: self.f(&format!("step{step}.{br}.timestep")),
-            input_ids: Some(ids),
-            input_img_latents: (0..n_img)
-                .map(|j| self.f(&format!("step0.{br}.input_img_latents.{j}")))
-                .collect(),
-            image_spans: Self::spans(&self.json[&p]["input_image_sizes"], rows),
-            attention_mask: self.f(&format!("{p}.attention_mask")),
-            position_ids: self.i(&format!("{p}.position_ids")),
         }
     }
 
@@ -173,8 +200,9 @@ pub fn replay_case(model: &OmniGenTransformer<B>, dir: &Path, name: &str) -> f32
     for br in fx.branches() {
         let expected = |step: usize| fx.f::<4>(&format!("step{step}.{br}.out"));
         if fx.uses_kv_cache() {
-            let (out0, cache) = model
-                .prefill(fx.branch_input(&br, 0), KvCacheMode::Official)
+            let (out0, cache) = fx
+                .branch_input(&br, 0)
+                .prefill(model, KvCacheMode::Official)
                 .expect("prefill");
             worst = worst.max(check(
                 &format!("{name} step0.{br} (prefill)"),
@@ -195,7 +223,7 @@ pub fn replay_case(model: &OmniGenTransformer<B>, dir: &Path, name: &str) -> f32
             }
         } else {
             for step in 0..fx.steps() {
-                let out = model.forward(fx.branch_input(&br, step)).expect("forward");
+                let out = fx.branch_input(&br, step).forward(model).expect("forward");
                 worst = worst.max(check(
                     &format!("{name} step{step}.{br}"),
                     out,

@@ -1,0 +1,210 @@
+//! Per-branch state of the denoising loop: each guidance branch's condition (built once, with its
+//! input images encoded) and, with a KV cache, the cache filled at step 0.
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Int, Tensor, TensorData};
+use omnigen_core::{Error, Result};
+use omnigen_models::transformer::{
+    KvCache as TransformerKvCache, KvCacheMode, OmniGenTransformer, TransformerCondition,
+};
+use omnigen_models::vae::LatentChoice;
+
+use super::OmniGenPipeline;
+use crate::collator::ModelInput;
+use crate::noise::NoiseSource;
+use crate::processor::{GuidanceInputs, ProcessedBatch};
+use crate::request::{GenerationRequest, InitialLatents, InputLatents};
+
+/// One transformer call per step: a guidance branch, or the joint batch of all of them.
+pub(super) struct BranchState<B: Backend> {
+    /// What the branch conditions on, the same at every step.
+    cond: TransformerCondition<B>,
+    /// Rows of the call: the number of prompts, times the branches for the joint batch.
+    rows: usize,
+    /// Filled by the first step when a KV cache is used.
+    cache: Option<TransformerKvCache<B>>,
+}
+
+/// Every branch of one generation, and how their outputs are laid out.
+pub(super) struct Branches<B: Backend> {
+    states: Vec<BranchState<B>>,
+    /// One joint call whose output stacks the branches along the batch.
+    joint: bool,
+    num_branches: usize,
+    cache_mode: Option<KvCacheMode>,
+}
+
+impl<B: Backend> Branches<B> {
+    /// The velocity of every branch at flow time `t` of step `step`, in branch order (the
+    /// joint batch split back into its branches), in f32.
+    ///
+    /// # Shapes
+    /// `z`: `[n, C, h, w]` for `n` prompts; returns one `[n, C, h, w]` tensor per branch.
+    pub(super) fn velocities(
+        &mut self,
+        transformer: &OmniGenTransformer<B>,
+        z: &Tensor<B, 4>,
+        t: f32,
+        step: usize,
+    ) -> Result<Vec<Tensor<B, 4>>> {
+        let n = z.dims()[0];
+        let mut outs = Vec::with_capacity(self.num_branches);
+        for state in &mut self.states {
+            let reps = state.rows / n;
+            let x = if reps == 1 {
+                z.clone()
+            } else {
+                Tensor::cat(vec![z.clone(); reps], 0)
+            };
+            let timestep = Tensor::<B, 1>::full([state.rows], t, &z.device());
+            let out = state.forward(transformer, x, timestep, step, self.cache_mode)?;
+            if self.joint {
+                outs.extend(out.chunk(self.num_branches, 0));
+            } else {
+                outs.push(out);
+            }
+        }
+        Ok(outs)
+    }
+}
+
+impl<B: Backend> BranchState<B> {
+    /// One transformer call: the KV-cache prefill at step 0, cached steps after it, or the
+    /// uncached forward. Inputs are cast to the transformer's dtype, the output back to f32.
+    fn forward(
+        &mut self,
+        transformer: &OmniGenTransformer<B>,
+        x: Tensor<B, 4>,
+        timestep: Tensor<B, 1>,
+        step: usize,
+        cache_mode: Option<KvCacheMode>,
+    ) -> Result<Tensor<B, 4>> {
+        let dtype = transformer.dtype();
+        let (x, timestep) = (x.cast(dtype), timestep.cast(dtype));
+        let out = match (cache_mode, &self.cache) {
+            (Some(_), Some(cache)) => transformer.forward_cached(cache, x, timestep)?,
+            (Some(mode), None) if step == 0 => {
+                let (out, cache) = transformer.prefill(&self.cond, x, timestep, mode)?;
+                self.cache = Some(cache);
+                out
+            }
+            _ => transformer.forward(&self.cond, x, timestep)?,
+        };
+        Ok(out.cast(DType::F32))
+    }
+}
+
+impl<B: Backend> OmniGenPipeline<B> {
+    /// Builds every branch's condition, encoding its input images with the VAE branch by
+    /// branch as the official pipeline does (so a seeded posterior sample draws the same noise).
+    pub(super) fn branches(
+        &self,
+        batch: &ProcessedBatch,
+        request: &GenerationRequest,
+        noise: &mut NoiseSource,
+        cache_mode: Option<KvCacheMode>,
+    ) -> Result<Branches<B>> {
+        let mut injected = request.input_noise.as_ref().map(|v| v.iter());
+        let states = batch
+            .model_inputs()
+            .into_iter()
+            .map(|m| {
+                let latents = m
+                    .images
+                    .iter()
+                    .map(|img| {
+                        let pixels = Tensor::<B, 4>::from_data(
+                            TensorData::new(img.pixels.clone(), [1, 3, img.height, img.width]),
+                            &self.device,
+                        );
+                        let f = self.vae.downsample_factor();
+                        let shape = [
+                            1,
+                            self.vae.config().latent_channels,
+                            img.height / f,
+                            img.width / f,
+                        ];
+                        let choice =
+                            self.latent_choice(request, injected.as_mut(), noise, shape)?;
+                        self.vae.encode_latents(pixels, choice)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(BranchState {
+                    cond: self.condition(m, latents),
+                    rows: m.batch_size,
+                    cache: None,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Branches {
+            states,
+            joint: matches!(batch.inputs, GuidanceInputs::Joint(_)),
+            num_branches: batch.branches.len(),
+            cache_mode,
+        })
+    }
+
+    /// How the next input image's latents are taken: the posterior mean, or a sample with
+    /// noise injected by the caller or drawn from the generation's source.
+    fn latent_choice<'a>(
+        &self,
+        request: &GenerationRequest,
+        injected: Option<&mut impl Iterator<Item = &'a InitialLatents>>,
+        noise: &mut NoiseSource,
+        shape: [usize; 4],
+    ) -> Result<LatentChoice<B>> {
+        Ok(match (request.input_latents, injected) {
+            (InputLatents::Mean, _) => LatentChoice::Mean,
+            (InputLatents::Sample, None) => LatentChoice::Sample(noise.normal(shape, &self.device)),
+            (InputLatents::Sample, Some(it)) => {
+                let given = it.next().ok_or_else(|| {
+                    Error::invalid_argument(
+                        "input_noise",
+                        "fewer noise tensors than input-image encodes",
+                    )
+                })?;
+                if given.shape != shape {
+                    return Err(Error::invalid_argument(
+                        "input_noise",
+                        format!("shape {:?}, expected {shape:?}", given.shape),
+                    ));
+                }
+                LatentChoice::Sample(Tensor::from_data(
+                    TensorData::new(given.values.clone(), shape),
+                    &self.device,
+                ))
+            }
+        })
+    }
+
+    /// A collated model input as a transformer condition on this device, in the transformer's
+    /// dtype (the VAE runs in f32).
+    fn condition(
+        &self,
+        m: &ModelInput,
+        input_img_latents: Vec<Tensor<B, 4>>,
+    ) -> TransformerCondition<B> {
+        let d = &self.device;
+        let dtype = self.transformer.dtype();
+        TransformerCondition {
+            input_ids: Some(Tensor::<B, 2, Int>::from_data(
+                TensorData::new(m.input_ids.clone(), m.input_ids_shape()),
+                d,
+            )),
+            input_img_latents: input_img_latents
+                .into_iter()
+                .map(|t| t.cast(dtype))
+                .collect(),
+            image_spans: m.image_spans.clone(),
+            attention_mask: Tensor::<B, 3>::from_data(
+                TensorData::new(m.attention_mask.clone(), m.attention_mask_shape()),
+                d,
+            )
+            .cast(dtype),
+            position_ids: Tensor::from_data(
+                TensorData::new(m.position_ids.clone(), m.position_ids_shape()),
+                d,
+            ),
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! Loading a pipeline: where the model is, what dtype and device, which adapters.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::DType;
+use omnigen_core::{Error, ModelFolder, Result};
+use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
+use omnigen_models::vae::{AutoencoderKL, TilingConfig};
+use tracing::{info, info_span};
+
+use super::OmniGenPipeline;
+use crate::processor::OmniGenProcessor;
+
+/// Builds an [`OmniGenPipeline`] from a model directory.
+#[derive(Debug, Clone)]
+pub struct PipelineBuilder<B: Backend> {
+    model_dir: PathBuf,
+    device: B::Device,
+    dtype: DType,
+    vae_tiling: Option<TilingConfig>,
+    download_progress: bool,
+    memory_limit: Option<u64>,
+    load_options: LoadOptions,
+}
+
+impl<B: Backend> PipelineBuilder<B> {
+    /// Merges a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into the
+    /// transformer at load time, as the official `merge_lora` does; `scale` multiplies the
+    /// adapter's `alpha / r`. Call again to stack adapters.
+    pub fn lora(mut self, adapter_dir: impl Into<PathBuf>, scale: f32) -> Self {
+        self.load_options.lora.push((adapter_dir.into(), scale));
+        self
+    }
+
+    /// Round transformer weights to bf16 before use, as the official pipeline does (default
+    /// true; exact no-op for bf16 checkpoints). `false` uses the stored values as they are.
+    pub fn round_weights_to_bf16(mut self, on: bool) -> Self {
+        self.load_options.round_weights_to_bf16 = on;
+        self
+    }
+
+    /// Bytes generations may use beyond the weights; default: the system's available memory
+    /// (CPU backends). Requests estimated to need more are refused before any work starts.
+    pub fn memory_limit(mut self, bytes: Option<u64>) -> Self {
+        self.memory_limit = bytes;
+        self
+    }
+
+    /// Show progress bars while downloading from the hub (default off).
+    pub fn download_progress(mut self, on: bool) -> Self {
+        self.download_progress = on;
+        self
+    }
+
+    /// Device to load onto (default: the backend's default device).
+    pub fn device(mut self, device: B::Device) -> Self {
+        self.device = device;
+        self
+    }
+
+    /// Transformer weight dtype (`F32` default; `BF16`/`F16` halve memory). The VAE stays f32,
+    /// as in the official pipeline (the SDXL VAE overflows in f16).
+    pub fn dtype(mut self, dtype: DType) -> Self {
+        self.dtype = dtype;
+        self
+    }
+
+    /// Tiled VAE encoding/decoding for large images.
+    pub fn vae_tiling(mut self, tiling: Option<TilingConfig>) -> Self {
+        self.vae_tiling = tiling;
+        self
+    }
+
+    /// Loads the model: `config.json` + `model.safetensors` + `tokenizer.json` + `vae/` (the
+    /// official layout) or `transformer/` + `tokenizer/` + `vae/` (diffusers'), as
+    /// [`ModelFolder`] finds them. A model that is not a local directory but a hub id
+    /// (`Shitao/OmniGen-v1`) is resolved through the local Hugging Face cache and downloaded if
+    /// needed (cargo feature `hub`).
+    pub fn build(self) -> Result<OmniGenPipeline<B>> {
+        let model_id = self.model_dir.display().to_string();
+        let model_dir = crate::hub::resolve_model(&model_id, self.download_progress)?;
+        let folder = ModelFolder::open(&model_dir)?;
+        // Checked before anything is read so that an incomplete download fails at once.
+        let vae_dir = folder.vae_dir()?;
+        if !matches!(self.dtype, DType::F32 | DType::F16 | DType::BF16) {
+            return Err(Error::invalid_argument(
+                "dtype",
+                format!("{:?} is not f32, f16 or bf16", self.dtype),
+            ));
+        }
+        let start = Instant::now();
+        let _span = info_span!("load", dir = %model_dir.display()).entered();
+        let processor = OmniGenProcessor::from_tokenizer_file(folder.tokenizer()?)?;
+        let transformer =
+            OmniGenTransformer::from_folder(&folder, &self.device, self.dtype, &self.load_options)?;
+        let vae = AutoencoderKL::from_dir(&vae_dir, &self.device, DType::F32)?
+            .with_tiling(self.vae_tiling)?;
+        info!(
+            elapsed_ms = start.elapsed().as_millis() as u64,
+            "model loaded"
+        );
+        // Sharded weights get no fingerprint: the metadata names one file's content.
+        let weights_fingerprint = folder
+            .transformer_weights()
+            .ok()
+            .and_then(|w| w.single().map(Path::to_path_buf))
+            .and_then(|p| crate::fingerprint::weights_fingerprint(&p).ok());
+        Ok(OmniGenPipeline {
+            processor,
+            transformer,
+            vae,
+            device: self.device,
+            model_dir,
+            model_id,
+            weights_fingerprint,
+            memory_limit: self.memory_limit,
+            loras: self.load_options.lora,
+        })
+    }
+}
+
+impl<B: Backend> OmniGenPipeline<B> {
+    /// A builder for the model in `model_dir`.
+    pub fn builder(model_dir: impl Into<PathBuf>) -> PipelineBuilder<B> {
+        PipelineBuilder {
+            model_dir: model_dir.into(),
+            device: Default::default(),
+            dtype: DType::F32,
+            vae_tiling: None,
+            download_progress: false,
+            memory_limit: None,
+            load_options: LoadOptions::default(),
+        }
+    }
+
+    /// Loads a local model directory or a hub id (e.g. [`DEFAULT_MODEL_ID`]) onto the default
+    /// device in f32.
+    ///
+    /// [`DEFAULT_MODEL_ID`]: crate::hub::DEFAULT_MODEL_ID
+    pub fn from_pretrained(id_or_dir: &str) -> Result<Self> {
+        Self::builder(id_or_dir).build()
+    }
+
+    /// Loads the model in `model_dir` onto `device` in f32.
+    pub fn from_dir(model_dir: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
+        Self::builder(model_dir.as_ref())
+            .device(device.clone())
+            .build()
+    }
+}

@@ -1,0 +1,226 @@
+//! The sampling loop, with its stages numbered after diffusers' `OmniGenPipeline.__call__` in
+//! the order the official OmniGen pipeline runs them.
+//!
+//! diffusers encodes the input images (its stage 4) before it draws the initial noise (its
+//! stage 6); the official OmniGen code draws the noise first, and so does this loop, so that a
+//! seed fixes the initial latents independently of the input images. diffusers' stage 7 does not
+//! exist; its unnumbered final decode is stage 8 here.
+
+use std::time::Instant;
+
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor, TensorData};
+use omnigen_core::{Error, Result};
+use omnigen_models::scheduler::{FlowMatchEulerScheduler, Scheduler};
+use omnigen_models::transformer::KvCacheMode;
+use tracing::{debug, info, info_span, warn};
+
+use super::{Generation, GenerationStats, Hooks, OmniGenPipeline, Progress};
+use crate::guidance::Guidance;
+use crate::noise::NoiseSource;
+use crate::processor::{ProcessedBatch, ProcessorOptions};
+use crate::request::{GenerationRequest, InitialLatents, KvCache};
+
+impl<B: Backend> OmniGenPipeline<B> {
+    /// Generates with the official flow-matching Euler scheduler.
+    pub fn generate(&self, request: &GenerationRequest) -> Result<Generation<B>> {
+        self.generate_with(
+            request,
+            &mut FlowMatchEulerScheduler::new(),
+            Hooks::default(),
+        )
+    }
+
+    /// Generates with any [`Scheduler`], reporting progress and honouring cancellation.
+    pub fn generate_with(
+        &self,
+        request: &GenerationRequest,
+        scheduler: &mut dyn Scheduler<B>,
+        mut hooks: Hooks<'_>,
+    ) -> Result<Generation<B>> {
+        // 1. Check inputs
+        request.validate()?;
+        let mut stats = GenerationStats::default();
+
+        // 2. Define call parameters
+        let prompts: Vec<_> = request
+            .prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), request.num_images_per_prompt))
+            .collect();
+        let options = processor_options(request);
+        let guidance = Guidance {
+            scale: request.guidance_scale,
+            image_scale: request.img_guidance_scale,
+        };
+        let cache_mode = match request.kv_cache {
+            KvCache::Official => Some(KvCacheMode::Official),
+            KvCache::Exact => Some(KvCacheMode::Exact),
+            KvCache::Off => None,
+        };
+
+        // 3. Process multi-modal instructions
+        let started = Instant::now();
+        let batch = {
+            let _s = info_span!("process").entered();
+            self.processor.process(&prompts, &options)?
+        };
+        stats.process = started.elapsed();
+        stats.tokens_per_branch = batch.model_inputs().iter().map(|m| m.seq_len).collect();
+        info!(tokens_per_branch = ?stats.tokens_per_branch, height = batch.height, width = batch.width, "processed");
+        self.guard_memory(&batch, request)?;
+
+        // 4. Prepare latents
+        let mut noise = match request.seed {
+            Some(seed) => NoiseSource::from_seed(seed),
+            None => NoiseSource::from_entropy(),
+        };
+        let mut z = self.prepare_latents(&batch, request.latents.as_ref(), &mut noise)?;
+
+        // 5. Encode input images
+        let started = Instant::now();
+        let mut branches = {
+            let _s = info_span!("encode").entered();
+            self.branches(&batch, request, &mut noise, cache_mode)?
+        };
+        stats.encode = started.elapsed();
+
+        // 6. Prepare timesteps
+        let times = scheduler.timesteps(request.num_inference_steps)?;
+
+        // 7. Denoising loop
+        let started = Instant::now();
+        for (i, &t) in times.iter().enumerate() {
+            if hooks.cancelled() {
+                return Err(Error::Cancelled { step: i });
+            }
+            let _s = info_span!("step", i, t).entered();
+            let outs = branches.velocities(&self.transformer, &z, t, i)?;
+            z = scheduler.step(i, z, guidance.combine(&outs));
+            hooks.report(Progress {
+                step: i + 1,
+                total: times.len(),
+                elapsed: started.elapsed(),
+            });
+        }
+        stats.denoise = started.elapsed();
+        drop(branches);
+
+        // 8. Decode latents
+        let started = Instant::now();
+        let images = {
+            let _s = info_span!("decode").entered();
+            self.decode_images(z.clone())?
+        };
+        stats.decode = started.elapsed();
+        stats.peak_memory_bytes = crate::memory::peak_resident_memory();
+        info!(
+            tokens_per_branch = ?stats.tokens_per_branch,
+            process_ms = stats.process.as_millis() as u64,
+            encode_ms = stats.encode.as_millis() as u64,
+            denoise_ms = stats.denoise.as_millis() as u64,
+            decode_ms = stats.decode.as_millis() as u64,
+            peak_memory_mib = stats.peak_memory_bytes.map(|b| b >> 20),
+            "generation cost"
+        );
+        debug!(?stats, "generation done");
+        Ok(Generation {
+            images,
+            latents: z,
+            stats,
+        })
+    }
+
+    /// Estimates the request's memory and refuses it when it cannot fit.
+    fn guard_memory(&self, batch: &ProcessedBatch, request: &GenerationRequest) -> Result<()> {
+        let output_tokens = (batch.height / 16) * (batch.width / 16);
+        if request.use_input_image_size_as_output && output_tokens > 4096 {
+            warn!(
+                width = batch.width,
+                height = batch.height,
+                output_tokens,
+                "use_input_image_size_as_output gives an output larger than 1024x1024: every step \
+                 will be slow; lower max_input_image_size to bound it"
+            );
+        }
+        let backend = B::name(&self.device).to_lowercase();
+        let host_memory = !backend.contains("cuda") && !backend.contains("wgpu");
+        let available = match self.memory_limit {
+            Some(limit) => limit,
+            None if host_memory => match crate::memory::available_memory() {
+                Some(a) => a,
+                None => return Ok(()),
+            },
+            None => return Ok(()),
+        };
+        let weight_bytes = match self.transformer.dtype() {
+            DType::F32 => 4,
+            _ => 2,
+        };
+        let tile = self.vae.tiling().map(|t| t.tile_sample_size);
+        let est = crate::memory::estimate(
+            batch,
+            &self.transformer.config,
+            self.vae.config(),
+            tile,
+            weight_bytes,
+            request.kv_cache != KvCache::Off,
+            backend.contains("ndarray"),
+        );
+        debug!(?est, available, "memory estimate");
+        crate::memory::check(&est, available, batch, request.max_input_image_size)
+    }
+
+    /// The initial latents `[n, C, H/8, W/8]`: the caller's (one row repeated, or one per
+    /// image), or Gaussian noise drawn first from the generation's source.
+    fn prepare_latents(
+        &self,
+        batch: &ProcessedBatch,
+        given: Option<&InitialLatents>,
+        noise: &mut NoiseSource,
+    ) -> Result<Tensor<B, 4>> {
+        let f = self.vae.downsample_factor();
+        let shape = [
+            batch.num_prompts,
+            self.transformer.config.in_channels,
+            batch.height / f,
+            batch.width / f,
+        ];
+        let Some(given) = given else {
+            return Ok(noise.normal(shape, &self.device));
+        };
+        let [n, c, h, w] = shape;
+        let ok = given.shape[1..] == [c, h, w] && (given.shape[0] == n || given.shape[0] == 1);
+        if !ok {
+            return Err(Error::invalid_argument(
+                "latents",
+                format!(
+                    "shape {:?} does not match the request's {:?}",
+                    given.shape, shape
+                ),
+            ));
+        }
+        let t = Tensor::<B, 4>::from_data(
+            TensorData::new(given.values.clone(), given.shape),
+            &self.device,
+        );
+        Ok(if given.shape[0] == n {
+            t
+        } else {
+            t.repeat_dim(0, n)
+        })
+    }
+}
+
+/// The processor's options for a request.
+fn processor_options(request: &GenerationRequest) -> ProcessorOptions {
+    ProcessorOptions {
+        height: request.height,
+        width: request.width,
+        negative_prompt: request.negative_prompt.clone(),
+        use_img_guidance: request.use_img_guidance,
+        max_input_image_size: u32::try_from(request.max_input_image_size).unwrap_or(u32::MAX),
+        use_input_image_size_as_output: request.use_input_image_size_as_output,
+        separate_cfg_infer: request.separate_cfg_infer,
+    }
+}
