@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, TensorData};
 use omnigen_core::{Result, TransformerConfig, VaeConfig};
-use omnigen_models::loader::{RandomWeights, WeightReader};
 use omnigen_models::transformer::OmniGenTransformer;
 use omnigen_models::vae::AutoencoderKL;
+use omnigen_models::weights::{RandomWeights, WeightReader};
 use omnigen_models::{default_device, DefaultBackend};
 
 /// The committed config directory.

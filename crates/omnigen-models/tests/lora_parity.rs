@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::{Error, TransformerWeights, WeightSource};
 use omnigen_models::default_device;
-use omnigen_models::loader::{Bf16RoundedReader, WeightReader};
 use omnigen_models::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader};
 use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
+use omnigen_models::weights::{Bf16RoundedReader, WeightReader};
 use transformer_support::*;
 
 const D: usize = 48;

@@ -68,7 +68,7 @@ pub fn parse_dtype(name: &str) -> Result<DType> {
 /// The parameters of a generation as PNG text chunks, with an "AI-generated" marker, so an
 /// output can be traced back to its model and reproduced. `size` is the generated image's
 /// `(width, height)` (it differs from the request's with `use_input_image_size_as_output`).
-pub fn generation_metadata<B: Backend>(
+pub fn generation_metadata<B: omnigen_models::KernelBackend>(
     request: &GenerationRequest,
     pipeline: &OmniGenPipeline<B>,
     size: (u32, u32),

@@ -9,6 +9,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use image::RgbImage;
 use omnigen_core::{Error, Result};
+use omnigen_models::ops::{self, KernelBackend};
 use omnigen_models::scheduler::{FlowMatchEulerScheduler, Scheduler};
 use omnigen_models::transformer::{KvCache as TransformerKvCache, KvCacheMode};
 use omnigen_models::transformer::{LoadOptions, OmniGenTransformer, TransformerInput};
@@ -116,7 +117,7 @@ pub struct PipelineBuilder<B: Backend> {
     load_options: LoadOptions,
 }
 
-impl<B: Backend> PipelineBuilder<B> {
+impl<B: KernelBackend> PipelineBuilder<B> {
     /// Merges a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into the
     /// transformer at load time, as the official `merge_lora` does; `scale` multiplies the
     /// adapter's `alpha / r`. Call again to stack adapters.
@@ -228,7 +229,7 @@ struct BranchState<B: Backend> {
     cache: Option<TransformerKvCache<B>>,
 }
 
-impl<B: Backend> OmniGenPipeline<B> {
+impl<B: KernelBackend> OmniGenPipeline<B> {
     /// A builder for the model in `model_dir`.
     pub fn builder(model_dir: impl Into<PathBuf>) -> PipelineBuilder<B> {
         PipelineBuilder {
@@ -456,11 +457,9 @@ impl<B: Backend> OmniGenPipeline<B> {
                  will be slow; lower max_input_image_size to bound it"
             );
         }
-        let backend = B::name(&self.device).to_lowercase();
-        let host_memory = !backend.contains("cuda") && !backend.contains("wgpu");
         let available = match self.memory_limit {
             Some(limit) => limit,
-            None if host_memory => match crate::memory::available_memory() {
+            None if B::HOST_MEMORY => match crate::memory::available_memory() {
                 Some(a) => a,
                 None => return Ok(()),
             },
@@ -478,7 +477,7 @@ impl<B: Backend> OmniGenPipeline<B> {
             tile,
             weight_bytes,
             request.kv_cache != KvCache::Off,
-            backend.contains("ndarray"),
+            ops::attention_materialises_scores::<B>(self.transformer.dtype()),
         );
         debug!(?est, available, "memory estimate");
         crate::memory::check(&est, available, batch, request.max_input_image_size)
