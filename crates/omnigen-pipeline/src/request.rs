@@ -102,8 +102,8 @@ pub struct GenerationRequest {
     pub separate_cfg_infer: bool,
     /// Key-value cache semantics. Default [`KvCache::Official`].
     pub kv_cache: KvCache,
-    /// Keep the kv cache in host memory between steps where the backend has a separate device
-    /// memory; a no-op on CPU backends, whose memory is the host's.
+    /// The official option of that name (keep the kv cache in host memory between steps),
+    /// accepted so that official settings carry over; it has no effect on any backend yet.
     pub offload_kv_cache: bool,
     /// Take the output size from the first input image (after preprocessing).
     pub use_input_image_size_as_output: bool,
@@ -202,7 +202,7 @@ impl GenerationRequest {
         self
     }
 
-    /// Offload the kv cache to host memory where the backend allows it.
+    /// Sets [`offload_kv_cache`](Self::offload_kv_cache), which has no effect yet.
     pub fn offload_kv_cache(mut self, on: bool) -> Self {
         self.offload_kv_cache = on;
         self
