@@ -8,8 +8,7 @@ use omnigen_core::{Error, Result, WeightSource};
 
 use super::config::{is_one_of, LoraConfig};
 use super::merge::{merge_delta, LoraMergePrecision};
-use super::{ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, PEFT_PREFIX};
-use crate::transformer::LINEAR_MODULES;
+use super::{ModuleTable, ADAPTER_CONFIG, ADAPTER_WEIGHTS, ADAPTER_WEIGHTS_BIN, PEFT_PREFIX};
 
 /// One adapted `Linear`: `A` `[r, in]`, `B` `[out, r]` as f32, and its effective scaling.
 #[derive(Debug, Clone)]
@@ -38,14 +37,15 @@ pub struct LoraAdapter {
 impl LoraAdapter {
     /// Reads the adapter folder `dir` (`adapter_config.json` + `adapter_model.safetensors`).
     ///
-    /// `scale` multiplies PEFT's `alpha / r` (1.0 = the official merge). Errors: a missing file
+    /// `scale` multiplies PEFT's `alpha / r` (1.0 = the official merge); `modules` is the model's
+    /// table of leaf modules (the transformer's: [`crate::transformer::MODULES`]). Errors: a missing file
     /// ([`Error::Io`], not found), only `adapter_model.bin` present ([`Error::InvalidArgument`]
     /// `lora`: only safetensors is supported), an unsupported config or a tensor whose rank
-    /// disagrees with it ([`Error::Config`], naming the tensor), a module that is not a
-    /// transformer `Linear` or has only one of `lora_A`/`lora_B` ([`Error::CorruptWeights`]).
+    /// disagrees with it ([`Error::Config`], naming the tensor), a module that is not one of
+    /// the model's `Linear` layers or has only one of `lora_A`/`lora_B` ([`Error::CorruptWeights`]).
     /// A mismatch with the base model's shapes is found at merge time ([`Error::ShapeMismatch`]
     /// naming the adapter tensor).
-    pub fn open(dir: impl AsRef<Path>, scale: f32) -> Result<Self> {
+    pub fn open(dir: impl AsRef<Path>, scale: f32, modules: &ModuleTable) -> Result<Self> {
         let dir = dir.as_ref();
         if !scale.is_finite() {
             return Err(Error::invalid_argument(
@@ -89,6 +89,7 @@ impl LoraAdapter {
             ));
         }
         let config = LoraConfig::from_file(&config_path)?;
+        config.check_targets(modules, &config_path)?;
         if config.fan_in_fan_out {
             tracing::warn!(
                 "{}: fan_in_fan_out is true, but every mergeable module is a Linear, for which PEFT \
@@ -97,7 +98,7 @@ impl LoraAdapter {
             );
         }
         let source = WeightSource::open(&weights_path)?;
-        let modules = read_modules(&source, &config, &weights_path, f64::from(scale))?;
+        let modules = read_modules(&source, &config, modules, &weights_path, f64::from(scale))?;
         Ok(Self {
             dir: dir.into(),
             weights_path,
@@ -187,6 +188,7 @@ impl LoraAdapter {
 fn read_modules(
     source: &WeightSource,
     config: &LoraConfig,
+    table: &ModuleTable,
     path: &Path,
     user_scale: f64,
 ) -> Result<BTreeMap<String, LoraModule>> {
@@ -215,10 +217,10 @@ fn read_modules(
                  of Linear layers can be merged"
             )));
         };
-        if !is_one_of(LINEAR_MODULES, &module) {
+        if !is_one_of(table.linear, &module) {
             return Err(invalid(format!(
-                "adapter tensor `{key}` targets `{module}`, which is not a Linear layer of the OmniGen \
-                 transformer"
+                "adapter tensor `{key}` targets `{module}`, which is not a Linear layer of the {}",
+                table.model
             )));
         }
         let slot = pairs.entry(module).or_default();

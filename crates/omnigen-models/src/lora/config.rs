@@ -6,7 +6,7 @@ use std::path::Path;
 use omnigen_core::{Error, Result};
 use serde_json::Value;
 
-use crate::transformer::{LINEAR_MODULES, NON_LINEAR_MODULES};
+use super::ModuleTable;
 
 /// How `target_modules` was given.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -136,9 +136,6 @@ impl LoraConfig {
                     .map(|v| v.as_str().map(str::to_string))
                     .collect::<Option<Vec<_>>>()
                     .ok_or_else(|| bad("`target_modules` must hold strings".into()))?;
-                for name in &names {
-                    check_target(name).map_err(bad)?;
-                }
                 TargetModules::Names(names)
             }
             _ => {
@@ -218,6 +215,20 @@ impl LoraConfig {
         self.alpha_of(module) / denom
     }
 
+    /// Refuses a target name list naming anything but `modules`' Linear layers (a regex target
+    /// is not evaluated); `path` names the config in the error.
+    pub fn check_targets(&self, modules: &ModuleTable, path: &Path) -> Result<()> {
+        if let TargetModules::Names(names) = &self.target_modules {
+            for name in names {
+                check_target(name, modules).map_err(|reason| Error::Config {
+                    path: path.into(),
+                    reason,
+                })?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether `module` is targeted (always true for a regex target list, which is not evaluated).
     pub fn targets(&self, module: &str) -> bool {
         match &self.target_modules {
@@ -227,11 +238,12 @@ impl LoraConfig {
     }
 }
 
-/// Refuses a target name that matches no `Linear` of the transformer, or matches a module of
-/// another kind.
-pub(super) fn check_target(name: &str) -> std::result::Result<(), String> {
+/// Refuses a target name that matches no `Linear` of the model, or matches a module of another
+/// kind.
+pub(super) fn check_target(name: &str, modules: &ModuleTable) -> std::result::Result<(), String> {
     let supported = || {
-        LINEAR_MODULES
+        modules
+            .linear
             .iter()
             .map(|m| m.rsplit('.').next().unwrap_or(m))
             .collect::<BTreeSet<_>>()
@@ -239,17 +251,18 @@ pub(super) fn check_target(name: &str) -> std::result::Result<(), String> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    if let Some(other) = NON_LINEAR_MODULES.iter().find(|p| suffix_matches(p, name)) {
+    if let Some(other) = modules.other.iter().find(|p| suffix_matches(p, name)) {
         return Err(format!(
             "target module `{name}` names `{other}`, which is not a Linear layer; LoRA can only be \
-             merged into the transformer's Linear layers ({})",
+             merged into the {}'s Linear layers ({})",
+            modules.model,
             supported()
         ));
     }
-    if !LINEAR_MODULES.iter().any(|p| suffix_matches(p, name)) {
+    if !modules.linear.iter().any(|p| suffix_matches(p, name)) {
         return Err(format!(
-            "target module `{name}` matches no Linear layer of the OmniGen transformer; supported \
-             targets: {}",
+            "target module `{name}` matches no Linear layer of the {}; supported targets: {}",
+            modules.model,
             supported()
         ));
     }
@@ -259,6 +272,7 @@ pub(super) fn check_target(name: &str) -> std::result::Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::transformer::{LINEAR_MODULES, MODULES};
 
     #[test]
     fn targets_resolve_to_linear_layers_only() {
@@ -273,7 +287,7 @@ mod tests {
             "adaLN_modulation.1",
             "mlp.0",
         ] {
-            assert!(check_target(ok).is_ok(), "{ok}");
+            assert!(check_target(ok, &MODULES).is_ok(), "{ok}");
         }
         for bad in [
             "proj",
@@ -283,7 +297,7 @@ mod tests {
             "q_proj",
             "to_q",
         ] {
-            assert!(check_target(bad).is_err(), "{bad}");
+            assert!(check_target(bad, &MODULES).is_err(), "{bad}");
         }
         assert!(is_one_of(
             LINEAR_MODULES,

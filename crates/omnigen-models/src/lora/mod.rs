@@ -10,7 +10,7 @@
 //! An adapter folder holds `adapter_config.json` and `adapter_model.safetensors` (PEFT's
 //! `save_pretrained`). Tensor keys are `base_model.model.<module>.lora_A.weight` `[r, in]` and
 //! `...lora_B.weight` `[out, r]`, where `<module>` is an official module path such as
-//! `llm.layers.3.self_attn.qkv_proj` (see [`LINEAR_MODULES`](crate::transformer::LINEAR_MODULES) for the layers that can be merged).
+//! `llm.layers.3.self_attn.qkv_proj` (see [`transformer::LINEAR_MODULES`](crate::transformer::LINEAR_MODULES) for the layers that can be merged).
 //!
 //! Two merge precisions are offered ([`LoraMergePrecision`]): the official one, which merges in
 //! bf16 because the official pipeline holds the model in bf16 when it merges, and a plain f32
@@ -25,6 +25,18 @@ pub use adapter::LoraAdapter;
 pub use config::{LoraConfig, TargetModules};
 pub use merge::LoraMergePrecision;
 pub use reader::LoraMergedReader;
+
+/// The leaf modules of the model adapters are merged into, by module path (`{i}` = any layer
+/// index): the transformer's is [`transformer::MODULES`](crate::transformer::MODULES).
+#[derive(Debug, Clone, Copy)]
+pub struct ModuleTable {
+    /// The model's name in messages.
+    pub model: &'static str,
+    /// Every `Linear`: the modules an adapter can be merged into.
+    pub linear: &'static [&'static str],
+    /// The other leaf modules with parameters, which an adapter target may not name.
+    pub other: &'static [&'static str],
+}
 
 /// File name of the adapter configuration.
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";

@@ -27,7 +27,7 @@ pub use phi3::{Attention, DecoderLayer, Mlp, Phi3Model, RmsNorm};
 pub use rope::{LongRope, RopeTables};
 
 use crate::loader::Loader;
-use crate::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader};
+use crate::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader, ModuleTable};
 use crate::ops::KernelBackend;
 use crate::weights::{Bf16RoundedReader, WeightReader};
 use phi3::KeyValue;
@@ -58,6 +58,13 @@ pub const NON_LINEAR_MODULES: &[&str] = &[
     "llm.layers.{i}.post_attention_layernorm",
     "llm.norm",
 ];
+
+/// The transformer's leaf modules, for LoRA adapters.
+pub const MODULES: ModuleTable = ModuleTable {
+    model: "OmniGen transformer",
+    linear: LINEAR_MODULES,
+    other: NON_LINEAR_MODULES,
+};
 
 /// One transformer call's inputs, as the official processor/collator produce them.
 #[derive(Debug, Clone)]
@@ -202,7 +209,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         let adapters = options
             .lora
             .iter()
-            .map(|(dir, scale)| LoraAdapter::open(dir, *scale))
+            .map(|(dir, scale)| LoraAdapter::open(dir, *scale, &MODULES))
             .collect::<Result<Vec<_>>>()?;
         let rounded = Bf16RoundedReader { base: weights };
         let base: &dyn WeightReader = if options.round_weights_to_bf16 {
