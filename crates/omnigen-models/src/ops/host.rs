@@ -55,16 +55,12 @@ fn f32_data<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
 
 /// Phi-3's RMSNorm, `weight · (x / sqrt(mean(x²) + eps))`, over the last dimension of `x`
 /// `[B, S, D]`; rows in parallel, statistics accumulated in f32 as the official code does.
-pub(super) fn rms_norm<B: Backend>(
-    x: Tensor<B, 3>,
-    weight: Tensor<B, 1>,
-    eps: f64,
-) -> Tensor<B, 3> {
+pub(super) fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
     let device = x.device();
     let dims = x.dims();
     let d = dims[2];
     let xs = f32_data(x);
-    let w = f32_data(weight);
+    let w = f32_data(w);
     let eps = eps as f32;
     let mut out = vec![0f32; xs.len()];
     let rows = rows_per_task(d);

@@ -1,6 +1,6 @@
-//! Each host kernel against the portable op it replaces, on the default backend in f32 (the
-//! parity fixtures' models are too narrow to reach some host paths, e.g. the shifted-GEMM
-//! convolution, and CI has no GPU to run the portable ones in f32).
+//! Each op as dispatched (the host kernel, on the default CPU backend in f32) against the
+//! portable op it replaces: the parity fixtures' models are too narrow to reach some host paths
+//! (the shifted-GEMM convolution), and CI has no GPU to run the portable ones in f32.
 
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
@@ -9,6 +9,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 
 use super::{host, portable, HeadRange, KernelBackend};
 use crate::loader::Loader;
+use crate::ops;
 use crate::weights::RandomWeights;
 use crate::{default_device, DefaultBackend as B};
 
@@ -19,6 +20,10 @@ fn normal<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<B, D> {
         .map(|i| 1.7 * ((i as f32 * 0.618 + seed as f32 * 1.3).sin() * 43.758).fract())
         .collect();
     Tensor::from_data(TensorData::new(values, shape), &default_device())
+}
+
+fn loader(reader: &RandomWeights) -> Loader<'_, B> {
+    Loader::new(reader, &default_device(), DType::F32)
 }
 
 fn assert_close<const D: usize>(got: Tensor<B, D>, want: Tensor<B, D>, tol: f32) {
@@ -34,7 +39,7 @@ const _: () = assert!(<B as KernelBackend>::HOST_KERNELS && <B as KernelBackend>
 fn rms_norm_host_matches_portable() {
     let (x, w) = (normal([2, 5, 40], 1), normal([40], 2));
     assert_close(
-        host::rms_norm(x.clone(), w.clone(), 1e-5),
+        ops::rms_norm(x.clone(), w.clone(), 1e-5),
         portable::rms_norm(x, w, 1e-5),
         1e-5,
     );
@@ -44,7 +49,7 @@ fn rms_norm_host_matches_portable() {
 fn silu_mul_host_matches_portable() {
     let (g, u) = (normal([3, 7, 33], 3), normal([3, 7, 33], 4));
     assert_close(
-        host::silu_mul(g.clone(), u.clone()),
+        ops::silu_mul(g.clone(), u.clone()),
         portable::silu_mul(g, u),
         1e-5,
     );
@@ -59,7 +64,7 @@ fn rope_host_matches_portable_on_a_head_range() {
     ] {
         let range = HeadRange::new(x.clone(), 2, 3);
         assert_close(
-            host::rope(range.clone(), cos.clone(), sin.clone()),
+            ops::rope(range.clone(), cos.clone(), sin.clone()),
             portable::rope(range.narrowed(), cos, sin),
             1e-6,
         );
@@ -86,7 +91,7 @@ fn attention_host_matches_portable_with_a_mask() {
     let k = HeadRange::new(fused.clone(), h, h);
     let v = HeadRange::new(fused, 2 * h, h);
     assert_close(
-        host::attention(q.clone(), k.clone(), v.clone(), bias.clone()),
+        ops::attention(q.clone(), k.clone(), v.clone(), bias.clone()),
         portable::attention(q.narrowed(), k.narrowed(), v.narrowed(), bias),
         1e-5,
     );
@@ -94,7 +99,7 @@ fn attention_host_matches_portable_with_a_mask() {
     let (q, kv) = (normal([1, h, 65, hd], 11), normal([1, h, t, hd], 12));
     let bias = normal([1, 1, 65, t], 13);
     assert_close(
-        host::attention(
+        ops::attention(
             HeadRange::all(q.clone()),
             HeadRange::all(kv.clone()),
             HeadRange::all(kv.clone() * 0.5),
@@ -120,11 +125,8 @@ fn group_norm(channels: usize, groups: usize) -> GroupNorm<B> {
 fn group_norm_silu_host_matches_portable() {
     let gn = group_norm(12, 4);
     let x = normal([2, 12, 5, 3], 16) * 3.0 + 1.0;
-    let (Some(gamma), Some(beta)) = (&gn.gamma, &gn.beta) else {
-        unreachable!()
-    };
     assert_close(
-        host::group_norm_silu(x.clone(), gamma.val(), beta.val(), 4, 1e-6),
+        ops::group_norm_silu(&gn, x.clone()),
         portable::group_norm_silu(&gn, x),
         1e-5,
     );
@@ -132,18 +134,14 @@ fn group_norm_silu_host_matches_portable() {
 
 #[test]
 fn shifted_gemm_conv_matches_conv2d() {
-    let device = default_device();
-    let reader = RandomWeights { seed: 3 };
-    let ld = Loader::<B>::new(&reader, &device, DType::F32);
     let (c_in, c_out) = (host::SHIFTED_GEMM_MIN_CHANNELS, 40);
-    let conv: Conv2d<B> = ld.conv2d(c_in, c_out, 3, 1, 1).unwrap();
+    let conv: Conv2d<B> = loader(&RandomWeights { seed: 3 })
+        .conv2d(c_in, c_out, 3, 1, 1)
+        .unwrap();
     for (b, h, w) in [(1, 5, 7), (2, 8, 3)] {
         let x = normal([b, c_in, h, w], 17);
-        let Some(bias) = &conv.bias else {
-            unreachable!()
-        };
         assert_close(
-            host::conv3x3(x.clone(), conv.weight.val(), bias.val()),
+            ops::conv3x3(&conv, x.clone()),
             portable::conv3x3(&conv, x),
             1e-4,
         );
@@ -152,9 +150,8 @@ fn shifted_gemm_conv_matches_conv2d() {
 
 #[test]
 fn linear_chunks_and_heads_match_linear() {
-    let device = default_device();
     let reader = RandomWeights { seed: 4 };
-    let ld = Loader::<B>::new(&reader, &device, DType::F32);
+    let ld = loader(&reader);
     let with_bias: Linear<B> = ld.sub("a").linear(16, 24, true).unwrap();
     let x = normal([2, 3, 16], 18);
     let full = portable::linear(&with_bias, x.clone());
