@@ -17,21 +17,6 @@ pub enum KvCache {
     Off,
 }
 
-impl std::str::FromStr for KvCache {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "official" => Ok(Self::Official),
-            "exact" => Ok(Self::Exact),
-            "off" | "none" => Ok(Self::Off),
-            other => Err(Error::invalid_argument(
-                "kv_cache",
-                format!("`{other}` is not one of official, exact, off"),
-            )),
-        }
-    }
-}
-
 /// Which latent of an input image's VAE posterior conditions the transformer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum InputLatents {
@@ -41,20 +26,6 @@ pub enum InputLatents {
     Sample,
     /// The posterior mean: deterministic, independent of the seed.
     Mean,
-}
-
-impl std::str::FromStr for InputLatents {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "sample" => Ok(Self::Sample),
-            "mean" => Ok(Self::Mean),
-            other => Err(Error::invalid_argument(
-                "input_latents",
-                format!("`{other}` is not one of sample, mean"),
-            )),
-        }
-    }
 }
 
 /// Initial noise supplied by the caller instead of drawing it from the seed.
