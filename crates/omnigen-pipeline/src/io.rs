@@ -1,7 +1,7 @@
 //! The traceability metadata written into output PNGs: what produced an image, and with which
 //! parameters, so it can be traced back to its model and reproduced.
 
-use burn::tensor::backend::Backend;
+use omnigen_models::KernelBackend;
 
 use crate::output::PngMetadata;
 use crate::pipeline::OmniGenPipeline;
@@ -10,7 +10,7 @@ use crate::request::GenerationRequest;
 /// The parameters of a generation as PNG text chunks, with an "AI-generated" marker, so an
 /// output can be traced back to its model and reproduced. `size` is the generated image's
 /// `(width, height)` (it differs from the request's with `use_input_image_size_as_output`).
-pub fn generation_metadata<B: omnigen_models::KernelBackend>(
+pub fn generation_metadata<B: KernelBackend>(
     request: &GenerationRequest,
     pipeline: &OmniGenPipeline<B>,
     size: (u32, u32),
