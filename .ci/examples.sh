@@ -1,27 +1,29 @@
 #!/usr/bin/env bash
-# Runs every example offline on the committed tiny checkpoint and checks outputs and failures.
+# Runs the `omnigen` command and every example offline on the committed tiny checkpoint and checks
+# outputs and failures.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 M=tests/fixtures/A/model
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 run() { cargo run --release -q --example "$@"; }
+omnigen() { cargo run --release -q -p omnigen-cli -- "$@"; }
 
 # text-to-image, editing, two-image subject prompt, every cache / guidance form
-run generate -- --model $M --prompt "a red cat sitting on a blue mat" --height 64 --width 64 \
+omnigen generate --model $M --prompt "a red cat sitting on a blue mat" --height 64 --width 64 \
   --steps 4 --seed 0 --output "$OUT/t2i.png" --save-latents "$OUT/t2i.safetensors"
-run generate -- --model $M --prompt "<img><|image_1|></img> make the cat green and add a hat" \
+omnigen generate --model $M --prompt "<img><|image_1|></img> make the cat green and add a hat" \
   --image tests/fixtures/A/edit_in.png --use-input-image-size-as-output --steps 4 --seed 1 \
   --kv-cache exact --output "$OUT/edit.png"
-run generate -- --model $M --prompt "<img><|image_1|></img> and <img><|image_2|></img> sit together" \
+omnigen generate --model $M --prompt "<img><|image_1|></img> and <img><|image_2|></img> sit together" \
   --image tests/fixtures/A/edit_in.png --image tests/fixtures/A/img2_in.png --height 64 --width 48 \
   --steps 3 --seed 2 --joint-cfg --kv-cache off --input-latents mean --output "$OUT/two.png"
 # --latents: initial noise read from a safetensors file (here the one --save-latents wrote)
-run generate -- --model $M --prompt "a red cat sitting on a blue mat" --height 64 --width 64 \
+omnigen generate --model $M --prompt "a red cat sitting on a blue mat" --height 64 --width 64 \
   --steps 4 --latents "$OUT/t2i.safetensors" --output "$OUT/from_latents.png"
-run generate -- --model $M --prompt "a red cat sitting on a blue mat" --height 64 --width 64 \
+omnigen generate --model $M --prompt "a red cat sitting on a blue mat" --height 64 --width 64 \
   --steps 2 --seed 0 --lora tests/fixtures/A/lora --lora-scale 0.5 --dtype bf16 --output "$OUT/lora.png"
-run generate -- --model $M --prompt "a red cat" --height 64 --width 64 --steps 2 --seed 0 \
+omnigen generate --model $M --prompt "a red cat" --height 64 --width 64 --steps 2 --seed 0 \
   --no-metadata --output "$OUT/plain.png"
 run embed -- $M "$OUT"
 run custom_scheduler -- $M "$OUT/heun.png"
@@ -32,7 +34,7 @@ done
 # failures: one line, non-zero exit, no output file
 expect_fail() {
   local name=$1; shift
-  if run generate -- "$@" --output "$OUT/$name.png" 2>"$OUT/$name.err"; then
+  if omnigen generate "$@" --output "$OUT/$name.png" 2>"$OUT/$name.err"; then
     echo "expected failure: $name"; exit 1
   fi
   test ! -e "$OUT/$name.png" || { echo "partial output left by $name"; exit 1; }
@@ -43,6 +45,8 @@ expect_fail() {
 expect_fail bad_placeholder --model $M --prompt "x <img><|image_2|></img>" --image tests/fixtures/A/edit_in.png
 expect_fail no_model --model "$OUT/nope" --prompt "x"
 expect_fail bad_size --model $M --prompt "x" --height 65
+expect_fail bad_kv_cache --model $M --prompt "x" --height 64 --width 64 --kv-cache sometimes
+expect_fail bad_dtype --model $M --prompt "x" --height 64 --width 64 --dtype f64
 expect_fail zero_steps --model $M --prompt "x" --height 64 --width 64 --steps 0
 expect_fail nan_scale --model $M --prompt "x" --height 64 --width 64 --guidance-scale NaN
 expect_fail missing_image --model $M --prompt "<img><|image_1|></img>" --image "$OUT/none.png"
@@ -60,8 +64,23 @@ expect_fail bad_config --model "$OUT/broken" --prompt "x" --height 64 --width 64
 cp $M/config.json "$OUT/broken/" && rm -r "$OUT/broken/vae"
 expect_fail missing_vae --model "$OUT/broken" --prompt "x" --height 64 --width 64
 HF_ENDPOINT=http://127.0.0.1:9 HF_HOME="$OUT/hf" expect_fail hub_offline --model Shitao/OmniGen-v1 --prompt "x"
-if run generate -- --model $M --prompt x --height 64 --width 64 --steps 1 --output "$OUT/no/such/dir/x.png" 2>"$OUT/unwritable.err"; then
+if omnigen generate --model $M --prompt x --height 64 --width 64 --steps 1 --output "$OUT/no/such/dir/x.png" 2>"$OUT/unwritable.err"; then
   echo "expected failure: unwritable output"; exit 1
 fi
 grep -q '^error: ' "$OUT/unwritable.err" && echo "ok (fails cleanly): unwritable: $(head -n1 "$OUT/unwritable.err")"
+
+# inspect: both committed layouts, and a folder that holds no model
+omnigen inspect $M > "$OUT/inspect.txt"
+grep -q '^layout        official' "$OUT/inspect.txt" && grep -q 'estimated weight memory' "$OUT/inspect.txt" \
+  || { echo "inspect $M:"; cat "$OUT/inspect.txt"; exit 1; }
+omnigen inspect tests/fixtures/A/model_diffusers > "$OUT/inspect_diffusers.txt"
+grep -q '^layout        diffusers' "$OUT/inspect_diffusers.txt" \
+  || { echo "inspect model_diffusers:"; cat "$OUT/inspect_diffusers.txt"; exit 1; }
+echo "ok: inspect official and diffusers"
+if omnigen inspect tests/fixtures 2>"$OUT/inspect_none.err"; then
+  echo "expected failure: inspect tests/fixtures"; exit 1
+fi
+grep -q '^error: .*not a model folder' "$OUT/inspect_none.err" \
+  || { echo "no error line for inspect_none"; cat "$OUT/inspect_none.err"; exit 1; }
+echo "ok (fails cleanly): inspect_none: $(head -n1 "$OUT/inspect_none.err")"
 echo "examples ok"

@@ -7,8 +7,8 @@
 
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use omnigen_models::loader::RandomWeights;
 use omnigen_models::transformer::{KvCacheMode, OmniGenTransformer, TransformerCondition};
+use omnigen_models::weights::RandomWeights;
 use omnigen_models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 
 mod common;

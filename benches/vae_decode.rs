@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use burn::tensor::{DType, Distribution, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use omnigen_models::loader::RandomWeights;
 use omnigen_models::vae::AutoencoderKL;
+use omnigen_models::weights::RandomWeights;
 use omnigen_models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 
 mod common;

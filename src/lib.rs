@@ -8,7 +8,8 @@
 //! This facade re-exports the three crates of the workspace:
 //! - [`core`] (`omnigen-core`): errors, configs, safetensors loading;
 //! - [`models`] (`omnigen-models`): the VAE, the transformer and the schedulers, generic over
-//!   any burn backend;
+//!   any burn backend that implements [`KernelBackend`](omnigen_models::KernelBackend) (the
+//!   kernel dispatch layer, `omnigen_models::ops`);
 //! - [`pipeline`] (`omnigen-pipeline`): prompts, the processor and the generation loop.
 //!
 //! ```no_run
@@ -38,6 +39,7 @@ pub use omnigen_pipeline::io;
 pub mod prelude {
     pub use omnigen_core::{Error, Result};
     pub use omnigen_models::scheduler::{FlowMatchEulerScheduler, Scheduler};
+    pub use omnigen_models::KernelBackend;
     #[cfg(any(feature = "flex", feature = "ndarray", feature = "cuda"))]
     pub use omnigen_models::{default_device, DefaultBackend};
     pub use omnigen_pipeline::{

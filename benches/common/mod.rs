@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, TensorData};
 use omnigen_core::{Result, TransformerConfig, VaeConfig};
-use omnigen_models::loader::{RandomWeights, WeightReader};
 use omnigen_models::transformer::OmniGenTransformer;
 use omnigen_models::vae::AutoencoderKL;
+use omnigen_models::weights::{RandomWeights, WeightReader};
 use omnigen_models::{default_device, DefaultBackend};
 
 /// The committed config directory.
@@ -127,6 +127,22 @@ fn conv_flops(c_in: usize, c_out: usize, k: usize, h: usize, w: usize) -> u64 {
     2 * (c_in * c_out * k * k * h * w) as u64
 }
 
+/// FLOPs of `n` resnet blocks at `hh×ww`, the first mapping `c_in` to `c_out` (with a 1×1
+/// shortcut when they differ), the others `c_out` to `c_out`.
+fn resnets_flops(n: usize, c_in: usize, c_out: usize, hh: usize, ww: usize) -> u64 {
+    (0..n)
+        .map(|r| {
+            let ci = if r == 0 { c_in } else { c_out };
+            let shortcut = if ci != c_out {
+                conv_flops(ci, c_out, 1, hh, ww)
+            } else {
+                0
+            };
+            conv_flops(ci, c_out, 3, hh, ww) + conv_flops(c_out, c_out, 3, hh, ww) + shortcut
+        })
+        .sum()
+}
+
 /// FLOPs of the SDXL-style decoder for a `h×w` output (convolutions and mid attention).
 pub fn vae_decode_flops(cfg: &VaeConfig, h: usize, w: usize) -> u64 {
     let ch: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
@@ -137,13 +153,7 @@ pub fn vae_decode_flops(cfg: &VaeConfig, h: usize, w: usize) -> u64 {
     f += 2 * 4 * (hh * ww * ch[0] * ch[0]) as u64 + 2 * 2 * ((hh * ww).pow(2) * ch[0]) as u64;
     let mut c = ch[0];
     for (b, &co) in ch.iter().enumerate() {
-        for r in 0..=cfg.layers_per_block {
-            let ci = if r == 0 { c } else { co };
-            f += conv_flops(ci, co, 3, hh, ww) + conv_flops(co, co, 3, hh, ww);
-            if ci != co {
-                f += conv_flops(ci, co, 1, hh, ww);
-            }
-        }
+        f += resnets_flops(cfg.layers_per_block + 1, c, co, hh, ww);
         c = co;
         if b + 1 < n {
             hh *= 2;
@@ -162,13 +172,7 @@ pub fn vae_encode_flops(cfg: &VaeConfig, h: usize, w: usize) -> u64 {
     let mut f = conv_flops(cfg.in_channels, ch[0], 3, hh, ww);
     let mut c = ch[0];
     for (b, &co) in ch.iter().enumerate() {
-        for r in 0..cfg.layers_per_block {
-            let ci = if r == 0 { c } else { co };
-            f += conv_flops(ci, co, 3, hh, ww) + conv_flops(co, co, 3, hh, ww);
-            if ci != co {
-                f += conv_flops(ci, co, 1, hh, ww);
-            }
-        }
+        f += resnets_flops(cfg.layers_per_block, c, co, hh, ww);
         c = co;
         if b + 1 < n {
             hh /= 2;

@@ -163,6 +163,13 @@ impl WeightSource {
         self.files[slot].bytes(name).map(|(_, _, s)| s.to_vec())
     }
 
+    /// The dtype a tensor is stored with, as its file's header declares it (for reports such as
+    /// a checkpoint's dtype census; reads go through [`read`](Self::read), which converts).
+    pub fn stored_dtype(&self, name: &str) -> Option<StDtype> {
+        let slot = *self.index.get(name)?;
+        self.files[slot].metadata.info(name).map(|info| info.dtype)
+    }
+
     /// Reads a floating-point tensor, checking its shape, converted to `dtype`
     /// (`F32`, `F16` or `BF16`).
     pub fn read(&self, name: &str, expected_shape: &[usize], dtype: DType) -> Result<TensorData> {

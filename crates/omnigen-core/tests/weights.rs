@@ -222,3 +222,17 @@ fn missing_file_is_an_io_error() {
         "{err}"
     );
 }
+
+#[test]
+fn stored_dtypes_are_reported_as_the_header_declares_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = WeightSource::open(small_file(dir.path())).unwrap();
+    assert_eq!(src.stored_dtype("w"), Some(Dtype::F32));
+    assert_eq!(src.stored_dtype("ids"), Some(Dtype::I64));
+    assert_eq!(src.stored_dtype("nope"), None);
+    let bf16 = WeightSource::open_in_dir(diffusers_dir(), "diffusion_pytorch_model").unwrap();
+    assert!(bf16
+        .keys()
+        .iter()
+        .all(|k| bf16.stored_dtype(k) == Some(Dtype::BF16)));
+}

@@ -7,8 +7,9 @@
 //! | `cuda` | `burn::backend::Cuda` (loads the CUDA driver at run time) | GPU 0 |
 //!
 //! When several features are on, `cuda` wins over `flex`, which wins over `ndarray`. Every module
-//! in this crate is generic over `B: Backend`, so any other burn backend works too; these aliases
-//! only make the common case one line.
+//! in this crate is generic over [`KernelBackend`](crate::KernelBackend) (a burn `Backend` with
+//! the capabilities that pick its kernels), so any other burn backend works too after an empty
+//! `impl KernelBackend`; these aliases only make the common case one line.
 
 #[cfg(feature = "cuda")]
 mod chosen {
@@ -49,9 +50,9 @@ pub fn default_device() -> burn::tensor::Device<DefaultBackend> {
 /// its mmap threshold (128 KiB, growing dynamically) with `mmap`, so every such op pays page
 /// faults on fresh zeroed pages and an `munmap` when the tensor drops: about 12 % of a cached
 /// transformer step in a profile. Raising the threshold to 32 MiB (glibc's maximum) and keeping
-/// freed memory in the heap (trim threshold 256 MiB, top pad 64 MiB) lets buffers be reused.
-/// Measured on the medium config: transformer forward 0.107 -> 0.091 s, VAE decode 256x256
-/// 3.25 -> 2.76 s. The price: up to a few hundred MiB of freed memory stay mapped.
+/// freed memory in the heap (trim threshold 256 MiB, top pad 64 MiB) lets buffers be reused
+/// (docs/performance.md has the measurements). The price: up to a few hundred MiB of freed
+/// memory stay mapped.
 ///
 /// It changes process-wide malloc settings, so a library does not call it on its own: the
 /// examples and benches call it first thing, and applications may. The same effect without

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::{Error, TransformerWeights, WeightSource};
 use omnigen_models::default_device;
-use omnigen_models::loader::{Bf16RoundedReader, WeightReader};
 use omnigen_models::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader};
 use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
+use omnigen_models::weights::{Bf16RoundedReader, WeightReader};
 use transformer_support::*;
 
 const D: usize = 48;
@@ -49,7 +49,8 @@ fn values(data: TensorData) -> Vec<f32> {
 fn merged_weights_diff(precision: LoraMergePrecision, prefix: &str) -> f32 {
     let weights = weights_a();
     let rounded = Bf16RoundedReader { base: &weights };
-    let adapter = LoraAdapter::open(lora_dir(), 1.0).unwrap();
+    let adapter =
+        LoraAdapter::open(lora_dir(), 1.0, &omnigen_models::transformer::MODULES).unwrap();
     assert_eq!(adapter.modules().count(), 4);
     let reader = LoraMergedReader::new(&rounded, vec![adapter], precision);
     let reference = WeightSource::open(fixtures_a().join("lora_ref.safetensors")).unwrap();
@@ -142,7 +143,8 @@ fn forward_with_f32_merge_matches() {
 fn user_scale_multiplies_the_delta() {
     // With scale 0 the merge is the identity (up to the bf16 rounding of W, a no-op here).
     let weights = weights_a();
-    let adapter = LoraAdapter::open(lora_dir(), 0.0).unwrap();
+    let adapter =
+        LoraAdapter::open(lora_dir(), 0.0, &omnigen_models::transformer::MODULES).unwrap();
     let reader = LoraMergedReader::new(&weights, vec![adapter], LoraMergePrecision::F32);
     let (key, shape) = &targets()[0];
     assert_eq!(
@@ -152,12 +154,12 @@ fn user_scale_multiplies_the_delta() {
     // Scale 2 doubles the f32 delta.
     let two = LoraMergedReader::new(
         &weights,
-        vec![LoraAdapter::open(lora_dir(), 2.0).unwrap()],
+        vec![LoraAdapter::open(lora_dir(), 2.0, &omnigen_models::transformer::MODULES).unwrap()],
         LoraMergePrecision::F32,
     );
     let one = LoraMergedReader::new(
         &weights,
-        vec![LoraAdapter::open(lora_dir(), 1.0).unwrap()],
+        vec![LoraAdapter::open(lora_dir(), 1.0, &omnigen_models::transformer::MODULES).unwrap()],
         LoraMergePrecision::F32,
     );
     let base = weights.source().read_f32(key, shape).unwrap();

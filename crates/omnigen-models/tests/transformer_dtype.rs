@@ -6,8 +6,8 @@ mod transformer_support;
 use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::WeightSource;
 use omnigen_models::default_device;
-use omnigen_models::loader::{Bf16RoundedReader, RandomWeights, WeightReader};
 use omnigen_models::transformer::{LoadOptions, OmniGenTransformer, TransformerCondition};
+use omnigen_models::weights::{Bf16RoundedReader, RandomWeights, WeightReader};
 use transformer_support::*;
 
 fn values(data: TensorData) -> Vec<f32> {
@@ -75,7 +75,7 @@ fn bf16_rounding_of_random_f32_weights_is_round_to_nearest_even() {
         (-(1.0 + 2f32.powi(-8)), -1.0),
     ] {
         assert_eq!(bf16_bits_rne(x), want);
-        assert_eq!(omnigen_models::lora::round_bf16(x), want);
+        assert_eq!(omnigen_models::weights::round_bf16(x), want);
     }
 }
 

@@ -7,8 +7,8 @@ use burn::module::Module;
 use burn::tensor::DType;
 use omnigen_core::{RopeScaling, TransformerConfig};
 use omnigen_models::default_device;
-use omnigen_models::loader::RandomWeights;
 use omnigen_models::transformer::OmniGenTransformer;
+use omnigen_models::weights::RandomWeights;
 use transformer_support::*;
 
 fn real_config() -> TransformerConfig {

@@ -5,8 +5,8 @@ mod vae_support;
 use burn::tensor::{DType, Tensor};
 use omnigen_core::{Error, VaeConfig};
 use omnigen_models::default_device;
-use omnigen_models::loader::RandomWeights;
 use omnigen_models::vae::{AutoencoderKL, LatentChoice, TilingConfig};
+use omnigen_models::weights::RandomWeights;
 use vae_support::{fixture, tiny_vae, B};
 
 fn zeros(shape: [usize; 4]) -> Tensor<B, 4> {

@@ -7,8 +7,8 @@ use burn::module::Module;
 use burn::tensor::DType;
 use omnigen_core::{VaeConfig, WeightSource};
 use omnigen_models::default_device;
-use omnigen_models::loader::RandomWeights;
 use omnigen_models::vae::AutoencoderKL;
+use omnigen_models::weights::RandomWeights;
 use vae_support::{fixture, tiny_vae, B};
 
 /// Counted from the architecture (conv_in, 2 resnets per encoder level and 3 per decoder level

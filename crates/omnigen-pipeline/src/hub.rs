@@ -2,7 +2,7 @@
 //! cache (`HF_HOME`) first and downloaded only when missing.
 //!
 //! With no network the resolution fails fast — a bounded reachability probe runs before any
-//! download — with one message saying how to point `--model` at a local copy.
+//! download — with one message saying how to use a local copy instead.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -77,8 +77,8 @@ fn resolve_hub(id: &str, progress: bool) -> Result<PathBuf> {
         std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".to_string());
     let how_to_fix = format!(
         "it is not in the local cache ({}). Download the repository elsewhere (e.g. `huggingface-cli \
-         download {id} --local-dir OmniGen-v1`) and pass its folder with --model /path/to/OmniGen-v1, \
-         or set HF_HOME to a cache that holds it",
+         download {id} --local-dir OmniGen-v1`) and pass that folder instead of the hub id, or set \
+         HF_HOME to a cache that holds it",
         cache.path().display()
     );
     if offline {

@@ -1,74 +1,16 @@
-//! Files around a generation: latents in and out (safetensors), dtype names, and the
-//! traceability metadata written into output PNGs.
+//! The traceability metadata written into output PNGs: what produced an image, and with which
+//! parameters, so it can be traced back to its model and reproduced.
 
-use std::collections::HashMap;
-use std::io::Write;
-use std::path::Path;
+use omnigen_models::KernelBackend;
 
-use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor};
-use omnigen_core::{Error, Result, WeightSource};
-
-use crate::output::{write_atomically, PngMetadata};
+use crate::output::PngMetadata;
 use crate::pipeline::OmniGenPipeline;
-use crate::request::{GenerationRequest, InitialLatents};
-
-/// The tensor name used for latents files (`--latents`, `--save-latents`).
-pub const LATENTS_KEY: &str = "latents";
-
-/// Reads tensor `latents` `[N, 4, h, w]` (f32, f16 or bf16) from a safetensors file.
-pub fn read_latents(path: &Path) -> Result<InitialLatents> {
-    let src = WeightSource::open(path)?;
-    let shape = src.shape(LATENTS_KEY).ok_or_else(|| Error::MissingTensor {
-        name: LATENTS_KEY.into(),
-        path: path.into(),
-    })?;
-    let shape: [usize; 4] = shape.as_slice().try_into().map_err(|_| {
-        Error::invalid_argument(
-            "latents",
-            format!(
-                "{} has shape {shape:?}, expected [N, 4, H/8, W/8]",
-                path.display()
-            ),
-        )
-    })?;
-    let values = src.read_f32(LATENTS_KEY, &shape)?;
-    Ok(InitialLatents { values, shape })
-}
-
-/// Writes `latents` as f32 tensor `latents` to a safetensors file, atomically.
-pub fn write_latents<B: Backend>(path: &Path, latents: Tensor<B, 4>) -> Result<()> {
-    let shape = latents.dims().to_vec();
-    let values: Vec<f32> = latents
-        .into_data()
-        .convert::<f32>()
-        .into_vec()
-        .map_err(|e| Error::invalid_argument("latents", format!("{e:?}")))?;
-    let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, &bytes)
-        .map_err(|e| Error::invalid_argument("latents", e.to_string()))?;
-    let data = safetensors::serialize(HashMap::from([(LATENTS_KEY.to_string(), view)]), None)
-        .map_err(|e| Error::invalid_argument("latents", e.to_string()))?;
-    write_atomically(path, |f| f.write_all(&data))
-}
-
-/// Parses `f32`, `f16` or `bf16`.
-pub fn parse_dtype(name: &str) -> Result<DType> {
-    match name {
-        "f32" | "float32" => Ok(DType::F32),
-        "f16" | "float16" => Ok(DType::F16),
-        "bf16" | "bfloat16" => Ok(DType::BF16),
-        other => Err(Error::invalid_argument(
-            "dtype",
-            format!("`{other}` is not one of f32, f16, bf16"),
-        )),
-    }
-}
+use crate::request::GenerationRequest;
 
 /// The parameters of a generation as PNG text chunks, with an "AI-generated" marker, so an
 /// output can be traced back to its model and reproduced. `size` is the generated image's
 /// `(width, height)` (it differs from the request's with `use_input_image_size_as_output`).
-pub fn generation_metadata<B: Backend>(
+pub fn generation_metadata<B: KernelBackend>(
     request: &GenerationRequest,
     pipeline: &OmniGenPipeline<B>,
     size: (u32, u32),

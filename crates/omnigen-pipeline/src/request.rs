@@ -17,21 +17,6 @@ pub enum KvCache {
     Off,
 }
 
-impl std::str::FromStr for KvCache {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "official" => Ok(Self::Official),
-            "exact" => Ok(Self::Exact),
-            "off" | "none" => Ok(Self::Off),
-            other => Err(Error::invalid_argument(
-                "kv_cache",
-                format!("`{other}` is not one of official, exact, off"),
-            )),
-        }
-    }
-}
-
 /// Which latent of an input image's VAE posterior conditions the transformer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum InputLatents {
@@ -41,20 +26,6 @@ pub enum InputLatents {
     Sample,
     /// The posterior mean: deterministic, independent of the seed.
     Mean,
-}
-
-impl std::str::FromStr for InputLatents {
-    type Err = Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "sample" => Ok(Self::Sample),
-            "mean" => Ok(Self::Mean),
-            other => Err(Error::invalid_argument(
-                "input_latents",
-                format!("`{other}` is not one of sample, mean"),
-            )),
-        }
-    }
 }
 
 /// Initial noise supplied by the caller instead of drawing it from the seed.
@@ -102,8 +73,8 @@ pub struct GenerationRequest {
     pub separate_cfg_infer: bool,
     /// Key-value cache semantics. Default [`KvCache::Official`].
     pub kv_cache: KvCache,
-    /// Keep the kv cache in host memory between steps where the backend has a separate device
-    /// memory; a no-op on CPU backends, whose memory is the host's.
+    /// The official option of that name (keep the kv cache in host memory between steps),
+    /// accepted so that official settings carry over; it has no effect on any backend yet.
     pub offload_kv_cache: bool,
     /// Take the output size from the first input image (after preprocessing).
     pub use_input_image_size_as_output: bool,
@@ -202,7 +173,7 @@ impl GenerationRequest {
         self
     }
 
-    /// Offload the kv cache to host memory where the backend allows it.
+    /// Sets [`offload_kv_cache`](Self::offload_kv_cache), which has no effect yet.
     pub fn offload_kv_cache(mut self, on: bool) -> Self {
         self.offload_kv_cache = on;
         self

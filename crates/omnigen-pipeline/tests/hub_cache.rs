@@ -42,7 +42,8 @@ fn cache_first_then_fail_fast() {
     let msg = err.to_string();
     assert!(matches!(err, Error::ModelNotFound { .. }), "{msg}");
     assert!(
-        msg.contains("--model") && msg.contains("cannot reach the hub"),
+        msg.contains("pass that folder instead of the hub id")
+            && msg.contains("cannot reach the hub"),
         "{msg}"
     );
 }

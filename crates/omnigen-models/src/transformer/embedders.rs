@@ -10,6 +10,7 @@ use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::{Error, Result, TransformerConfig};
 
 use crate::loader::Loader;
+use crate::ops::{self, KernelBackend};
 
 /// `Conv2d(C, D, kernel = stride = patch)` turning a latent into row-major patch tokens
 /// (`PatchEmbedMR`).
@@ -101,12 +102,15 @@ impl<B: Backend> TimestepEmbedder<B> {
             frequency_dim: f,
         })
     }
+}
 
+impl<B: KernelBackend> TimestepEmbedder<B> {
+    /// # Shapes
     /// `t` `[B]` (flow time in [0, 1], not scaled by 1000) -> `[B, D]`.
     pub fn forward(&self, t: Tensor<B, 1>) -> Tensor<B, 2> {
         let dtype = self.mlp_0.weight.val().dtype();
         let features = timestep_features(t, self.frequency_dim).cast(dtype); // [B, 256]
-        self.mlp_2.forward(silu(self.mlp_0.forward(features)))
+        ops::linear(&self.mlp_2, silu(ops::linear(&self.mlp_0, features)))
     }
 }
 

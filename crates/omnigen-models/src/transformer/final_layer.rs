@@ -8,6 +8,7 @@ use burn::tensor::{DType, Tensor};
 use omnigen_core::{Result, TransformerConfig};
 
 use crate::loader::Loader;
+use crate::ops::{self, KernelBackend};
 
 /// `FinalLayer`: `LayerNorm(no affine, eps 1e-6)`, modulated by `(shift, scale)` from the
 /// timestep embedding, then `Linear(D -> p*p*C)`.
@@ -34,18 +35,20 @@ impl<B: Backend> FinalLayer<B> {
             hidden_size: d,
         })
     }
+}
 
+impl<B: KernelBackend> FinalLayer<B> {
+    /// Modulated norm and projection of the image tokens.
+    ///
+    /// # Shapes
     /// `x` `[B, N, D]` image tokens, `temb` `[B, D]` -> `[B, N, p*p*C]`.
     pub fn forward(&self, x: Tensor<B, 3>, temb: Tensor<B, 2>) -> Tensor<B, 3> {
         let d = self.hidden_size;
-        let modulation = self
-            .ada_ln_modulation_1
-            .forward(silu(temb))
-            .unsqueeze_dim::<3>(1); // [B, 1, 2D]
+        let modulation = ops::linear(&self.ada_ln_modulation_1, silu(temb)).unsqueeze_dim::<3>(1); // [B, 1, 2D]
         let shift = modulation.clone().narrow(2, 0, d);
         let scale = modulation.narrow(2, d, d);
         let y = layer_norm_no_affine(x) * scale.add_scalar(1.0) + shift; // [B, N, D]
-        super::phi3::linear3(&self.linear, y)
+        ops::linear(&self.linear, y)
     }
 }
 

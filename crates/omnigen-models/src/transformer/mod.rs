@@ -28,9 +28,45 @@ pub use kv_cache::{KvCache, KvCacheMode};
 pub use phi3::{Attention, DecoderLayer, Mlp, Phi3Model, RmsNorm};
 pub use rope::{LongRope, RopeTables};
 
-use crate::loader::{Bf16RoundedReader, Loader, WeightReader};
-use crate::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader};
+use crate::loader::Loader;
+use crate::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader, ModuleTable};
+use crate::ops::KernelBackend;
+use crate::weights::{Bf16RoundedReader, WeightReader};
 use phi3::KeyValue;
+
+/// Every `Linear` of the transformer, by official module path (`{i}` = a layer index): the
+/// modules a LoRA adapter can be merged into (and, with [`NON_LINEAR_MODULES`], every leaf
+/// module with parameters).
+pub const LINEAR_MODULES: &[&str] = &[
+    "llm.layers.{i}.self_attn.qkv_proj",
+    "llm.layers.{i}.self_attn.o_proj",
+    "llm.layers.{i}.mlp.gate_up_proj",
+    "llm.layers.{i}.mlp.down_proj",
+    "time_token.mlp.0",
+    "time_token.mlp.2",
+    "t_embedder.mlp.0",
+    "t_embedder.mlp.2",
+    "final_layer.adaLN_modulation.1",
+    "final_layer.linear",
+];
+
+/// The transformer's leaf modules with parameters that are not `Linear` (convolutions, the
+/// embedding table, norms): a LoRA target that names one of them is refused.
+pub const NON_LINEAR_MODULES: &[&str] = &[
+    "x_embedder.proj",
+    "input_x_embedder.proj",
+    "llm.embed_tokens",
+    "llm.layers.{i}.input_layernorm",
+    "llm.layers.{i}.post_attention_layernorm",
+    "llm.norm",
+];
+
+/// The transformer's leaf modules, for LoRA adapters.
+pub const MODULES: ModuleTable = ModuleTable {
+    model: "OmniGen transformer",
+    linear: LINEAR_MODULES,
+    other: NON_LINEAR_MODULES,
+};
 
 /// What a condition (one guidance branch, or the joint batch) gives the transformer: the same at
 /// every denoising step, as the official processor/collator produce it. The per-step noisy
@@ -150,7 +186,7 @@ fn shape_error(name: &'static str, expected: String, found: &[usize]) -> Error {
     Error::invalid_argument(name, format!("expected shape {expected}, got {found:?}"))
 }
 
-impl<B: Backend> OmniGenTransformer<B> {
+impl<B: KernelBackend> OmniGenTransformer<B> {
     /// Builds the model from a checkpoint in either key layout, with the default
     /// [`LoadOptions`] (official bf16 rounding of the weights, no adapters).
     pub fn load(
@@ -177,7 +213,7 @@ impl<B: Backend> OmniGenTransformer<B> {
         let adapters = options
             .lora
             .iter()
-            .map(|(dir, scale)| LoraAdapter::open(dir, *scale))
+            .map(|(dir, scale)| LoraAdapter::open(dir, *scale, &MODULES))
             .collect::<Result<Vec<_>>>()?;
         let rounded = Bf16RoundedReader { base: weights };
         let base: &dyn WeightReader = if options.round_weights_to_bf16 {
@@ -556,10 +592,9 @@ impl<B: Backend> OmniGenTransformer<B> {
         keep_prefix: Option<usize>,
     ) -> (Tensor<B, 3>, Vec<KeyValue<B>>) {
         let mut kept = Vec::new();
-        let rope = rope.repeat_heads(2 * self.config.num_attention_heads);
         for (i, layer) in self.llm.layers.iter().enumerate() {
             let (out, (k, v)) =
-                layer.forward(hidden, &rope, bias.clone(), past.and_then(|p| p.get(i)));
+                layer.forward(hidden, rope, bias.clone(), past.and_then(|p| p.get(i)));
             hidden = out;
             if let Some(len) = keep_prefix {
                 kept.push((k.narrow(2, 0, len), v.narrow(2, 0, len)));

@@ -4,37 +4,13 @@
 
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear};
-use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::Tensor;
 use omnigen_core::{Result, TransformerConfig};
 
-use super::rope::{apply_rotary, RopeTables};
+use super::rope::RopeTables;
 use crate::loader::Loader;
-
-/// `Linear::forward` for `[B, S, in]` inputs without burn's per-call weight copy: burn's
-/// `linear` unsqueezes the weight to the input's rank, and burn-flex materialises that reshape
-/// of the transposed (PyTorch-layout) view on every call. Flattening the input to 2-D instead
-/// (free: it is contiguous) lets the GEMM read the transposed weight through its strides.
-pub(crate) fn linear3<B: Backend>(linear: &Linear<B>, x: Tensor<B, 3>) -> Tensor<B, 3> {
-    let [b, s, d_in] = x.dims();
-    let w = linear.weight.val(); // [in, out]
-    let d_out = w.dims()[1];
-    let y = x.reshape([b * s, d_in]).matmul(w);
-    let y = match &linear.bias {
-        Some(bias) => y + bias.val().unsqueeze::<2>(),
-        None => y,
-    };
-    y.reshape([b, s, d_out])
-}
-
-/// Whether the host kernels of [`crate::host`] apply: an f32 tensor on a CPU backend.
-#[cfg(any(feature = "flex", feature = "ndarray"))]
-fn host_f32<B: Backend, const D: usize>(x: &Tensor<B, D>) -> bool {
-    x.dtype() == DType::F32 && crate::vae::is_cpu_backend::<B>(&x.device())
-}
+use crate::ops::{self, HeadRange, KernelBackend};
 
 /// Root-mean-square layer norm: `weight * x / sqrt(mean(x^2) + eps)`, computed in f32.
 #[derive(Module, Debug)]
@@ -53,25 +29,13 @@ impl<B: Backend> RmsNorm<B> {
             eps,
         })
     }
+}
 
-    /// `x`: `[B, S, D]` -> `[B, S, D]`.
+impl<B: KernelBackend> RmsNorm<B> {
+    /// # Shapes
+    /// `x` `[B, S, D]` -> `[B, S, D]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        #[cfg(any(feature = "flex", feature = "ndarray"))]
-        if host_f32(&x) {
-            return crate::host::rms_norm(x, self.weight.val(), self.eps);
-        }
-        let dtype = x.dtype();
-        // transformers upcasts to f32 for the statistics, then casts back before the scale.
-        let x32 = x.cast(DType::F32);
-        let inv_rms = x32
-            .clone()
-            .square()
-            .mean_dim(2)
-            .add_scalar(self.eps)
-            .sqrt()
-            .recip(); // [B, S, 1]
-        let normed = (x32 * inv_rms).cast(dtype);
-        normed * self.weight.val().unsqueeze::<3>()
+        ops::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
@@ -102,12 +66,16 @@ impl<B: Backend> Attention<B> {
             head_dim: config.head_dim(),
         })
     }
+}
 
-    /// `x` `[B, S, D]` attends to `past` keys/values (if any) followed by its own.
+impl<B: KernelBackend> Attention<B> {
+    /// `x` attends to `past` keys/values (if any) followed by its own, under the additive mask
+    /// `bias`. Returns the output and the new tokens' keys/values after RoPE (what a cache
+    /// stores).
     ///
-    /// `rope` holds the tables repeated over `2H` heads ([`RopeTables::repeat_heads`]).
-    /// `bias` is the additive mask `[B, 1, S, S_past + S]`. Returns the output `[B, S, D]` and the
-    /// new tokens' keys/values after RoPE (what a cache stores).
+    /// # Shapes
+    /// `x` `[B, S, D]`, `rope` tables `[B, 1, S, hd]`, `bias` `[B, 1, S, S_past + S]`, `past`
+    /// `[B, H, S_past, hd]` each -> (`[B, S, D]`, `[B, H, S, hd]` each).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
@@ -115,85 +83,29 @@ impl<B: Backend> Attention<B> {
         bias: Tensor<B, 4>,
         past: Option<&KeyValue<B>>,
     ) -> (Tensor<B, 3>, KeyValue<B>) {
-        let [b, s, d] = x.dims();
-        let (h, hd) = (self.num_heads, self.head_dim);
-        // Per-head projection straight into the [B, 3H, S, hd] layout attention wants: the
-        // weight's `[3D, D]` storage viewed as `[3H, D, hd]` (no copy) is the right-hand side
-        // of one batched product, so no strided [B, S, 3H, hd] -> [B, 3H, S, hd] copy follows.
-        // (Reshapes only on the contiguous storage: burn-flex copies when reshaping a view.)
-        let w = self
-            .qkv_proj
-            .weight
-            .val() // [D, 3D] (transposed view of the checkpoint's [3D, D])
-            .transpose() // [3D, D], contiguous
-            .reshape([1, 3 * h, hd, d])
-            .swap_dims(2, 3); // [1, 3H, D, hd]
-        let qkv = x.unsqueeze_dim::<4>(1).matmul(w); // [B, 3H, S, hd]
-                                                     // q and k rotated together; `rope` holds tables repeated over 2H heads.
-        #[cfg(any(feature = "flex", feature = "ndarray"))]
-        let qk = if host_f32(&qkv) {
-            crate::host::rope(
-                qkv.clone(),
-                2 * h,
-                rope.cos.clone(),
-                rope.sin_signed.clone(),
-            )
-        } else {
-            apply_rotary(qkv.clone().narrow(1, 0, 2 * h), rope)
-        };
-        #[cfg(not(any(feature = "flex", feature = "ndarray")))]
-        let qk = apply_rotary(qkv.clone().narrow(1, 0, 2 * h), rope); // [B, 2H, S, hd]
+        let h = self.num_heads;
+        let qkv = ops::linear_heads(&self.qkv_proj, x, 3 * h); // [B, 3H, S, hd]
+                                                               // q and k rotated together.
+        let qk = ops::rope(
+            HeadRange::new(qkv.clone(), 0, 2 * h),
+            rope.cos.clone(),
+            rope.sin_signed.clone(),
+        ); // [B, 2H, S, hd]
         let k = qk.clone().narrow(1, h, h); // [B, H, S, hd]
         let v = qkv.clone().narrow(1, 2 * h, h); // [B, H, S, hd]
-        #[cfg(any(feature = "flex", feature = "ndarray"))]
-        if host_f32(&qkv) {
-            // Host attention reads q, k and v in place from the projection (or from the
-            // concatenated cache) and writes [B, S, D] directly.
-            use crate::host::Heads;
-            let (k_src, v_src) = match past {
-                Some((pk, pv)) => (
-                    Heads {
-                        tensor: Tensor::cat(vec![pk.clone(), k.clone()], 2),
-                        h0: 0,
-                    },
-                    Heads {
-                        tensor: Tensor::cat(vec![pv.clone(), v.clone()], 2),
-                        h0: 0,
-                    },
-                ),
-                None => (
-                    Heads {
-                        tensor: qk.clone(),
-                        h0: h,
-                    },
-                    Heads {
-                        tensor: qkv.clone(),
-                        h0: 2 * h,
-                    },
-                ),
-            };
-            let q_src = Heads { tensor: qk, h0: 0 };
-            let out = crate::host::attention(q_src, k_src, v_src, bias, h);
-            return (linear3(&self.o_proj, out), (k, v));
-        }
         let (k_all, v_all) = match past {
             Some((pk, pv)) => (
-                Tensor::cat(vec![pk.clone(), k.clone()], 2),
-                Tensor::cat(vec![pv.clone(), v.clone()], 2),
+                HeadRange::all(Tensor::cat(vec![pk.clone(), k.clone()], 2)),
+                HeadRange::all(Tensor::cat(vec![pv.clone(), v.clone()], 2)),
+            ), // [B, H, S_past + S, hd]
+            // Without a cache, k and v are read in place from the projections.
+            None => (
+                HeadRange::new(qk.clone(), h, h),
+                HeadRange::new(qkv, 2 * h, h),
             ),
-            None => (k.clone(), v.clone()),
-        }; // [B, H, S_past + S, hd]
-        let q = qk.narrow(1, 0, h); // [B, H, S, hd]
-        let out = attention(
-            q,
-            k_all,
-            v_all,
-            None,
-            Some(bias),
-            AttentionModuleOptions::default(),
-        ); // [B, H, S, hd]
-        let out = out.swap_dims(1, 2).reshape([b, s, d]); // [B, S, D]
-        (linear3(&self.o_proj, out), (k, v))
+        };
+        let out = ops::attention(HeadRange::new(qk, 0, h), k_all, v_all, bias); // [B, S, D]
+        (ops::linear(&self.o_proj, out), (k, v))
     }
 }
 
@@ -218,26 +130,14 @@ impl<B: Backend> Mlp<B> {
             intermediate_size: i,
         })
     }
+}
 
-    /// `[B, S, D]` -> `[B, S, D]`.
+impl<B: KernelBackend> Mlp<B> {
+    /// # Shapes
+    /// `x` `[B, S, D]` -> `[B, S, D]`.
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        let i = self.intermediate_size;
-        // Two products with the column halves of the fused weight (views, no copy) give
-        // contiguous gate and up: the elementwise ops then run on contiguous data instead of
-        // strided halves of one [B, S, 2I] tensor.
-        let [b, s, d] = x.dims();
-        let x = x.reshape([b * s, d]);
-        let w = self.gate_up_proj.weight.val(); // [D, 2I]
-        let gate = x.clone().matmul(w.clone().narrow(1, 0, i)); // [B·S, I]
-        let up = x.matmul(w.narrow(1, i, i)); // [B·S, I]
-        #[cfg(any(feature = "flex", feature = "ndarray"))]
-        if host_f32(&gate) {
-            return linear3(
-                &self.down_proj,
-                crate::host::silu_mul(gate, up).reshape([b, s, i]),
-            );
-        }
-        linear3(&self.down_proj, (up * silu(gate)).reshape([b, s, i]))
+        let [gate, up] = ops::linear_chunks(&self.gate_up_proj, x); // [B, S, I] each
+        ops::linear(&self.down_proj, ops::silu_mul(gate, up))
     }
 }
 
@@ -269,8 +169,11 @@ impl<B: Backend> DecoderLayer<B> {
             mlp: Mlp::load(&loader.sub("mlp"), config)?,
         })
     }
+}
 
-    /// `x` `[B, S, D]` -> (`[B, S, D]`, this layer's new keys/values).
+impl<B: KernelBackend> DecoderLayer<B> {
+    /// # Shapes
+    /// `x` `[B, S, D]` -> (`[B, S, D]`, this layer's new keys/values `[B, H, S, hd]` each).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,

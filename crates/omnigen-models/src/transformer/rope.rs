@@ -2,7 +2,8 @@
 //! `Phi3LongRoPEScaledRotaryEmbedding` computes it for the official OmniGen backbone.
 //!
 //! burn's `RotaryEncoding` rotates interleaved pairs over contiguous positions; Phi-3 rotates
-//! halves (`rotate_half`) at explicit, per-row `position_ids`, so it is written here.
+//! halves (`rotate_half`) at explicit, per-row `position_ids`, so the tables are built here and
+//! applied by [`ops::rope`](crate::ops::rope).
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -25,16 +26,6 @@ impl<B: Backend> RopeTables<B> {
         Self {
             cos: self.cos.clone().narrow(2, start, len),
             sin_signed: self.sin_signed.clone().narrow(2, start, len),
-        }
-    }
-
-    /// The tables repeated over `heads` heads, `[B, heads, S, head_dim]` each: with tables of the
-    /// rotated tensor's own shape the RoPE products run on contiguous data instead of
-    /// broadcasting (which burn-flex iterates element by element).
-    pub fn repeat_heads(&self, heads: usize) -> Self {
-        Self {
-            cos: self.cos.clone().repeat_dim(1, heads),
-            sin_signed: self.sin_signed.clone().repeat_dim(1, heads),
         }
     }
 
@@ -132,25 +123,4 @@ impl LongRope {
 
 fn halves<B: Backend>(x: Tensor<B, 4>, half: usize) -> [Tensor<B, 4>; 2] {
     [x.clone().narrow(3, 0, half), x.narrow(3, half, half)]
-}
-
-/// `x * cos + rotate_half(x) * sin` for `x` `[B, H, S, head_dim]`, with
-/// `rotate_half(x) = cat(-x2, x1)`; the sign lives in `tables.sin_signed`.
-///
-/// The half swap is a product with a `[head_dim, head_dim]` permutation matrix: exact (one
-/// non-zero per column) and, unlike slicing the two halves and concatenating them, it reads
-/// and writes contiguous rows (burn-flex copies strided 4-D views element by element).
-pub fn apply_rotary<B: Backend>(x: Tensor<B, 4>, tables: &RopeTables<B>) -> Tensor<B, 4> {
-    let hd = x.dims()[3];
-    let half = hd / 2;
-    let mut perm = vec![0f32; hd * hd];
-    for j in 0..hd {
-        // swapped[j] = x[(j + half) % hd]
-        perm[((j + half) % hd) * hd + j] = 1.0;
-    }
-    let perm = Tensor::<B, 2>::from_data(TensorData::new(perm, [hd, hd]), &x.device())
-        .cast(x.dtype())
-        .unsqueeze::<4>(); // [1, 1, hd, hd]
-    let swapped = x.clone().matmul(perm); // [B, H, S, head_dim]
-    x * tables.cos.clone() + swapped * tables.sin_signed.clone()
 }

@@ -9,6 +9,7 @@ use omnigen_core::{Result, VaeConfig};
 
 use super::blocks::{ResnetBlock2D, UNetMidBlock2D, Upsample2D, NORM_EPS};
 use crate::loader::Loader;
+use crate::ops::{self, KernelBackend};
 
 /// diffusers' `UpDecoderBlock2D`: `layers_per_block + 1` resnets, then a 2× upsampler on every
 /// level but the last.
@@ -19,7 +20,7 @@ pub struct UpDecoderBlock2D<B: Backend> {
     upsamplers: Vec<Upsample2D<B>>,
 }
 
-impl<B: Backend> UpDecoderBlock2D<B> {
+impl<B: KernelBackend> UpDecoderBlock2D<B> {
     fn load(
         ld: &Loader<B>,
         c_in: usize,
@@ -63,7 +64,7 @@ pub struct Decoder<B: Backend> {
     conv_out: Conv2d<B>,
 }
 
-impl<B: Backend> Decoder<B> {
+impl<B: KernelBackend> Decoder<B> {
     pub(crate) fn load(ld: &Loader<B>, cfg: &VaeConfig) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let groups = cfg.norm_num_groups;
@@ -105,10 +106,10 @@ impl<B: Backend> Decoder<B> {
     }
 
     pub(crate) fn forward(&self, z: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.conv_in.forward(z); // [B, C_last, h, w]
+        let h = ops::conv3x3(&self.conv_in, z); // [B, C_last, h, w]
         let h = self.mid_block.forward(h); // [B, C_last, h, w]
         let h = self.up_blocks.iter().fold(h, |h, b| b.forward(h)); // [B, C0, h*f, w*f]
-        self.conv_out
-            .forward(super::blocks::group_norm_silu(&self.conv_norm_out, h)) // [B, 3, h*f, w*f]
+        ops::conv3x3(&self.conv_out, ops::group_norm_silu(&self.conv_norm_out, h))
+        // [B, 3, h*f, w*f]
     }
 }

@@ -9,6 +9,7 @@ use omnigen_core::{Result, VaeConfig};
 
 use super::blocks::{Downsample2D, ResnetBlock2D, UNetMidBlock2D, NORM_EPS};
 use crate::loader::Loader;
+use crate::ops::{self, KernelBackend};
 
 /// diffusers' `DownEncoderBlock2D`: `layers_per_block` resnets, then a 2× downsampler on every
 /// level but the last.
@@ -19,7 +20,7 @@ pub struct DownEncoderBlock2D<B: Backend> {
     downsamplers: Vec<Downsample2D<B>>,
 }
 
-impl<B: Backend> DownEncoderBlock2D<B> {
+impl<B: KernelBackend> DownEncoderBlock2D<B> {
     fn load(
         ld: &Loader<B>,
         c_in: usize,
@@ -57,7 +58,7 @@ pub struct Encoder<B: Backend> {
     conv_out: Conv2d<B>,
 }
 
-impl<B: Backend> Encoder<B> {
+impl<B: KernelBackend> Encoder<B> {
     pub(crate) fn load(ld: &Loader<B>, cfg: &VaeConfig) -> Result<Self> {
         let ch = &cfg.block_out_channels;
         let groups = cfg.norm_num_groups;
@@ -93,10 +94,10 @@ impl<B: Backend> Encoder<B> {
     }
 
     pub(crate) fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let h = self.conv_in.forward(x); // [B, C0, H, W]
+        let h = ops::conv3x3(&self.conv_in, x); // [B, C0, H, W]
         let h = self.down_blocks.iter().fold(h, |h, b| b.forward(h)); // [B, C_last, H/f, W/f]
         let h = self.mid_block.forward(h); // [B, C_last, H/f, W/f]
-        self.conv_out
-            .forward(super::blocks::group_norm_silu(&self.conv_norm_out, h)) // [B, 2*latent, H/f, W/f]
+        ops::conv3x3(&self.conv_out, ops::group_norm_silu(&self.conv_norm_out, h))
+        // [B, 2*latent, H/f, W/f]
     }
 }

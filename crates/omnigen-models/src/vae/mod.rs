@@ -23,9 +23,6 @@ mod decoder;
 mod encoder;
 mod tiling;
 
-#[cfg(any(feature = "flex", feature = "ndarray"))]
-pub(crate) use blocks::is_cpu_backend;
-
 use std::path::Path;
 
 use burn::module::Module;
@@ -38,7 +35,9 @@ use decoder::Decoder;
 use encoder::Encoder;
 pub use tiling::TilingConfig;
 
-use crate::loader::{Loader, WeightReader};
+use crate::loader::Loader;
+use crate::ops::KernelBackend;
+use crate::weights::WeightReader;
 
 /// File stem of the VAE weights inside a checkpoint's `vae/` folder (see
 /// [`ModelFolder::vae_weights`](omnigen_core::ModelFolder::vae_weights)).
@@ -106,7 +105,7 @@ pub struct AutoencoderKL<B: Backend> {
     tiling: Option<TilingConfig>,
 }
 
-impl<B: Backend> AutoencoderKL<B> {
+impl<B: KernelBackend> AutoencoderKL<B> {
     /// Builds the VAE described by `config` from `reader` (diffusers key names), in `dtype`.
     ///
     /// The official pipeline runs the VAE in F32 (the SDXL VAE overflows in F16); parity is

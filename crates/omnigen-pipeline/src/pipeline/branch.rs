@@ -4,6 +4,7 @@
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
 use omnigen_core::{Error, Result};
+use omnigen_models::ops::KernelBackend;
 use omnigen_models::transformer::{
     KvCache as TransformerKvCache, KvCacheMode, OmniGenTransformer, TransformerCondition,
 };
@@ -34,7 +35,7 @@ pub(super) struct Branches<B: Backend> {
     cache_mode: Option<KvCacheMode>,
 }
 
-impl<B: Backend> Branches<B> {
+impl<B: KernelBackend> Branches<B> {
     /// The velocity of every branch at flow time `t` of step `step`, in branch order (the
     /// joint batch split back into its branches), in f32.
     ///
@@ -68,7 +69,7 @@ impl<B: Backend> Branches<B> {
     }
 }
 
-impl<B: Backend> BranchState<B> {
+impl<B: KernelBackend> BranchState<B> {
     /// One transformer call: the KV-cache prefill at step 0, cached steps after it, or the
     /// uncached forward. Inputs are cast to the transformer's dtype, the output back to f32.
     fn forward(
@@ -94,7 +95,7 @@ impl<B: Backend> BranchState<B> {
     }
 }
 
-impl<B: Backend> OmniGenPipeline<B> {
+impl<B: KernelBackend> OmniGenPipeline<B> {
     /// Builds every branch's condition, encoding its input images with the VAE branch by
     /// branch as the official pipeline does (so a seeded posterior sample draws the same noise).
     pub(super) fn branches(

@@ -6,6 +6,7 @@ use std::time::Instant;
 use burn::tensor::backend::Backend;
 use burn::tensor::DType;
 use omnigen_core::{Error, ModelFolder, Result};
+use omnigen_models::ops::KernelBackend;
 use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
 use omnigen_models::vae::{AutoencoderKL, TilingConfig};
 use tracing::{info, info_span};
@@ -25,7 +26,7 @@ pub struct PipelineBuilder<B: Backend> {
     load_options: LoadOptions,
 }
 
-impl<B: Backend> PipelineBuilder<B> {
+impl<B: KernelBackend> PipelineBuilder<B> {
     /// Merges a PEFT LoRA adapter (`adapter_config.json` + `adapter_model.safetensors`) into the
     /// transformer at load time, as the official `merge_lora` does; `scale` multiplies the
     /// adapter's `alpha / r`. Call again to stack adapters.
@@ -121,7 +122,7 @@ impl<B: Backend> PipelineBuilder<B> {
     }
 }
 
-impl<B: Backend> OmniGenPipeline<B> {
+impl<B: KernelBackend> OmniGenPipeline<B> {
     /// A builder for the model in `model_dir`.
     pub fn builder(model_dir: impl Into<PathBuf>) -> PipelineBuilder<B> {
         PipelineBuilder {

@@ -4,10 +4,11 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use image::RgbImage;
 use omnigen_core::{Error, Result};
+use omnigen_models::ops::KernelBackend;
 
 use super::OmniGenPipeline;
 
-impl<B: Backend> OmniGenPipeline<B> {
+impl<B: KernelBackend> OmniGenPipeline<B> {
     /// Decodes latents to 8-bit images exactly as the official pipeline does:
     /// `((x / 2 + 0.5).clamp(0, 1) * 255)` truncated to `u8`, one image at a time.
     ///

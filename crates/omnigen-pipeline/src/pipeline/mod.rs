@@ -20,6 +20,7 @@ use std::time::Duration;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use image::RgbImage;
+use omnigen_models::ops::KernelBackend;
 use omnigen_models::transformer::OmniGenTransformer;
 use omnigen_models::vae::AutoencoderKL;
 
@@ -71,7 +72,7 @@ pub struct OmniGenPipeline<B: Backend> {
     loras: Vec<(PathBuf, f32)>,
 }
 
-impl<B: Backend> OmniGenPipeline<B> {
+impl<B: KernelBackend> OmniGenPipeline<B> {
     /// The model directory (for a hub id: its snapshot in the local cache).
     pub fn model_dir(&self) -> &Path {
         &self.model_dir

@@ -8,9 +8,9 @@
 
 use std::time::Instant;
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::{Error, Result};
+use omnigen_models::ops::{self, KernelBackend};
 use omnigen_models::scheduler::{FlowMatchEulerScheduler, Scheduler};
 use omnigen_models::transformer::KvCacheMode;
 use tracing::{debug, info, info_span, warn};
@@ -21,7 +21,7 @@ use crate::noise::NoiseSource;
 use crate::processor::{ProcessedBatch, ProcessorOptions};
 use crate::request::{GenerationRequest, InitialLatents, KvCache};
 
-impl<B: Backend> OmniGenPipeline<B> {
+impl<B: KernelBackend> OmniGenPipeline<B> {
     /// Generates with the official flow-matching Euler scheduler.
     pub fn generate(&self, request: &GenerationRequest) -> Result<Generation<B>> {
         self.generate_with(
@@ -143,11 +143,9 @@ impl<B: Backend> OmniGenPipeline<B> {
                  will be slow; lower max_input_image_size to bound it"
             );
         }
-        let backend = B::name(&self.device).to_lowercase();
-        let host_memory = !backend.contains("cuda") && !backend.contains("wgpu");
         let available = match self.memory_limit {
             Some(limit) => limit,
-            None if host_memory => match crate::memory::available_memory() {
+            None if B::HOST_MEMORY => match crate::memory::available_memory() {
                 Some(a) => a,
                 None => return Ok(()),
             },
@@ -165,7 +163,7 @@ impl<B: Backend> OmniGenPipeline<B> {
             tile,
             weight_bytes,
             request.kv_cache != KvCache::Off,
-            backend.contains("ndarray"),
+            ops::attention_materialises_scores::<B>(self.transformer.dtype()),
         );
         debug!(?est, available, "memory estimate");
         crate::memory::check(&est, available, batch, request.max_input_image_size)

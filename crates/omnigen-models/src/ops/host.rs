@@ -1,14 +1,18 @@
-//! Host kernels for the transformer on the CPU backends (burn-flex, burn-ndarray), f32 only.
+//! Host kernels for backends whose f32 tensors live in host memory
+//! ([`KernelBackend::HOST_KERNELS`](super::KernelBackend::HOST_KERNELS): burn-flex, burn-ndarray).
 //!
 //! burn's CPU backends run each op as a separate, mostly single-threaded pass with a fresh
-//! buffer, and compute `exp` with the scalar libm call. These kernels fuse the transformer's
-//! non-GEMM work (RMSNorm, SiLU·up, attention's scale + bias + softmax) into one threaded pass
-//! each, with an `exp` that the compiler vectorises. The callers keep burn's ops for the other
-//! backends and dtypes.
+//! buffer, and compute `exp` with the scalar libm call. These kernels fuse the non-GEMM work
+//! (RMSNorm, SiLU·up, RoPE, attention's scale + bias + softmax, GroupNorm + SiLU) into one
+//! threaded pass each, with an `exp` that the compiler vectorises, and run the VAE's wide 3×3
+//! convolutions as shifted GEMMs. [`super`] calls them only on f32 tensors of such backends.
 
 use burn::tensor::backend::Backend;
+use burn::tensor::ops::PadMode;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
+
+use super::HeadRange;
 
 /// `exp(x)` for f32 without a libm call, so that loops over it vectorise: Cephes' `expf`
 /// (range reduction by `ln 2` in two parts, degree-6 polynomial, about 1 ulp on the
@@ -16,7 +20,7 @@ use rayon::prelude::*;
 /// of a subnormal or 0, which is immaterial next to the terms it is added to (softmax rows
 /// hold a 1, SiLU divides by `1 + exp`).
 #[inline(always)]
-pub(crate) fn exp_f32(x: f32) -> f32 {
+pub(super) fn exp_f32(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     const LN2_HI: f32 = 0.693_359_4;
     const LN2_LO: f32 = -2.121_944_4e-4;
@@ -51,16 +55,12 @@ fn f32_data<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
 
 /// Phi-3's RMSNorm, `weight · (x / sqrt(mean(x²) + eps))`, over the last dimension of `x`
 /// `[B, S, D]`; rows in parallel, statistics accumulated in f32 as the official code does.
-pub(crate) fn rms_norm<B: Backend>(
-    x: Tensor<B, 3>,
-    weight: Tensor<B, 1>,
-    eps: f64,
-) -> Tensor<B, 3> {
+pub(super) fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
     let device = x.device();
     let dims = x.dims();
     let d = dims[2];
     let xs = f32_data(x);
-    let w = f32_data(weight);
+    let w = f32_data(w);
     let eps = eps as f32;
     let mut out = vec![0f32; xs.len()];
     let rows = rows_per_task(d);
@@ -88,7 +88,7 @@ pub(crate) fn rms_norm<B: Backend>(
 }
 
 /// `up · silu(gate)` for two tensors of the same shape, in one threaded pass.
-pub(crate) fn silu_mul<B: Backend, const D: usize>(
+pub(super) fn silu_mul<B: Backend, const D: usize>(
     gate: Tensor<B, D>,
     up: Tensor<B, D>,
 ) -> Tensor<B, D> {
@@ -106,28 +106,27 @@ pub(crate) fn silu_mul<B: Backend, const D: usize>(
     Tensor::from_data(TensorData::new(u, dims), &device)
 }
 
-/// RoPE on the first `heads` heads of `x` `[B, H_total, S, hd]`:
-/// `x · cos + rotate_half(x) · sin`, with `sin_signed` holding rotate-half's sign (see
-/// [`crate::transformer::RopeTables`]); tables `[B or 1, heads or 1, S, hd]`. One pass, heads in
-/// parallel; returns `[B, heads, S, hd]`.
-pub(crate) fn rope<B: Backend>(
-    x: Tensor<B, 4>,
-    heads: usize,
+/// RoPE on a range of `H` heads of `x` `[B, H_total, S, hd]`: `x · cos + rotate_half(x) ·
+/// sin`, with `sin_signed` holding rotate-half's sign; tables `[B or 1, H or 1, S, hd]`. One
+/// pass, heads in parallel; returns `[B, H, S, hd]`.
+pub(super) fn rope<B: Backend>(
+    x: HeadRange<B>,
     cos: Tensor<B, 4>,
     sin_signed: Tensor<B, 4>,
 ) -> Tensor<B, 4> {
-    let device = x.device();
-    let [b, h_total, s, hd] = x.dims();
+    let device = x.tensor.device();
+    let (h0, heads) = (x.start, x.len);
+    let [b, h_total, s, hd] = x.tensor.dims();
     let [tb, th, ts, thd] = cos.dims();
     assert!(ts == s && thd == hd && (tb == 1 || tb == b) && (th == 1 || th == heads));
     assert!(sin_signed.dims() == cos.dims() && hd % 2 == 0);
-    let (xs, cos, sin) = (f32_data(x), f32_data(cos), f32_data(sin_signed));
+    let (xs, cos, sin) = (f32_data(x.tensor), f32_data(cos), f32_data(sin_signed));
     let half = hd / 2;
     let plane = s * hd;
     let mut out = vec![0f32; b * heads * plane];
     out.par_chunks_mut(plane).enumerate().for_each(|(bh, o)| {
         let (bi, hi) = (bh / heads, bh % heads);
-        let xb = &xs[(bi * h_total + hi) * plane..][..plane];
+        let xb = &xs[(bi * h_total + h0 + hi) * plane..][..plane];
         let t0 = ((if tb == 1 { 0 } else { bi }) * th + if th == 1 { 0 } else { hi }) * plane;
         let (cb, sb) = (&cos[t0..t0 + plane], &sin[t0..t0 + plane]);
         for (((orow, xrow), crow), srow) in o
@@ -147,29 +146,24 @@ pub(crate) fn rope<B: Backend>(
     Tensor::from_data(TensorData::new(out, [b, heads, s, hd]), &device)
 }
 
-/// Heads `h0..h0 + H` of a contiguous `[B, H_total, L, hd]` buffer.
-pub(crate) struct Heads<B: Backend> {
-    /// The whole `[B, H_total, L, hd]` tensor.
-    pub tensor: Tensor<B, 4>,
-    /// Index of the first head used.
-    pub h0: usize,
-}
-
+/// The host copy of a [`HeadRange`].
 struct HeadsData {
     data: Vec<f32>,
     h_total: usize,
     h0: usize,
+    heads: usize,
     len: usize,
     hd: usize,
 }
 
 impl HeadsData {
-    fn new<B: Backend>(heads: Heads<B>) -> Self {
+    fn new<B: Backend>(heads: HeadRange<B>) -> Self {
         let [_, h_total, len, hd] = heads.tensor.dims();
         Self {
             data: f32_data(heads.tensor),
             h_total,
-            h0: heads.h0,
+            h0: heads.start,
+            heads: heads.len,
             len,
             hd,
         }
@@ -200,27 +194,26 @@ impl OutPtr {
 /// Query rows per attention task.
 const ATTN_ROWS: usize = 64;
 
-/// `softmax(q·kᵀ/sqrt(hd) + bias)·v` for `num_heads` heads, written straight into `[B, S, H·hd]`.
+/// `softmax(q·kᵀ/sqrt(hd) + bias)·v` for `H` heads, written straight into `[B, S, H·hd]`.
 ///
 /// `q` holds `S` rows per head, `k` and `v` `T`; `bias` is `[B or 1, H or 1, S, T]`. Tasks are
 /// (batch, head, block of 64 query rows) in parallel: scores = bias + scale·q·kᵀ in one GEMM
 /// that reads the bias as its initial value, row softmax with [`exp_f32`], then one GEMM with
 /// `v` into the output's columns of that head.
-pub(crate) fn attention<B: Backend>(
-    q: Heads<B>,
-    k: Heads<B>,
-    v: Heads<B>,
+pub(super) fn attention<B: Backend>(
+    q: HeadRange<B>,
+    k: HeadRange<B>,
+    v: HeadRange<B>,
     bias: Tensor<B, 4>,
-    num_heads: usize,
 ) -> Tensor<B, 3> {
     let device = bias.device();
     let [bb, hb, bs, bt] = bias.dims();
     let bias = f32_data(bias);
     let (q, k, v) = (HeadsData::new(q), HeadsData::new(k), HeadsData::new(v));
     let b = q.data.len() / (q.h_total * q.len * q.hd);
-    let (h, s, t, hd) = (num_heads, q.len, k.len, q.hd);
+    let (h, s, t, hd) = (q.heads, q.len, k.len, q.hd);
     assert!(
-        k.len == v.len && k.hd == hd && v.hd == hd,
+        k.len == v.len && k.hd == hd && v.hd == hd && k.heads == h && v.heads == h,
         "attention: k/v shapes"
     );
     assert!(bs == s && bt == t && (bb == 1 || bb == b) && (hb == 1 || hb == h));
@@ -305,6 +298,131 @@ pub(crate) fn attention<B: Backend>(
         }
     });
     Tensor::from_data(TensorData::new(out, [b, s, d]), &device)
+}
+
+/// `silu(group_norm(x))` for an affine GroupNorm, one thread per (batch, group): statistics
+/// accumulated in f64, then normalise, affine and SiLU in a single pass. `x` `[B, C, H, W]`.
+pub(super) fn group_norm_silu<B: Backend>(
+    x: Tensor<B, 4>,
+    gamma: Tensor<B, 1>,
+    beta: Tensor<B, 1>,
+    groups: usize,
+    eps: f64,
+) -> Tensor<B, 4> {
+    let device = x.device();
+    let [b, c, h, w] = x.dims();
+    let hw = h * w;
+    let cpg = c / groups;
+    let (gamma, beta, xs) = (f32_data(gamma), f32_data(beta), f32_data(x));
+    let mut out = vec![0f32; b * c * hw];
+    out.par_chunks_mut(cpg * hw)
+        .zip(xs.par_chunks(cpg * hw))
+        .enumerate()
+        .for_each(|(i, (o, xi))| {
+            let g = i % groups;
+            let len = xi.len() as f64;
+            let mean = xi.iter().map(|&v| f64::from(v)).sum::<f64>() / len;
+            let var = xi
+                .iter()
+                .map(|&v| (f64::from(v) - mean).powi(2))
+                .sum::<f64>()
+                / len;
+            let inv = 1.0 / (var + eps).sqrt();
+            for (ch, (oc, xc)) in o.chunks_exact_mut(hw).zip(xi.chunks_exact(hw)).enumerate() {
+                let cidx = g * cpg + ch;
+                let a = (f64::from(gamma[cidx]) * inv) as f32;
+                let s = (f64::from(beta[cidx]) - mean * f64::from(gamma[cidx]) * inv) as f32;
+                for (y, &v) in oc.iter_mut().zip(xc) {
+                    let t = v * a + s;
+                    *y = t / (1.0 + (-t).exp());
+                }
+            }
+        });
+    Tensor::from_data(TensorData::new(out, [b, c, h, w]), &device)
+}
+
+/// Input channels from which [`conv3x3`] runs as nine shifted GEMMs.
+///
+/// burn-flex's convolution builds an im2col copy of every output tile (`9·C_in` floats per
+/// output pixel) and scatters the GEMM result back; from 256 input channels the nine GEMMs
+/// `[C_out, C_in] × [C_in, H·(W+2)]` over shifted views of the padded input, accumulated in
+/// place, do the same work without that traffic. Below, K = C_in is too short for an
+/// efficient GEMM and burn's convolution is faster (docs/performance.md has the measurements).
+pub(super) const SHIFTED_GEMM_MIN_CHANNELS: usize = 256;
+
+/// A 3×3, stride-1, padding-1 convolution as nine shifted GEMMs accumulated in place.
+///
+/// With the input zero-padded to `[C_in, (H+3)·(W+2)]` (one extra bottom row so every window
+/// fits), output pixel `(y, x)` of the padded-width grid `y·(W+2)+x` reads tap `(dy, dx)` at
+/// flat index `y·(W+2)+x + dy·(W+2)+dx`: a contiguous column window. Each tap is one GEMM
+/// `C += W_tap · X_window` (bias as the initial value) whose left operand is read with strides
+/// straight from the PyTorch-layout weight `[C_out, C_in, 3, 3]`; the two junk columns per row
+/// are dropped at the end.
+pub(super) fn conv3x3<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Tensor<B, 1>,
+) -> Tensor<B, 4> {
+    let device = x.device();
+    let [b, c_in, h, w] = x.dims();
+    let c_out = weight.dims()[0];
+    assert_eq!(weight.dims(), [c_out, c_in, 3, 3], "conv3x3: weight shape");
+    let wp = w + 2;
+    let l = (h + 3) * wp; // padded plane
+    let n = h * wp; // output on the padded-width grid
+    let xs = f32_data(x.pad((1, 1, 1, 2), PadMode::Constant(0.0)));
+    let ws = f32_data(weight);
+    let bs = f32_data(bias);
+    let mut out = vec![0f32; b * c_out * n];
+    for bi in 0..b {
+        let dst = &mut out[bi * c_out * n..(bi + 1) * c_out * n];
+        for (row, &bv) in dst.chunks_exact_mut(n).zip(&bs) {
+            row.fill(bv);
+        }
+        let src = &xs[bi * c_in * l..(bi + 1) * c_in * l];
+        for dy in 0..3 {
+            for dx in 0..3 {
+                let tap = 3 * dy + dx;
+                let off = dy * wp + dx;
+                // The window's last element, (c_in-1)·l + off + n - 1, lies inside `src`; the
+                // tap's last weight, (c_out-1)·9·c_in + (c_in-1)·9 + tap, inside `ws`.
+                debug_assert!((c_in - 1) * l + off + n <= src.len());
+                // SAFETY: dst is c_out×n row-major; the lhs is c_out×c_in with row stride
+                // 9·c_in and column stride 9 from element `tap` of the weight; the rhs window
+                // is c_in×n with row stride l from `off`; all within their slices (above), and
+                // dst does not alias the inputs.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        n,
+                        c_in,
+                        dst.as_mut_ptr(),
+                        1,
+                        n as isize,
+                        true,
+                        ws.as_ptr().add(tap),
+                        9,
+                        (9 * c_in) as isize,
+                        src.as_ptr().add(off),
+                        1,
+                        l as isize,
+                        1.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::Rayon(0),
+                    );
+                }
+            }
+        }
+    }
+    // Drop the two junk columns of every row: a contiguous result for the ops that follow.
+    let mut cropped = vec![0f32; b * c_out * h * w];
+    for (dst, src) in cropped.chunks_exact_mut(w).zip(out.chunks_exact(wp)) {
+        dst.copy_from_slice(&src[..w]);
+    }
+    Tensor::from_data(TensorData::new(cropped, [b, c_out, h, w]), &device)
 }
 
 #[cfg(test)]

@@ -1,0 +1,379 @@
+//! `omnigen generate`: one command for every OmniGen task — text-to-image, editing,
+//! subject-driven generation from several images, visual conditions.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context as _;
+use burn::tensor::DType;
+use clap::{Args, ValueEnum};
+use indicatif::{ProgressBar, ProgressStyle};
+use omnigen::prelude::*;
+
+use crate::latents::{read_latents, write_latents};
+
+/// Key-value cache semantics (`--kv-cache`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvCacheArg {
+    /// The official pipeline's cache: step 0 attends to the condition only, later steps reuse it.
+    Official,
+    /// A cache whose every step equals the uncached forward exactly.
+    Exact,
+    /// No cache: the whole sequence runs at every step.
+    #[value(alias = "none")]
+    Off,
+}
+
+impl From<KvCacheArg> for KvCache {
+    fn from(arg: KvCacheArg) -> Self {
+        match arg {
+            KvCacheArg::Official => KvCache::Official,
+            KvCacheArg::Exact => KvCache::Exact,
+            KvCacheArg::Off => KvCache::Off,
+        }
+    }
+}
+
+/// Which latent of an input image's VAE posterior conditions the transformer (`--input-latents`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputLatentsArg {
+    /// A posterior sample drawn from the seed (official).
+    Sample,
+    /// The posterior mean (deterministic).
+    Mean,
+}
+
+impl From<InputLatentsArg> for InputLatents {
+    fn from(arg: InputLatentsArg) -> Self {
+        match arg {
+            InputLatentsArg::Sample => InputLatents::Sample,
+            InputLatentsArg::Mean => InputLatents::Mean,
+        }
+    }
+}
+
+/// Transformer weight dtype (`--dtype`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DtypeArg {
+    /// 32-bit float.
+    #[value(alias = "float32")]
+    F32,
+    /// IEEE half precision.
+    #[value(alias = "float16")]
+    F16,
+    /// bfloat16.
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl From<DtypeArg> for DType {
+    fn from(arg: DtypeArg) -> Self {
+        match arg {
+            DtypeArg::F32 => DType::F32,
+            DtypeArg::F16 => DType::F16,
+            DtypeArg::Bf16 => DType::BF16,
+        }
+    }
+}
+
+/// The flags of `omnigen generate`.
+#[derive(Args, Debug)]
+pub struct GenerateArgs {
+    /// Model directory (official or diffusers layout) or hub id, e.g. Shitao/OmniGen-v1.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt; reference input images as <img><|image_1|></img>, <img><|image_2|></img>, ...
+    #[arg(long)]
+    pub prompt: String,
+    /// Input image, in placeholder order (repeat for several).
+    #[arg(long = "image")]
+    pub images: Vec<PathBuf>,
+    /// Output height in pixels (multiple of 16).
+    #[arg(long, default_value_t = 1024)]
+    pub height: usize,
+    /// Output width in pixels (multiple of 16).
+    #[arg(long, default_value_t = 1024)]
+    pub width: usize,
+    /// Denoising steps.
+    #[arg(long, default_value_t = 50)]
+    pub steps: usize,
+    /// Text guidance scale.
+    #[arg(long, default_value_t = 3.0)]
+    pub guidance_scale: f32,
+    /// Image guidance scale.
+    #[arg(long, default_value_t = 1.6)]
+    pub img_guidance_scale: f32,
+    /// Seed of every random draw.
+    #[arg(long, conflicts_with = "latents")]
+    pub seed: Option<u64>,
+    /// safetensors file with tensor `latents` [1, 4, H/8, W/8] (f32) used as the initial noise.
+    #[arg(long)]
+    pub latents: Option<PathBuf>,
+    /// Negative prompt (default: the official one).
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// All guidance branches in one left-padded batch instead of one forward per branch.
+    #[arg(long)]
+    pub joint_cfg: bool,
+    /// Key-value cache.
+    #[arg(long, value_enum, default_value_t = KvCacheArg::Official)]
+    pub kv_cache: KvCacheArg,
+    /// Input-image latents: a sample (official) or the mean of the VAE posterior.
+    #[arg(long, value_enum, default_value_t = InputLatentsArg::Sample)]
+    pub input_latents: InputLatentsArg,
+    /// Output size taken from the (single) input image.
+    #[arg(long)]
+    pub use_input_image_size_as_output: bool,
+    /// Longest side input images are downscaled to.
+    #[arg(long, default_value_t = 1024)]
+    pub max_input_image_size: usize,
+    /// Transformer weight dtype.
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// PEFT LoRA adapter folder merged into the transformer at load time (repeatable).
+    #[arg(long = "lora")]
+    pub loras: Vec<PathBuf>,
+    /// Scale of the LoRA adapters (multiplies alpha / r).
+    #[arg(long, default_value_t = 1.0)]
+    pub lora_scale: f32,
+    /// Output PNG.
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Also write the final latents (before VAE decoding) as tensor `latents`.
+    #[arg(long)]
+    pub save_latents: Option<PathBuf>,
+    /// Leave the generation parameters out of the PNG.
+    #[arg(long)]
+    pub no_metadata: bool,
+}
+
+impl GenerateArgs {
+    /// The request these flags describe, validated, with `--latents` read.
+    pub fn request(&self) -> anyhow::Result<GenerationRequest> {
+        let images = self.images.iter().map(ConditionImage::from_path).collect();
+        let prompt = Prompt::from_text(self.prompt.clone(), images)?;
+        let mut request = GenerationRequest::new(prompt)
+            .size(self.height, self.width)
+            .steps(self.steps)
+            .guidance_scale(self.guidance_scale)
+            .img_guidance_scale(self.img_guidance_scale)
+            .separate_cfg_infer(!self.joint_cfg)
+            .kv_cache(self.kv_cache.into())
+            .input_latents(self.input_latents.into())
+            .use_input_image_size_as_output(self.use_input_image_size_as_output)
+            .max_input_image_size(self.max_input_image_size);
+        if let Some(seed) = self.seed {
+            request = request.seed(seed);
+        }
+        if let Some(text) = &self.negative_prompt {
+            request = request.negative_prompt(text.clone());
+        }
+        if let Some(path) = &self.latents {
+            request = request.latents(read_latents(path)?);
+        }
+        request.validate()?;
+        if !self.lora_scale.is_finite() {
+            return Err(Error::invalid_argument(
+                "lora_scale",
+                format!("{} is not a finite number", self.lora_scale),
+            )
+            .into());
+        }
+        Ok(request)
+    }
+}
+
+/// The folder `out` is written into must exist: checked before the model loads, so a typo in
+/// the output path does not cost a whole generation.
+fn check_writable(out: &Path) -> anyhow::Result<()> {
+    let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
+    if let Some(dir) = dir.filter(|d| !d.is_dir()) {
+        anyhow::bail!(
+            "cannot write {}: {} is not a directory",
+            out.display(),
+            dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `omnigen generate`; errors lead with the flag at fault where there is one.
+pub fn run(args: GenerateArgs) -> anyhow::Result<()> {
+    generate(args).map_err(crate::flags::name_flag)
+}
+
+fn generate(args: GenerateArgs) -> anyhow::Result<()> {
+    // Faster tensor allocation on the CPU backends (process-wide glibc malloc settings).
+    omnigen::models::tune_host_allocator();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+
+    let request = args.request()?;
+    // Unreadable inputs and an unwritable destination fail before the (slow) model load.
+    for image in request.prompts.iter().flat_map(|p| p.images()) {
+        image.load_rgb8()?;
+    }
+    for out in std::iter::once(&args.output).chain(&args.save_latents) {
+        check_writable(out)?;
+    }
+
+    let mut builder = OmniGenPipeline::<DefaultBackend>::builder(&args.model)
+        .dtype(args.dtype.into())
+        .download_progress(true);
+    for lora in &args.loras {
+        builder = builder.lora(lora, args.lora_scale);
+    }
+    let load_start = std::time::Instant::now();
+    let pipeline = builder.build()?;
+    eprintln!(
+        "loaded {} in {:.2?}",
+        args.model.display(),
+        load_start.elapsed()
+    );
+
+    let bar = ProgressBar::new(request.num_inference_steps as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta}")
+            .context("progress bar template")?,
+    );
+    let mut on_progress = |p: Progress| bar.set_position(p.step as u64);
+    let hooks = Hooks {
+        on_progress: Some(&mut on_progress),
+        cancel: None,
+    };
+    let generation =
+        pipeline.generate_with(&request, &mut FlowMatchEulerScheduler::new(), hooks)?;
+    bar.finish_and_clear();
+
+    if let Some(path) = &args.save_latents {
+        write_latents(path, generation.latents.clone())?;
+    }
+    let image = generation
+        .images
+        .first()
+        .context("the pipeline returned no image")?;
+    let metadata = if args.no_metadata {
+        Vec::new()
+    } else {
+        omnigen::io::generation_metadata(&request, &pipeline, image.dimensions())
+    };
+    save_png(&args.output, image, &metadata)?;
+    let s = &generation.stats;
+    eprintln!(
+        "wrote {} ({}x{}); tokens per branch {:?}; process {:.2?}, encode {:.2?}, denoise {:.2?}, decode {:.2?}; peak memory {} MiB",
+        args.output.display(),
+        image.width(),
+        image.height(),
+        s.tokens_per_branch,
+        s.process,
+        s.encode,
+        s.denoise,
+        s.decode,
+        s.peak_memory_bytes.map_or("?".to_string(), |b| (b >> 20).to_string())
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Wrapper {
+        #[command(flatten)]
+        args: GenerateArgs,
+    }
+
+    fn parse(extra: &[&str]) -> Result<GenerateArgs, clap::Error> {
+        let base = [
+            "omnigen", "--model", "m", "--prompt", "p", "--output", "o.png",
+        ];
+        Wrapper::try_parse_from(base.iter().chain(extra)).map(|w| w.args)
+    }
+
+    #[test]
+    fn defaults_are_the_official_ones() {
+        let args = parse(&[]).unwrap();
+        assert_eq!((args.height, args.width, args.steps), (1024, 1024, 50));
+        assert_eq!((args.guidance_scale, args.img_guidance_scale), (3.0, 1.6));
+        assert_eq!(args.kv_cache, KvCacheArg::Official);
+        assert_eq!(args.input_latents, InputLatentsArg::Sample);
+        assert_eq!(args.dtype, DtypeArg::F32);
+        assert_eq!(args.max_input_image_size, 1024);
+        assert_eq!(args.lora_scale, 1.0);
+        assert!(!args.joint_cfg && !args.no_metadata && !args.use_input_image_size_as_output);
+        let request = args.request().unwrap();
+        assert_eq!(request.kv_cache, KvCache::Official);
+        assert!(request.separate_cfg_infer);
+        assert_eq!(request.seed, None);
+    }
+
+    #[test]
+    fn choices_parse_with_their_names_and_aliases() {
+        let args = parse(&[
+            "--kv-cache",
+            "none",
+            "--input-latents",
+            "mean",
+            "--dtype",
+            "bfloat16",
+            "--joint-cfg",
+        ])
+        .unwrap();
+        assert_eq!(args.kv_cache, KvCacheArg::Off);
+        assert_eq!(DType::from(args.dtype), DType::BF16);
+        let request = args.request().unwrap();
+        assert_eq!(request.kv_cache, KvCache::Off);
+        assert_eq!(request.input_latents, InputLatents::Mean);
+        assert!(!request.separate_cfg_infer);
+        assert_eq!(
+            DType::from(parse(&["--dtype", "f16"]).unwrap().dtype),
+            DType::F16
+        );
+        assert_eq!(
+            parse(&["--kv-cache", "exact"]).unwrap().kv_cache,
+            KvCacheArg::Exact
+        );
+    }
+
+    #[test]
+    fn unknown_choices_are_refused_with_the_possible_values() {
+        let err = parse(&["--kv-cache", "sometimes"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--kv-cache") && err.contains("official, exact, off"),
+            "{err}"
+        );
+        let err = parse(&["--dtype", "f64"]).unwrap_err().to_string();
+        assert!(err.contains("f32, f16, bf16"), "{err}");
+        let err = parse(&["--input-latents", "mode"]).unwrap_err().to_string();
+        assert!(err.contains("sample, mean"), "{err}");
+    }
+
+    #[test]
+    fn seed_and_latents_exclude_each_other() {
+        assert!(parse(&["--seed", "1", "--latents", "l.safetensors"]).is_err());
+    }
+
+    #[test]
+    fn bad_values_fail_before_any_model_is_touched() {
+        let msg = |extra: &[&str]| format!("{:#}", parse(extra).unwrap().request().unwrap_err());
+        assert!(msg(&["--height", "65"]).contains("height"));
+        assert!(msg(&["--steps", "0"]).contains("num_inference_steps"));
+        assert!(msg(&["--guidance-scale", "NaN"]).contains("guidance_scale"));
+        assert!(msg(&["--lora-scale", "inf"]).contains("lora_scale"));
+        assert!(msg(&["--image", "x.png"]).contains("prompt"));
+    }
+
+    #[test]
+    fn the_output_folder_must_exist() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(check_writable(&dir.path().join("out.png")).is_ok());
+        assert!(check_writable(Path::new("out.png")).is_ok());
+        let err = check_writable(&dir.path().join("no/such/out.png")).unwrap_err();
+        assert!(err.to_string().contains("is not a directory"), "{err}");
+    }
+}

@@ -1,0 +1,68 @@
+//! `omnigen`: the command-line face of omnigen-rs.
+//!
+//! ```text
+//! omnigen generate --model tests/fixtures/A/model \
+//!     --prompt "a red cat sitting on a blue mat" --height 64 --width 64 --steps 4 \
+//!     --seed 0 --output cat.png
+//! omnigen generate --model DIR \
+//!     --prompt "<img><|image_1|></img> make the cat green" --image cat.png \
+//!     --use-input-image-size-as-output --output green.png
+//! omnigen inspect DIR
+//! ```
+//! Every error ends the program with a message whose first line starts with `error: ` and exit
+//! status 1; the PNG (and the latents file) are written atomically, so a failure never leaves a
+//! partial file.
+#![deny(missing_docs)]
+
+mod flags;
+mod generate;
+mod inspect;
+mod latents;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// OmniGen unified image generation: text-to-image, editing, subject-driven generation and
+/// visual conditions with one model.
+#[derive(Parser, Debug)]
+#[command(name = "omnigen", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Generate an image from a prompt of text and input images.
+    Generate(Box<generate::GenerateArgs>),
+    /// Show a model folder's layout, configuration, parameter count, dtypes and weight memory.
+    Inspect(inspect::InspectArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // `--help` and `--version` come through here too: they print to stdout and succeed.
+            let failed = e.use_stderr();
+            let _ = e.print();
+            return if failed {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    let result = match cli.command {
+        Command::Generate(args) => generate::run(*args),
+        Command::Inspect(args) => inspect::run(&args),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

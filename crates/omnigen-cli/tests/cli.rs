@@ -1,0 +1,283 @@
+//! The `omnigen` binary as a person runs it. `omnigen generate` against the official
+//! reference: the initial noise comes in through `--latents`, input images are encoded with
+//! `--input-latents mean` (the one way to reproduce an image-conditioned reference without
+//! injecting the VAE's noise), and the final latents come back through `--save-latents`.
+//! `omnigen inspect` on both committed checkpoint layouts, and clean failures.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use safetensors::SafeTensors;
+
+/// The workspace root: fixture paths are given relative to it, as in the README.
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn omnigen() -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_omnigen"));
+    cmd.current_dir(root());
+    cmd
+}
+
+fn f32s(bytes: &[u8]) -> Vec<f32> {
+    bytes
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+struct Reference {
+    bytes: Vec<u8>,
+}
+
+impl Reference {
+    fn open(case: &str) -> Self {
+        Self {
+            bytes: std::fs::read(root().join(format!("tests/fixtures/A/{case}.safetensors")))
+                .unwrap(),
+        }
+    }
+    fn tensor(&self, name: &str) -> (Vec<usize>, Vec<u8>) {
+        let st = SafeTensors::deserialize(&self.bytes).unwrap();
+        let t = st.tensor(name).unwrap();
+        (t.shape().to_vec(), t.data().to_vec())
+    }
+}
+
+fn write_latents(path: &Path, shape: Vec<usize>, data: &[u8]) {
+    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, data).unwrap();
+    safetensors::serialize_to_file(HashMap::from([("latents".to_string(), view)]), None, path)
+        .unwrap();
+}
+
+fn run_case(case: &str, prompt: &str, images: &[&str], guidance: &str, extra: &[&str]) {
+    let reference = Reference::open(case);
+    let dir = tempfile::tempdir().unwrap();
+    let (shape, noise) = reference.tensor("randn.00");
+    let init = dir.path().join("init.safetensors");
+    write_latents(&init, shape, &noise);
+    let (out, saved) = (
+        dir.path().join("out.png"),
+        dir.path().join("final.safetensors"),
+    );
+    let mut cmd = omnigen();
+    cmd.arg("generate")
+        .args(["--model", "tests/fixtures/A/model", "--prompt", prompt])
+        .args(["--height", "64", "--width", "64", "--steps", "4"])
+        .args(["--guidance-scale", guidance, "--img-guidance-scale", "1.6"])
+        .arg("--latents")
+        .arg(&init)
+        .arg("--output")
+        .arg(&out)
+        .arg("--save-latents")
+        .arg(&saved)
+        .args(extra);
+    for image in images {
+        cmd.args(["--image", &format!("tests/fixtures/A/{image}")]);
+    }
+    let status = cmd.output().unwrap();
+    assert!(
+        status.status.success(),
+        "{case}: {}",
+        String::from_utf8_lossy(&status.stderr)
+    );
+
+    let ours = std::fs::read(&saved).unwrap();
+    let ours = SafeTensors::deserialize(&ours).unwrap();
+    let ours = f32s(ours.tensor("latents").unwrap().data());
+    let want = f32s(&reference.tensor("latents.final").1);
+    let d = ours
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0f32, f32::max);
+    assert!(d <= 1e-4, "{case}: final latents differ by {d}");
+
+    let img = image::open(&out).unwrap().to_rgb8();
+    let (_, want) = reference.tensor("image_uint8");
+    let di = img
+        .as_raw()
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap();
+    assert!(di <= 1, "{case}: image differs by {di} levels");
+    println!("{case}: latents {d:.2e}, image levels {di}");
+}
+
+const EDIT: &str = "<img><|image_1|></img> make the cat green and add a hat";
+const TWO: &str =
+    "The cat in the first image <img><|image_1|></img> and the dog in the second image <img><|image_2|></img>";
+
+#[test]
+fn text_to_image_cached_and_uncached() {
+    let p = "a red cat sitting on a blue mat";
+    run_case("t2i", p, &[], "2.5", &[]);
+    run_case("t2i_nokv", p, &[], "2.5", &["--kv-cache", "off"]);
+    run_case("t2i_nokv", p, &[], "2.5", &["--kv-cache", "exact"]);
+    run_case("t2i_joint", p, &[], "2.5", &["--joint-cfg"]);
+}
+
+#[test]
+fn edit_with_posterior_mean_cached_and_uncached() {
+    let mean = ["--input-latents", "mean"];
+    run_case("edit_mean", EDIT, &["edit_in.png"], "2.0", &mean);
+    run_case(
+        "edit_mean_nokv",
+        EDIT,
+        &["edit_in.png"],
+        "2.0",
+        &[&mean[..], &["--kv-cache", "off"]].concat(),
+    );
+}
+
+#[test]
+fn two_images_with_posterior_mean_cached_and_uncached() {
+    let mean = ["--input-latents", "mean"];
+    let imgs = ["edit_in.png", "img2_in.png"];
+    run_case("two_img_mean", TWO, &imgs, "2.0", &mean);
+    run_case(
+        "two_img_mean_nokv",
+        TWO,
+        &imgs,
+        "2.0",
+        &[&mean[..], &["--kv-cache", "exact"]].concat(),
+    );
+}
+
+fn stdout_of(args: &[&str]) -> String {
+    let out = omnigen().args(args).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// Runs a command that must fail: exit status 1, a first line `error: ...` naming `names`, no
+/// panic.
+fn failure_of(args: &[&str], names: &str) {
+    let out = omnigen().args(args).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    let first = stderr.lines().next().unwrap_or_default();
+    assert!(first.starts_with("error: "), "{args:?}: {stderr}");
+    assert!(first.contains(names), "{args:?}: {first:?} lacks {names:?}");
+    assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+}
+
+#[test]
+fn inspect_both_layouts() {
+    let official = stdout_of(&["inspect", "tests/fixtures/A/model"]);
+    for want in [
+        "layout        official",
+        "weights     model.safetensors",
+        "tokenizer   tokenizer.json",
+        "vae         vae/config.json, vae/diffusion_pytorch_model.safetensors",
+        "hidden_size 48",
+        "transformer       1,884,592 in 31 tensors",
+        "vae                 316,695 in 180 tensors",
+        "F32 x 31",
+        "F32 x 180",
+    ] {
+        assert!(official.contains(want), "missing {want:?} in\n{official}");
+    }
+    let f32_row = official
+        .lines()
+        .find(|l| l.trim_start().starts_with("f32 "))
+        .unwrap();
+    // (1,884,592 + 316,695) f32 values
+    assert!(f32_row.contains("8.40 MiB"), "{f32_row}");
+    assert!(
+        official.contains(
+            "generate --dtype keeps the vae in f32: 8.40 MiB with f32, 4.80 MiB with bf16 or f16"
+        ),
+        "{official}"
+    );
+
+    let diffusers = stdout_of(&["inspect", "tests/fixtures/A/model_diffusers"]);
+    for want in [
+        "layout        diffusers (transformer keys: diffusers names)",
+        "config      transformer/config.json",
+        "weights     transformer/diffusion_pytorch_model.safetensors",
+        "tokenizer   tokenizer/tokenizer.json",
+        "vae         vae/config.json, vae/diffusion_pytorch_model.safetensors",
+        "transformer       1,884,592 in 35 tensors",
+        "BF16 x 35",
+    ] {
+        assert!(diffusers.contains(want), "missing {want:?} in\n{diffusers}");
+    }
+}
+
+#[test]
+fn inspect_refuses_a_folder_without_a_model() {
+    failure_of(&["inspect", "tests/fixtures"], "not a model folder");
+    failure_of(&["inspect", "tests/fixtures/none"], "no such directory");
+}
+
+#[test]
+fn help_and_version() {
+    let help = stdout_of(&["--help"]);
+    assert!(
+        help.contains("generate") && help.contains("inspect"),
+        "{help}"
+    );
+    assert!(help.contains("Generate an image from a prompt"), "{help}");
+    assert!(help.contains("Show a model folder's layout"), "{help}");
+    let version = stdout_of(&["--version"]);
+    assert_eq!(
+        version.trim(),
+        format!("omnigen {}", env!("CARGO_PKG_VERSION"))
+    );
+    assert!(help.contains("OmniGen unified image generation"), "{help}");
+    let help = stdout_of(&["generate", "-h"]);
+    assert!(
+        help.contains("[default: official] [possible values: official, exact, off]"),
+        "{help}"
+    );
+    assert!(
+        help.contains("[default: f32] [possible values: f32, f16, bf16]"),
+        "{help}"
+    );
+    // the long form documents each choice
+    let help = stdout_of(&["generate", "--help"]);
+    assert!(help.contains("- exact:"), "{help}");
+}
+
+#[test]
+fn generate_fails_cleanly_before_loading() {
+    let m = "tests/fixtures/A/model";
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("x.png");
+    let out = out.to_str().unwrap();
+    let base = ["generate", "--model", m, "--prompt", "x", "--output", out];
+    let with = |extra: &[&'static str]| [&base[..], extra].concat();
+    failure_of(&with(&["--steps", "0"]), "--steps");
+    failure_of(&with(&["--height", "65"]), "--height");
+    failure_of(&with(&["--guidance-scale", "NaN"]), "--guidance-scale");
+    failure_of(&with(&["--kv-cache", "sometimes"]), "--kv-cache");
+    failure_of(&with(&["--dtype", "f64"]), "--dtype");
+    failure_of(&with(&["--lora-scale", "inf"]), "--lora-scale");
+    failure_of(
+        &with(&["--latents", "tests/fixtures/A/t2i.png"]),
+        "--latents",
+    );
+    failure_of(
+        &[
+            "generate",
+            "--model",
+            "tests/fixtures/none",
+            "--prompt",
+            "x",
+            "--output",
+            out,
+        ],
+        "--model",
+    );
+    assert!(!dir.path().join("x.png").exists());
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+}

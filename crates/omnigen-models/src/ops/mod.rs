@@ -1,0 +1,241 @@
+//! The kernel dispatch layer: every op of the models that has more than one implementation.
+//!
+//! Model code (`transformer/`, `vae/`) calls these functions and nothing backend-specific; each
+//! function picks an implementation from the capabilities its backend declares through
+//! [`KernelBackend`], in this module only:
+//!
+//! | op | host kernel ([`KernelBackend::HOST_KERNELS`], f32) | otherwise |
+//! |---|---|---|
+//! | [`linear`], [`linear_chunks`], [`linear_heads`] | — | burn's `matmul` on the transposed view of the PyTorch-layout weight |
+//! | [`rms_norm`] | one threaded pass per row block | burn ops, statistics in f32 |
+//! | [`silu_mul`] | one threaded pass | `up * silu(gate)` |
+//! | [`rope`] | one pass over the heads, in place from the fused projection | `x·cos + rotate_half(x)·sin` |
+//! | [`attention`] | blocks of 64 query rows: GEMM, softmax, GEMM into `[B, S, D]` | burn's `attention` with the additive mask |
+//! | [`group_norm_silu`] | one threaded pass per group | burn's `GroupNorm` then `silu` |
+//! | [`conv3x3`] | nine shifted GEMMs accumulated in place (from 256 input channels) | burn's `conv2d` |
+//!
+//! # Where a new kernel goes
+//! A kernel for one family of backends (a fused GPU kernel, a quantized or bf16 GEMM) is a new
+//! implementation behind the op it speeds up: its code in a file of this module, a capability
+//! const on [`KernelBackend`] (default `false`) that the backends having it set in
+//! `backends.rs`, and one branch in the op's function here. Module records never depend on the
+//! kernel: parameters keep the checkpoint's layout and a kernel reads them as they are.
+
+mod backends;
+mod host;
+mod portable;
+
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, Linear};
+use burn::tensor::backend::Backend;
+use burn::tensor::{DType, Tensor};
+
+/// A burn [`Backend`] with the capabilities that choose OmniGen's kernels.
+///
+/// Implemented for burn's Flex, NdArray and Cuda backends (whichever the cargo features
+/// enable). Any other backend runs every op on burn's portable ops once it opts in with an
+/// empty impl, which keeps every default:
+///
+/// ```text
+/// impl omnigen_models::KernelBackend for MyBackend {}
+/// ```
+pub trait KernelBackend: Backend {
+    /// f32 tensors live in host memory, where the kernels of `ops/host.rs` read and write them
+    /// (a tensor's data is a plain `Vec<f32>` away).
+    const HOST_KERNELS: bool = false;
+    /// Tensors live in the process's memory (the memory guard then reads the system's
+    /// available memory) rather than on a device with its own.
+    const HOST_MEMORY: bool = false;
+    /// burn's `attention` on this backend never materialises the `[B, H, S, T]` score tensor.
+    const FUSED_ATTENTION: bool = false;
+}
+
+/// Whether the host kernels run on `x`: an f32 tensor of a backend with
+/// [`KernelBackend::HOST_KERNELS`].
+fn on_host<B: KernelBackend, const D: usize>(x: &Tensor<B, D>) -> bool {
+    B::HOST_KERNELS && x.dtype() == DType::F32
+}
+
+/// Whether an [`attention`] over tensors of `dtype` holds a full `[B, H, S, T]` f32 score
+/// tensor at once (what the memory guard must count).
+pub fn attention_materialises_scores<B: KernelBackend>(dtype: DType) -> bool {
+    let host = B::HOST_KERNELS && dtype == DType::F32;
+    !(host || B::FUSED_ATTENTION)
+}
+
+/// A run of heads of a `[B, H_total, L, head_dim]` tensor: heads `start..start + len`.
+///
+/// Lets [`rope`] and [`attention`] read q, k and v in place from one fused projection; kernels
+/// that cannot narrow it.
+#[derive(Debug, Clone)]
+pub struct HeadRange<B: Backend> {
+    /// The whole tensor, `[B, H_total, L, head_dim]`.
+    pub tensor: Tensor<B, 4>,
+    /// First head of the range.
+    pub start: usize,
+    /// Number of heads.
+    pub len: usize,
+}
+
+impl<B: Backend> HeadRange<B> {
+    /// Heads `start..start + len` of `tensor`.
+    pub fn new(tensor: Tensor<B, 4>, start: usize, len: usize) -> Self {
+        debug_assert!(start + len <= tensor.dims()[1]);
+        Self { tensor, start, len }
+    }
+
+    /// Every head of `tensor`.
+    pub fn all(tensor: Tensor<B, 4>) -> Self {
+        let len = tensor.dims()[1];
+        Self::new(tensor, 0, len)
+    }
+
+    /// The heads as a tensor of their own, `[B, len, L, head_dim]`.
+    pub fn narrowed(self) -> Tensor<B, 4> {
+        if self.start == 0 && self.len == self.tensor.dims()[1] {
+            self.tensor
+        } else {
+            self.tensor.narrow(1, self.start, self.len)
+        }
+    }
+}
+
+/// `x · Wᵀ + b` for a [`Linear`] holding the PyTorch-layout weight as a transposed view.
+///
+/// # Shapes
+/// `x` `[..., in]` -> `[..., out]`.
+pub fn linear<B: KernelBackend, const D: usize>(
+    linear: &Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    portable::linear(linear, x)
+}
+
+/// The layer's output features in `N` equal, contiguous parts (a fused projection such as
+/// gate | up), each computed by its own product with a column view of the weight.
+///
+/// # Shapes
+/// `x` `[B, S, in]` -> `N` × `[B, S, out / N]`.
+pub fn linear_chunks<B: KernelBackend, const N: usize>(
+    linear: &Linear<B>,
+    x: Tensor<B, 3>,
+) -> [Tensor<B, 3>; N] {
+    portable::linear_chunks(linear, x)
+}
+
+/// A bias-free layer whose output features are `heads` heads, returned head-major (the layout
+/// attention reads), without a strided copy after the product.
+///
+/// # Shapes
+/// `x` `[B, S, in]` -> `[B, heads, S, out / heads]`.
+pub fn linear_heads<B: KernelBackend>(
+    linear: &Linear<B>,
+    x: Tensor<B, 3>,
+    heads: usize,
+) -> Tensor<B, 4> {
+    portable::linear_heads(linear, x, heads)
+}
+
+/// Phi-3's RMSNorm, `weight · x / sqrt(mean(x²) + eps)` over the last axis, statistics in f32.
+///
+/// # Shapes
+/// `x` `[B, S, D]`, `weight` `[D]` -> `[B, S, D]`.
+pub fn rms_norm<B: KernelBackend>(x: Tensor<B, 3>, weight: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+    if on_host(&x) {
+        host::rms_norm(x, weight, eps)
+    } else {
+        portable::rms_norm(x, weight, eps)
+    }
+}
+
+/// `up · silu(gate)`, the SwiGLU product.
+///
+/// # Shapes
+/// `gate`, `up` of one shape -> that shape.
+pub fn silu_mul<B: KernelBackend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
+    if on_host(&gate) {
+        host::silu_mul(gate, up)
+    } else {
+        portable::silu_mul(gate, up)
+    }
+}
+
+/// Rotary embedding, `x · cos + rotate_half(x) · sin`, with `rotate_half(x) = cat(-x2, x1)`
+/// (the sign folded into `sin_signed`).
+///
+/// # Shapes
+/// `x`: a range of `H` heads of `[B, H_total, S, hd]`; `cos`, `sin_signed` `[B or 1, 1 or H, S,
+/// hd]` -> `[B, H, S, hd]`.
+pub fn rope<B: KernelBackend>(
+    x: HeadRange<B>,
+    cos: Tensor<B, 4>,
+    sin_signed: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    if on_host(&x.tensor) {
+        host::rope(x, cos, sin_signed)
+    } else {
+        portable::rope(x.narrowed(), cos, sin_signed)
+    }
+}
+
+/// Multi-head attention with OmniGen's additive mask, `softmax(q·kᵀ/sqrt(hd) + bias)·v`, heads
+/// concatenated on the way out.
+///
+/// The mask arrives as a finite additive bias (0 where a query may attend, the dtype's most
+/// negative value elsewhere), so a fully masked row stays finite, as in the official code.
+///
+/// # Shapes
+/// `q`: `H` heads of `[B, ·, S, hd]`; `k`, `v`: `H` heads of `[B, ·, T, hd]`; `bias` `[B or 1,
+/// 1 or H, S, T]` -> `[B, S, H·hd]`.
+pub fn attention<B: KernelBackend>(
+    q: HeadRange<B>,
+    k: HeadRange<B>,
+    v: HeadRange<B>,
+    bias: Tensor<B, 4>,
+) -> Tensor<B, 3> {
+    if on_host(&q.tensor) {
+        host::attention(q, k, v, bias)
+    } else {
+        portable::attention(q.narrowed(), k.narrowed(), v.narrowed(), bias)
+    }
+}
+
+/// `silu(group_norm(x))`, every GroupNorm → SiLU pair of the VAE.
+///
+/// # Shapes
+/// `x` `[B, C, H, W]` -> `[B, C, H, W]`.
+pub fn group_norm_silu<B: KernelBackend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    match (&gn.gamma, &gn.beta) {
+        (Some(gamma), Some(beta)) if gn.affine && on_host(&x) => {
+            host::group_norm_silu(x, gamma.val(), beta.val(), gn.num_groups, gn.epsilon)
+        }
+        _ => portable::group_norm_silu(gn, x),
+    }
+}
+
+/// A 3×3, stride-1, padding-1 convolution (the VAE's resnets, upsamplers, `conv_in`,
+/// `conv_out`), from the PyTorch-layout weight `[C_out, C_in, 3, 3]` of `conv`.
+///
+/// # Shapes
+/// `x` `[B, C_in, H, W]` -> `[B, C_out, H, W]`.
+pub fn conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    debug_assert!(conv.kernel_size == [3, 3] && conv.stride == [1, 1] && conv.groups == 1);
+    let c_in = x.dims()[1];
+    match &conv.bias {
+        Some(bias) if on_host(&x) && c_in >= host::SHIFTED_GEMM_MIN_CHANNELS => {
+            host::conv3x3(x, conv.weight.val(), bias.val())
+        }
+        _ => portable::conv3x3(conv, x),
+    }
+}
+
+// The host kernels against the portable ops, where the default backend has them.
+#[cfg(all(
+    test,
+    any(feature = "flex", feature = "ndarray"),
+    not(feature = "cuda")
+))]
+mod tests;

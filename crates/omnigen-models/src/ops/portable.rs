@@ -1,0 +1,132 @@
+//! Every op in burn's own tensor ops: what runs on any backend (GPU backends, other dtypes).
+
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, Linear};
+use burn::tensor::activation::silu;
+use burn::tensor::backend::Backend;
+use burn::tensor::module::attention as burn_attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{DType, Tensor};
+
+/// burn's `Linear::forward` unsqueezes the weight to the input's rank, and burn-flex
+/// materialises that reshape of the transposed (PyTorch-layout) view on every call. Flattening
+/// the contiguous input to 2-D instead lets the GEMM read the transposed weight by its strides.
+pub(super) fn linear<B: Backend, const D: usize>(
+    linear: &Linear<B>,
+    x: Tensor<B, D>,
+) -> Tensor<B, D> {
+    let mut dims = x.dims();
+    let d_in = dims[D - 1];
+    let rows = dims[..D - 1].iter().product();
+    let w = linear.weight.val(); // [in, out]
+    dims[D - 1] = w.dims()[1];
+    let y = x.reshape([rows, d_in]).matmul(w);
+    let y = match &linear.bias {
+        Some(bias) => y + bias.val().unsqueeze::<2>(),
+        None => y,
+    };
+    y.reshape(dims)
+}
+
+/// One product per column view of the weight gives contiguous parts, so the elementwise ops
+/// after them read contiguous data instead of strided slices of one `[B, S, out]` result.
+pub(super) fn linear_chunks<B: Backend, const N: usize>(
+    linear: &Linear<B>,
+    x: Tensor<B, 3>,
+) -> [Tensor<B, 3>; N] {
+    let [b, s, d_in] = x.dims();
+    let x = x.reshape([b * s, d_in]);
+    let w = linear.weight.val(); // [in, out]
+    let part = w.dims()[1] / N;
+    std::array::from_fn(|c| {
+        let y = x.clone().matmul(w.clone().narrow(1, c * part, part)); // [B·S, part]
+        let y = match &linear.bias {
+            Some(bias) => y + bias.val().narrow(0, c * part, part).unsqueeze::<2>(),
+            None => y,
+        };
+        y.reshape([b, s, part])
+    })
+}
+
+/// The weight's `[out, in]` storage viewed as `[heads, in, out / heads]` (no copy: reshapes only
+/// of the contiguous storage, which burn-flex does not copy) is the right-hand side of one
+/// batched product, so no strided `[B, S, H, hd] -> [B, H, S, hd]` copy follows.
+pub(super) fn linear_heads<B: Backend>(
+    linear: &Linear<B>,
+    x: Tensor<B, 3>,
+    heads: usize,
+) -> Tensor<B, 4> {
+    debug_assert!(linear.bias.is_none(), "linear_heads takes bias-free layers");
+    let d_in = x.dims()[2];
+    let d_out = linear.weight.dims()[1];
+    let w = linear
+        .weight
+        .val() // [in, out] (transposed view of the checkpoint's [out, in])
+        .transpose() // [out, in], contiguous
+        .reshape([1, heads, d_out / heads, d_in])
+        .swap_dims(2, 3); // [1, heads, in, hd]
+    x.unsqueeze_dim::<4>(1).matmul(w) // [B, heads, S, hd]
+}
+
+pub(super) fn rms_norm<B: Backend>(
+    x: Tensor<B, 3>,
+    weight: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, 3> {
+    let dtype = x.dtype();
+    // transformers upcasts to f32 for the statistics, then casts back before the scale.
+    let x32 = x.cast(DType::F32);
+    let inv_rms = x32
+        .clone()
+        .square()
+        .mean_dim(2)
+        .add_scalar(eps)
+        .sqrt()
+        .recip(); // [B, S, 1]
+    let normed = (x32 * inv_rms).cast(dtype);
+    normed * weight.unsqueeze::<3>()
+}
+
+pub(super) fn silu_mul<B: Backend, const D: usize>(
+    gate: Tensor<B, D>,
+    up: Tensor<B, D>,
+) -> Tensor<B, D> {
+    up * silu(gate)
+}
+
+/// `x` `[B, H, S, hd]`; the tables broadcast over batch and heads.
+pub(super) fn rope<B: Backend>(
+    x: Tensor<B, 4>,
+    cos: Tensor<B, 4>,
+    sin_signed: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let half = x.dims()[3] / 2;
+    let swapped = Tensor::cat(
+        vec![
+            x.clone().narrow(3, half, half),
+            x.clone().narrow(3, 0, half),
+        ],
+        3,
+    );
+    x * cos + swapped * sin_signed
+}
+
+/// `q` `[B, H, S, hd]`, `k`, `v` `[B, H, T, hd]`, `bias` `[B, 1, S, T]` -> `[B, S, H·hd]`.
+pub(super) fn attention<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Tensor<B, 4>,
+) -> Tensor<B, 3> {
+    let [b, h, s, hd] = q.dims();
+    let out = burn_attention(q, k, v, None, Some(bias), AttentionModuleOptions::default()); // [B, H, S, hd]
+    out.swap_dims(1, 2).reshape([b, s, h * hd])
+}
+
+pub(super) fn group_norm_silu<B: Backend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    silu(gn.forward(x))
+}
+
+pub(super) fn conv3x3<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    conv.forward(x)
+}

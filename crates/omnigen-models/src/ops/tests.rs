@@ -1,0 +1,164 @@
+//! Each op as dispatched (the host kernel, on the default CPU backend in f32) against the
+//! portable op it replaces: the parity fixtures' models are too narrow to reach some host paths
+//! (the shifted-GEMM convolution), and CI has no GPU to run the portable ones in f32.
+
+use burn::module::Param;
+use burn::nn::conv::Conv2d;
+use burn::nn::{GroupNorm, Linear};
+use burn::tensor::{DType, Tensor, TensorData};
+
+use super::{host, portable, HeadRange, KernelBackend};
+use crate::loader::Loader;
+use crate::ops;
+use crate::weights::RandomWeights;
+use crate::{default_device, DefaultBackend as B};
+
+/// Deterministic values of about unit size that differ for every `seed`.
+fn normal<const D: usize>(shape: [usize; D], seed: u64) -> Tensor<B, D> {
+    let n: usize = shape.iter().product();
+    let values: Vec<f32> = (0..n)
+        .map(|i| 1.7 * ((i as f32 * 0.618 + seed as f32 * 1.3).sin() * 43.758).fract())
+        .collect();
+    Tensor::from_data(TensorData::new(values, shape), &default_device())
+}
+
+fn loader(reader: &RandomWeights) -> Loader<'_, B> {
+    Loader::new(reader, &default_device(), DType::F32)
+}
+
+fn assert_close<const D: usize>(got: Tensor<B, D>, want: Tensor<B, D>, tol: f32) {
+    assert_eq!(got.dims(), want.dims());
+    let diff: f32 = (got - want).abs().max().into_scalar();
+    assert!(diff <= tol, "max abs diff {diff} > {tol}");
+}
+
+// The parity suites cover the host kernels only if the default CPU backend takes them.
+const _: () = assert!(<B as KernelBackend>::HOST_KERNELS && <B as KernelBackend>::HOST_MEMORY);
+
+#[test]
+fn rms_norm_host_matches_portable() {
+    let (x, w) = (normal([2, 5, 40], 1), normal([40], 2));
+    assert_close(
+        ops::rms_norm(x.clone(), w.clone(), 1e-5),
+        portable::rms_norm(x, w, 1e-5),
+        1e-5,
+    );
+}
+
+#[test]
+fn silu_mul_host_matches_portable() {
+    let (g, u) = (normal([3, 7, 33], 3), normal([3, 7, 33], 4));
+    assert_close(
+        ops::silu_mul(g.clone(), u.clone()),
+        portable::silu_mul(g, u),
+        1e-5,
+    );
+}
+
+#[test]
+fn rope_host_matches_portable_on_a_head_range() {
+    let x = normal([2, 6, 5, 8], 5);
+    for (cos, sin) in [
+        (normal([2, 1, 5, 8], 6), normal([2, 1, 5, 8], 7)),
+        (normal([1, 1, 5, 8], 8), normal([1, 1, 5, 8], 9)),
+    ] {
+        let range = HeadRange::new(x.clone(), 2, 3);
+        assert_close(
+            ops::rope(range.clone(), cos.clone(), sin.clone()),
+            portable::rope(range.narrowed(), cos, sin),
+            1e-6,
+        );
+    }
+}
+
+#[test]
+fn attention_host_matches_portable_with_a_mask() {
+    // q from heads 0..2 and k, v from heads 2..4 and 4..6 of one fused tensor (S = T), and a
+    // longer k/v (T > S, as with a cache); the mask blocks some columns of every row.
+    let (b, h, s, hd) = (2, 2, 9, 8);
+    let fused = normal([b, 3 * h, s, hd], 10);
+    let mut bias_values = vec![0f32; b * s * s];
+    for (i, v) in bias_values.iter_mut().enumerate() {
+        if i % 3 == 1 {
+            *v = f32::MIN;
+        }
+    }
+    let bias = Tensor::<B, 4>::from_data(
+        TensorData::new(bias_values, [b, 1, s, s]),
+        &default_device(),
+    );
+    let q = HeadRange::new(fused.clone(), 0, h);
+    let k = HeadRange::new(fused.clone(), h, h);
+    let v = HeadRange::new(fused, 2 * h, h);
+    assert_close(
+        ops::attention(q.clone(), k.clone(), v.clone(), bias.clone()),
+        portable::attention(q.narrowed(), k.narrowed(), v.narrowed(), bias),
+        1e-5,
+    );
+    let t = 70; // more than one block of query rows is not needed for T; S spans two blocks
+    let (q, kv) = (normal([1, h, 65, hd], 11), normal([1, h, t, hd], 12));
+    let bias = normal([1, 1, 65, t], 13);
+    assert_close(
+        ops::attention(
+            HeadRange::all(q.clone()),
+            HeadRange::all(kv.clone()),
+            HeadRange::all(kv.clone() * 0.5),
+            bias.clone(),
+        ),
+        portable::attention(q, kv.clone(), kv * 0.5, bias),
+        1e-5,
+    );
+}
+
+fn group_norm(channels: usize, groups: usize) -> GroupNorm<B> {
+    GroupNorm {
+        gamma: Some(Param::from_tensor(normal([channels], 14))),
+        beta: Some(Param::from_tensor(normal([channels], 15))),
+        num_groups: groups,
+        num_channels: channels,
+        epsilon: 1e-6,
+        affine: true,
+    }
+}
+
+#[test]
+fn group_norm_silu_host_matches_portable() {
+    let gn = group_norm(12, 4);
+    let x = normal([2, 12, 5, 3], 16) * 3.0 + 1.0;
+    assert_close(
+        ops::group_norm_silu(&gn, x.clone()),
+        portable::group_norm_silu(&gn, x),
+        1e-5,
+    );
+}
+
+#[test]
+fn shifted_gemm_conv_matches_conv2d() {
+    let (c_in, c_out) = (host::SHIFTED_GEMM_MIN_CHANNELS, 40);
+    let conv: Conv2d<B> = loader(&RandomWeights { seed: 3 })
+        .conv2d(c_in, c_out, 3, 1, 1)
+        .unwrap();
+    for (b, h, w) in [(1, 5, 7), (2, 8, 3)] {
+        let x = normal([b, c_in, h, w], 17);
+        assert_close(
+            ops::conv3x3(&conv, x.clone()),
+            portable::conv3x3(&conv, x),
+            1e-4,
+        );
+    }
+}
+
+#[test]
+fn linear_chunks_and_heads_match_linear() {
+    let reader = RandomWeights { seed: 4 };
+    let ld = loader(&reader);
+    let with_bias: Linear<B> = ld.sub("a").linear(16, 24, true).unwrap();
+    let x = normal([2, 3, 16], 18);
+    let full = portable::linear(&with_bias, x.clone());
+    let parts: [_; 2] = portable::linear_chunks(&with_bias, x.clone());
+    assert_close(Tensor::cat(parts.to_vec(), 2), full, 1e-5);
+    let no_bias: Linear<B> = ld.sub("b").linear(16, 24, false).unwrap();
+    let full = portable::linear(&no_bias, x.clone()); // [B, S, 4·6]
+    let heads = portable::linear_heads(&no_bias, x, 4); // [B, 4, S, 6]
+    assert_close(heads.swap_dims(1, 2).reshape([2, 3, 24]), full, 1e-5);
+}
