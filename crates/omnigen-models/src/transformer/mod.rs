@@ -231,7 +231,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
     }
 
     /// Builds the model from any reader of official key names (e.g.
-    /// [`RandomWeights`](crate::loader::RandomWeights) for benches), taking the tensors exactly
+    /// [`RandomWeights`](crate::weights::RandomWeights) for benches), taking the tensors exactly
     /// as the reader returns them (no [`LoadOptions`]).
     pub fn load_reader(
         reader: &dyn WeightReader,

@@ -3,7 +3,7 @@
 //!
 //! - [`builder`]: loading a model folder (or hub id) into an [`OmniGenPipeline`];
 //! - [`sampling`]: [`OmniGenPipeline::generate_with`], the loop, its stages numbered;
-//! - [`branch`]: per-guidance-branch state (condition, KV cache) and the per-step transformer
+//! - `branch` (private): per-guidance-branch state (condition, KV cache) and the per-step transformer
 //!   calls;
 //! - [`decode`]: latents to 8-bit images ([`tensor_to_rgb8`]);
 //! - [`hooks`]: progress reports and cancellation.

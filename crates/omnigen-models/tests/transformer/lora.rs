@@ -1,17 +1,16 @@
 //! LoRA merge parity with the official `merge_lora` (fixture `A/lora`, `A/lora_ref.*`), and the
 //! adapter loader's errors.
 
-mod transformer_support;
-
 use std::path::{Path, PathBuf};
 
+use crate::support::*;
 use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::{Error, TransformerWeights, WeightSource};
 use omnigen_models::default_device;
 use omnigen_models::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader};
 use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
 use omnigen_models::weights::{Bf16RoundedReader, WeightReader};
-use transformer_support::*;
+use omnigen_test_support::write_f32_safetensors;
 
 const D: usize = 48;
 
@@ -202,32 +201,8 @@ fn edited_adapter(
         })
         .collect();
     edit_tensors(&mut tensors);
-    write_safetensors(&tmp.path().join("adapter_model.safetensors"), &tensors);
+    write_f32_safetensors(tmp.path().join("adapter_model.safetensors"), &tensors);
     tmp
-}
-
-fn write_safetensors(path: &Path, tensors: &[(String, Vec<usize>, Vec<f32>)]) {
-    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
-        .iter()
-        .map(|(k, s, v)| {
-            (
-                k.clone(),
-                s.clone(),
-                v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-            )
-        })
-        .collect();
-    let views: Vec<(String, safetensors::tensor::TensorView)> = bytes
-        .iter()
-        .map(|(k, s, b)| {
-            (
-                k.clone(),
-                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
-                    .unwrap(),
-            )
-        })
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
 }
 
 fn load_error(adapter: &Path) -> Error {

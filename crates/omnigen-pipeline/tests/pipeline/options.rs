@@ -12,7 +12,7 @@ use omnigen_pipeline::{
 };
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    omnigen_test_support::fixtures_root()
 }
 
 fn model() -> PathBuf {

@@ -1,22 +1,17 @@
 //! Parameter counts: the real OmniGen-v1 config (no weights allocated) and the module's own
 //! count against the config formula.
 
-mod transformer_support;
-
+use crate::support::*;
 use burn::module::Module;
 use burn::tensor::DType;
 use omnigen_core::{RopeScaling, TransformerConfig};
 use omnigen_models::default_device;
 use omnigen_models::transformer::OmniGenTransformer;
 use omnigen_models::weights::RandomWeights;
-use transformer_support::*;
 
 fn real_config() -> TransformerConfig {
-    TransformerConfig::from_file(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/real/config.json"
-    ))
-    .expect("real config parses")
+    TransformerConfig::from_file(omnigen_test_support::fixture("real/config.json"))
+        .expect("real config parses")
 }
 
 #[test]

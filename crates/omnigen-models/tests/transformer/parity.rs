@@ -1,10 +1,8 @@
 //! Parity of the uncached transformer forward with the official PyTorch code (fixtures A).
 
-mod transformer_support;
-
+use crate::support::*;
 use burn::tensor::Tensor;
 use omnigen_models::transformer::TransformerCondition;
-use transformer_support::*;
 
 #[test]
 fn transformer_only_matches_official_forward_and_intermediates() {

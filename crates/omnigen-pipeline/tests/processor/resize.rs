@@ -5,13 +5,11 @@
 //! always. An extra, ignored test compares against a directory of Pillow outputs
 //! (`OMNIGEN_PILLOW_VECTORS`).
 
-mod processor_support;
-
+use crate::support::*;
 use image::RgbImage;
 use omnigen_pipeline::image_preprocess::{
     crop_arr, normalize, pillow_resize, preprocess_image, ResampleFilter,
 };
-use processor_support::*;
 
 fn load(path: &std::path::Path) -> RgbImage {
     image::open(path)
@@ -99,7 +97,7 @@ fn normalization_matches_torch() {
 /// Each recorded intermediate of the official `crop_arr` (`NAME.after_box`, `NAME.after_down`,
 /// `NAME.after_up`), recomputed from the previous recorded step so a mismatch is pinned to
 /// one resize.
-fn check_official_steps(tensors: &Tensors, name: &str, input: &RgbImage, max: u32) {
+fn check_official_steps(tensors: &SafetensorsFile, name: &str, input: &RgbImage, max: u32) {
     let recorded = |step: &str| -> Option<RgbImage> {
         let key = format!("{name}.{step}");
         if !tensors.has(&key) {
@@ -143,8 +141,8 @@ fn official_resize_dump() {
         eprintln!("skipping: {} not present", json_path.display());
         return;
     }
-    let json = read_json(&json_path);
-    let tensors = Tensors::open(&dir.join("proc_resize.safetensors"));
+    let json = read_json(json_path);
+    let tensors = SafetensorsFile::open(dir.join("proc_resize.safetensors"));
     let names: std::collections::BTreeSet<String> = tensors
         .names()
         .iter()
@@ -288,7 +286,7 @@ fn pillow_vectors() {
 #[test]
 fn pillow13_pass_order_vectors() {
     let path = fixtures_dir().join("proc/pillow13_pass_order.safetensors");
-    let tensors = Tensors::open(&path);
+    let tensors = SafetensorsFile::open(&path);
     let image = |key: &str| {
         let shape = tensors.shape(key);
         RgbImage::from_raw(shape[1] as u32, shape[0] as u32, tensors.u8(key)).unwrap()

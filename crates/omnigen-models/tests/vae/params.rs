@@ -1,15 +1,13 @@
 //! The configuration alone shapes the VAE: the real SDXL `vae/config.json` builds a module with
 //! the SDXL VAE's parameter count, and the tiny checkpoint's module holds exactly its tensors.
 
-mod vae_support;
-
+use crate::support::{fixture, tiny_vae, B};
 use burn::module::Module;
 use burn::tensor::DType;
 use omnigen_core::{VaeConfig, WeightSource};
 use omnigen_models::default_device;
 use omnigen_models::vae::AutoencoderKL;
 use omnigen_models::weights::RandomWeights;
-use vae_support::{fixture, tiny_vae, B};
 
 /// Counted from the architecture (conv_in, 2 resnets per encoder level and 3 per decoder level
 /// with their GroupNorms and 1×1 shortcuts where channels change, 3 downsample/upsample convs

@@ -1,14 +1,12 @@
 //! Weight precision: the official bf16 rounding of the weights, and the transformer run with
 //! bf16 / f16 parameters against the f32 reference (fixture A).
 
-mod transformer_support;
-
+use crate::support::*;
 use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::WeightSource;
 use omnigen_models::default_device;
 use omnigen_models::transformer::{LoadOptions, OmniGenTransformer, TransformerCondition};
 use omnigen_models::weights::{Bf16RoundedReader, RandomWeights, WeightReader};
-use transformer_support::*;
 
 fn values(data: TensorData) -> Vec<f32> {
     data.into_vec::<f32>().unwrap()

@@ -1,15 +1,13 @@
 //! Parity of the processor with the official pipeline dumps in `tests/fixtures/{A,B}`:
 //! token ids, masks and position ids exactly, input images exactly (u8) or to 1e-6 (f32).
 
-mod processor_support;
-
 use std::path::Path;
 
+use crate::support::*;
 use omnigen_pipeline::{
     add_prefix_instruction, ConditionImage, GuidanceInputs, OmniGenProcessor, ProcessorOptions,
     Prompt,
 };
-use processor_support::*;
 
 fn processor() -> OmniGenProcessor {
     OmniGenProcessor::from_dir(fixture_a("model")).expect("tokenizer")
@@ -59,8 +57,8 @@ fn prompts_from_json(json: &serde_json::Value, dir: &Path) -> Vec<Prompt> {
 
 /// Runs the processor on a pipeline case and compares every `proc.*` tensor.
 fn check_case(dir: &Path, case: &str) {
-    let json = read_json(&dir.join(format!("{case}.json")));
-    let tensors = Tensors::open(&dir.join(format!("{case}.safetensors")));
+    let json = read_json(dir.join(format!("{case}.json")));
+    let tensors = SafetensorsFile::open(dir.join(format!("{case}.safetensors")));
     let proc = OmniGenProcessor::from_dir(dir.join("model")).expect("tokenizer");
     let prompts = prompts_from_json(&json, dir);
     let options = options_from_json(&json);
@@ -170,7 +168,7 @@ fn every_recorded_pipeline_case() {
             .collect();
         cases.sort();
         for case in cases {
-            let json = read_json(&dir.join(format!("{case}.json")));
+            let json = read_json(dir.join(format!("{case}.json")));
             if json.get("pipeline_call_args").is_some()
                 && dir.join(format!("{case}.safetensors")).is_file()
             {
@@ -184,7 +182,7 @@ fn every_recorded_pipeline_case() {
 
 #[test]
 fn token_strings_match_recorded_tokens() {
-    let json = read_json(&fixture_a("t2i.json"));
+    let json = read_json(fixture_a("t2i.json"));
     let proc = processor();
     for (branch, text) in json["prompts_after_prefix"].as_object().unwrap() {
         let ids = proc.encode(text.as_str().unwrap()).unwrap();
@@ -204,7 +202,7 @@ fn token_strings_match_recorded_tokens() {
 
 #[test]
 fn builder_path_dynamic_and_raw_rgb_give_identical_batches() {
-    let json = read_json(&fixture_a("edit.json"));
+    let json = read_json(fixture_a("edit.json"));
     let proc = processor();
     let options = options_from_json(&json);
     let from_text = prompts_from_json(&json, &fixtures_dir().join("A")).remove(0);
@@ -231,7 +229,7 @@ fn builder_path_dynamic_and_raw_rgb_give_identical_batches() {
 
 #[test]
 fn edit_input_image_size_as_output() {
-    let json = read_json(&fixture_a("edit.json"));
+    let json = read_json(fixture_a("edit.json"));
     let proc = processor();
     let mut options = options_from_json(&json);
     options.use_input_image_size_as_output = true;

@@ -1,12 +1,10 @@
 //! Typed errors of prompts and the processor: every bad input is an `Err`, never a panic.
 
-mod processor_support;
-
+use crate::support::*;
 use omnigen_core::Error;
 use omnigen_pipeline::{
     check_placeholders, ConditionImage, OmniGenProcessor, ProcessorOptions, Prompt, PromptError,
 };
-use processor_support::*;
 
 fn processor() -> OmniGenProcessor {
     OmniGenProcessor::from_dir(fixture_a("model")).expect("tokenizer")

@@ -6,35 +6,32 @@
 //! cases run with `use_kv_cache=True`, `off` and `exact` against the `use_kv_cache=False` ones
 //! (`exact` is by construction the uncached computation).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use omnigen_models::DefaultBackend as B;
 use omnigen_pipeline::{
     ConditionImage, GenerationRequest, InitialLatents, InputLatents, KvCache, OmniGenPipeline,
     Prompt,
 };
-use safetensors::SafeTensors;
+use omnigen_test_support::{read_json, SafetensorsFile};
 use serde_json::Value;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    omnigen_test_support::fixtures_root()
 }
 
 struct Case {
     dir: PathBuf,
     name: String,
     json: Value,
-    tensors: Vec<u8>,
+    tensors: SafetensorsFile,
 }
 
 impl Case {
     fn load(set: &str, name: &str) -> Self {
         let dir = fixtures().join(set);
-        let json: Value = serde_json::from_str(
-            &std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap(),
-        )
-        .unwrap();
-        let tensors = std::fs::read(dir.join(format!("{name}.safetensors"))).unwrap();
+        let json = read_json(dir.join(format!("{name}.json")));
+        let tensors = SafetensorsFile::open(dir.join(format!("{name}.safetensors")));
         Self {
             dir,
             name: format!("{set}/{name}"),
@@ -44,33 +41,20 @@ impl Case {
     }
 
     fn has(&self, key: &str) -> bool {
-        SafeTensors::deserialize(&self.tensors)
-            .unwrap()
-            .tensor(key)
-            .is_ok()
+        self.tensors.has(key)
     }
 
     fn latents(&self, key: &str) -> InitialLatents {
-        let st = SafeTensors::deserialize(&self.tensors).unwrap();
-        let t = st.tensor(key).unwrap();
-        let values = t
-            .data()
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-            .collect();
+        self.tensors
+            .expect_dtype(key, omnigen_test_support::Dtype::F32);
         InitialLatents {
-            values,
-            shape: t.shape().try_into().unwrap(),
+            values: self.tensors.f32(key),
+            shape: self.tensors.shape(key).try_into().unwrap(),
         }
     }
 
     fn bytes(&self, key: &str) -> Vec<u8> {
-        SafeTensors::deserialize(&self.tensors)
-            .unwrap()
-            .tensor(key)
-            .unwrap()
-            .data()
-            .to_vec()
+        self.tensors.bytes(key)
     }
 
     fn args(&self) -> &Value {
@@ -177,15 +161,12 @@ fn check(pipe: &OmniGenPipeline<B>, case: &Case, kv: KvCache) -> (f32, u8) {
         want
     };
     assert_eq!(ours.len(), want.len(), "{}", case.name);
-    let dl = ours
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
-    assert!(
-        dl <= 1e-4,
-        "{} ({kv:?}): final latents differ by {dl}",
-        case.name
+    let dl = omnigen_test_support::assert_close(
+        &format!("{} ({kv:?}): final latents", case.name),
+        &ours,
+        &want,
+        &gen.latents.dims(),
+        1e-4,
     );
 
     let mut di = 0u8;

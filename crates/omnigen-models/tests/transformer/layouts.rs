@@ -1,14 +1,12 @@
 //! Both checkpoint key layouts: the official `model.safetensors` and diffusers'
 //! `OmniGenTransformer2DModel` copy (BF16, renamed keys, q/k/v split), auto-detected.
 
-mod transformer_support;
-
+use crate::support::*;
 use burn::module::Module;
 use burn::tensor::DType;
 use omnigen_core::{CheckpointLayout, TransformerWeights, WeightSource};
 use omnigen_models::default_device;
 use omnigen_models::transformer::OmniGenTransformer;
-use transformer_support::*;
 
 #[test]
 fn diffusers_layout_is_detected_and_matches_official() {

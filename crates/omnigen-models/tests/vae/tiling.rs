@@ -11,11 +11,9 @@
 //! (`tiled_matches_diffusers_tiled`) the measured max abs diff is 6.1e-6 (decode, 4×5 tiles)
 //! and 2.3e-6 (encode mean, 5×5 tiles).
 
-mod vae_support;
-
+use crate::support::{max_abs_diff, read, read_path, tiny_vae, B};
 use burn::tensor::Tensor;
 use omnigen_models::vae::{AutoencoderKL, TilingConfig};
-use vae_support::{max_abs_diff, read, read_path, tiny_vae, B};
 
 /// diffusers' default overlap with 32-pixel (4-latent) tiles: several tiles on the test sizes.
 fn small_tiles() -> Option<TilingConfig> {

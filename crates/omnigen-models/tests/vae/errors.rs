@@ -1,13 +1,11 @@
 //! Bad inputs to the VAE are typed errors naming the argument, never panics.
 
-mod vae_support;
-
+use crate::support::{fixture, tiny_vae, B};
 use burn::tensor::{DType, Tensor};
 use omnigen_core::{Error, VaeConfig};
 use omnigen_models::default_device;
 use omnigen_models::vae::{AutoencoderKL, LatentChoice, TilingConfig};
 use omnigen_models::weights::RandomWeights;
-use vae_support::{fixture, tiny_vae, B};
 
 fn zeros(shape: [usize; 4]) -> Tensor<B, 4> {
     Tensor::zeros(shape, &default_device())

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use omnigen_core::{Error, RopeScaling, TransformerConfig, VaeConfig};
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    omnigen_test_support::fixtures_root()
 }
 
 #[test]

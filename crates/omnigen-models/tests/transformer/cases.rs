@@ -2,9 +2,7 @@
 //! prompt lists), several input images, the LongRoPE long/short switch (model B) and
 //! non-square outputs; cached cases through the official KV cache, `*_nokv` uncached.
 
-mod transformer_support;
-
-use transformer_support::*;
+use crate::support::*;
 
 macro_rules! cases {
     ($fixtures:ident: $($test:ident => $name:literal),* $(,)?) => {$(

@@ -1,15 +1,14 @@
 //! The safetensors weight source: both key layouts of the committed tiny checkpoint, and a typed
 //! error for every way a weights file can be wrong.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
 use omnigen_core::{CheckpointLayout, Error, TransformerConfig, TransformerWeights, WeightSource};
-use safetensors::tensor::{Dtype, TensorView};
+use omnigen_test_support::Dtype;
 
 fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures")
+    omnigen_test_support::fixtures_root()
 }
 
 fn official() -> PathBuf {
@@ -107,11 +106,7 @@ fn prefix_lookup() {
 }
 
 fn write_file(path: &Path, tensors: &[(&str, Dtype, Vec<usize>, Vec<u8>)]) {
-    let views: HashMap<String, TensorView> = tensors
-        .iter()
-        .map(|(n, d, s, b)| (n.to_string(), TensorView::new(*d, s.clone(), b).unwrap()))
-        .collect();
-    safetensors::serialize_to_file(views, None, path).unwrap();
+    omnigen_test_support::write_safetensors(path, tensors);
 }
 
 fn small_file(dir: &Path) -> PathBuf {

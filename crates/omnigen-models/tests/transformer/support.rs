@@ -1,21 +1,21 @@
-//! Shared helpers of the transformer tests: fixture reading, model loading, comparisons.
+//! Shared helpers of the transformer tests: fixture cases, model loading, comparisons (the
+//! reading and comparing itself is `omnigen-test-support`'s).
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{DType, Int, Tensor, TensorData};
+use burn::tensor::{DType, Int, Tensor};
 use omnigen_models::transformer::{OmniGenTransformer, TransformerCondition};
 use omnigen_models::{default_device, DefaultBackend};
-use safetensors::{Dtype, SafeTensors};
+use omnigen_test_support::{
+    assert_close_tensors, fixture, parse_spans, read_json, tensor_max_abs_diff, SafetensorsFile,
+};
 
 pub type B = DefaultBackend;
 
 /// The committed fixture set A.
 pub fn fixtures_a() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/A"
-    ))
+    fixture("A")
 }
 
 /// One recorded transformer call: the condition and the per-step inputs.
@@ -43,7 +43,7 @@ impl Call {
 
 /// A fixture file: `NAME.safetensors` + `NAME.json`.
 pub struct Fixture {
-    bytes: Vec<u8>,
+    file: SafetensorsFile,
     pub json: serde_json::Value,
 }
 
@@ -64,78 +64,32 @@ impl Fixture {
     }
 
     pub fn open(dir: &Path, name: &str) -> Self {
-        let bytes =
-            std::fs::read(dir.join(format!("{name}.safetensors"))).expect("fixture safetensors");
-        let json = std::fs::read_to_string(dir.join(format!("{name}.json"))).expect("fixture json");
         Self {
-            bytes,
-            json: serde_json::from_str(&json).expect("fixture json parses"),
+            file: SafetensorsFile::open(dir.join(format!("{name}.safetensors"))),
+            json: read_json(dir.join(format!("{name}.json"))),
         }
     }
 
-    fn view(&self, name: &str) -> (Dtype, Vec<usize>, Vec<u8>) {
-        let st = SafeTensors::deserialize(&self.bytes).expect("safetensors");
-        let t = st
-            .tensor(name)
-            .unwrap_or_else(|_| panic!("fixture tensor `{name}`"));
-        (t.dtype(), t.shape().to_vec(), t.data().to_vec())
-    }
-
     pub fn has(&self, name: &str) -> bool {
-        SafeTensors::deserialize(&self.bytes)
-            .expect("safetensors")
-            .tensor(name)
-            .is_ok()
+        self.file.has(name)
     }
 
     /// A float tensor; U8 tensors (the added cases' 0/1 masks) are converted.
     pub fn f<const D: usize>(&self, name: &str) -> Tensor<B, D> {
-        let (dtype, shape, data) = self.view(name);
-        let values: Vec<f32> = match dtype {
-            Dtype::F32 => data
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                .collect(),
-            Dtype::U8 => data.iter().map(|&v| f32::from(v)).collect(),
-            other => panic!("{name}: unexpected dtype {other:?}"),
-        };
-        Tensor::from_data(TensorData::new(values, shape), &default_device())
+        self.file.tensor(name, &default_device())
     }
 
     pub fn i<const D: usize>(&self, name: &str) -> Tensor<B, D, Int> {
-        let (dtype, shape, data) = self.view(name);
-        assert_eq!(dtype, Dtype::I64, "{name}");
-        let values: Vec<i64> = data
-            .chunks_exact(8)
-            .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
-            .collect();
-        Tensor::from_data(TensorData::new(values, shape), &default_device())
+        self.file.int_tensor(name, &default_device())
     }
 
     /// `proc.bK.input_image_sizes` (or the top-level `input_image_sizes`) as spans per row.
     pub fn spans(value: &serde_json::Value, rows: usize) -> Vec<Vec<(usize, usize)>> {
-        let obj = value.as_object().expect("input_image_sizes object");
-        if obj.is_empty() {
+        let empty = value.as_object().is_some_and(|o| o.is_empty());
+        if empty {
             return Vec::new();
         }
-        (0..rows)
-            .map(|r| {
-                obj.get(&r.to_string())
-                    .and_then(|v| v.as_array())
-                    .map(|spans| {
-                        spans
-                            .iter()
-                            .map(|s| {
-                                (
-                                    s[0].as_u64().unwrap() as usize,
-                                    s[1].as_u64().unwrap() as usize,
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default()
-            })
-            .collect()
+        parse_spans(value, rows)
     }
 
     /// The recorded uncached inputs of one branch (`bK` or `batch`) at step `step` of a pipeline case.
@@ -185,10 +139,7 @@ impl Fixture {
 
 /// The fixture set B (LongRoPE threshold 72).
 pub fn fixtures_b() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../tests/fixtures/B"
-    ))
+    fixture("B")
 }
 
 /// Replays every transformer call of pipeline case `name`: uncached forwards for `*_nokv`
@@ -242,16 +193,12 @@ pub fn load_model(dir: &Path) -> OmniGenTransformer<B> {
 }
 
 pub fn max_abs<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b).abs().max().into_scalar()
+    tensor_max_abs_diff(a, b)
 }
 
 /// Asserts `max|a - b| <= tol` and prints the figure.
 pub fn check<const D: usize>(what: &str, a: Tensor<B, D>, b: Tensor<B, D>, tol: f32) -> f32 {
-    let d = max_abs(a, b);
-    println!("{what}: max abs diff {d:.3e}");
-    assert!(d <= tol, "{what}: max abs diff {d} > {tol}");
-    d
+    assert_close_tensors(what, a, b, tol)
 }
 
 pub const TOL: f32 = 1e-4;

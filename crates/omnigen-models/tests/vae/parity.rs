@@ -1,10 +1,8 @@
 //! Numeric parity of the VAE with diffusers' `AutoencoderKL` (official OmniGen pipeline, f32) on
 //! the tiny random checkpoint of fixture set A.
 
-mod vae_support;
-
+use crate::support::{max_abs_diff, read, read_pixels_u8, tiny_vae, vae_of};
 use omnigen_models::vae::LatentChoice;
-use vae_support::{max_abs_diff, read, read_pixels_u8, tiny_vae, vae_of};
 
 const TOL: f32 = 1e-4;
 

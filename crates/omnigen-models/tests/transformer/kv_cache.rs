@@ -1,10 +1,8 @@
 //! The condition-token KV cache: `Official` mode against the official pipeline's cached runs,
 //! `Exact` mode against the uncached forward.
 
-mod transformer_support;
-
+use crate::support::*;
 use omnigen_models::transformer::KvCacheMode;
-use transformer_support::*;
 
 /// Official KV-cache semantics (fixtures `t2i`, `edit`: the pipeline ran with `use_kv_cache=True`).
 fn pipeline_case_cached(name: &str) {

@@ -1,0 +1,12 @@
+//! The transformer's integration tests, one binary (each test binary links burn): parity with
+//! the official forward, the KV cache, every recorded pipeline case, both checkpoint layouts,
+//! dtypes, parameter counts and LoRA merges.
+
+mod cases;
+mod dtype;
+mod kv_cache;
+mod layouts;
+mod lora;
+mod params;
+mod parity;
+mod support;
