@@ -80,7 +80,7 @@ echo "ok: inspect official and diffusers"
 if omnigen inspect tests/fixtures 2>"$OUT/inspect_none.err"; then
   echo "expected failure: inspect tests/fixtures"; exit 1
 fi
-grep -q '^error: .*not a model folder' "$OUT/inspect_none.err" \
+grep -q '^error: .*missing transformer config' "$OUT/inspect_none.err" \
   || { echo "no error line for inspect_none"; cat "$OUT/inspect_none.err"; exit 1; }
 echo "ok (fails cleanly): inspect_none: $(head -n1 "$OUT/inspect_none.err")"
 echo "examples ok"

@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 use omnigen::core::{
-    CheckpointLayout, Error, RopeScaling, TransformerConfig, TransformerWeights, VaeConfig,
-    WeightSource,
+    CheckpointLayout, ModelFolder, RopeScaling, TransformerConfig, TransformerWeights, VaeConfig,
+    WeightFiles, WeightSource,
 };
 
 /// The arguments of `omnigen inspect`.
@@ -24,91 +24,6 @@ pub fn run(args: &InspectArgs) -> anyhow::Result<()> {
     let report = Report::read(&args.dir)?;
     print!("{}", report.render());
     Ok(())
-}
-
-/// The two folder layouts OmniGen checkpoints come in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FolderKind {
-    /// `Shitao/OmniGen-v1`: everything at the root, the transformer in `model.safetensors`.
-    Official,
-    /// `Shitao/OmniGen-v1-diffusers`: `transformer/`, `tokenizer/` and `vae/` subfolders (or a
-    /// `transformer/` folder given directly).
-    Diffusers,
-}
-
-/// Where the parts of a model folder are.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ModelFolder {
-    /// The folder as given.
-    pub root: PathBuf,
-    /// Its layout.
-    pub kind: FolderKind,
-    /// The folder holding the transformer's `config.json` and weights.
-    pub transformer_dir: PathBuf,
-    /// The transformer weights' file stem (`<stem>.safetensors` or a sharded index).
-    pub weights_stem: &'static str,
-    /// `tokenizer.json`, when present.
-    pub tokenizer: Option<PathBuf>,
-    /// `vae/`, when it has a `config.json`.
-    pub vae_dir: Option<PathBuf>,
-    /// diffusers' `model_index.json`, when present.
-    pub model_index: Option<PathBuf>,
-}
-
-fn has_weights(dir: &Path, stem: &str) -> bool {
-    dir.join(format!("{stem}.safetensors")).is_file()
-        || dir.join(format!("{stem}.safetensors.index.json")).is_file()
-}
-
-/// Finds the parts of the model folder `dir` the way the loaders look for them (the
-/// transformer's `from_dir`, the processor's tokenizer search, the pipeline's `vae/`). Kept in
-/// this one function so it can give way to a checkpoint-layout type of `omnigen-core`.
-pub fn probe_folder(dir: &Path) -> Result<ModelFolder, Error> {
-    let not_a_model = |reason: String| Error::ModelNotFound {
-        id: dir.display().to_string(),
-        reason,
-    };
-    if !dir.is_dir() {
-        return Err(not_a_model("no such directory".into()));
-    }
-    let (kind, transformer_dir, weights_stem) = if has_weights(dir, "model") {
-        (FolderKind::Official, dir.to_path_buf(), "model")
-    } else if has_weights(dir, "diffusion_pytorch_model") {
-        (
-            FolderKind::Diffusers,
-            dir.to_path_buf(),
-            "diffusion_pytorch_model",
-        )
-    } else if has_weights(&dir.join("transformer"), "diffusion_pytorch_model") {
-        (
-            FolderKind::Diffusers,
-            dir.join("transformer"),
-            "diffusion_pytorch_model",
-        )
-    } else {
-        return Err(not_a_model(
-            "not a model folder: found no model.safetensors, diffusion_pytorch_model.safetensors \
-             or transformer/diffusion_pytorch_model.safetensors (nor a sharded index of them)"
-                .into(),
-        ));
-    };
-    let tokenizer = [
-        dir.join("tokenizer.json"),
-        dir.join("tokenizer").join("tokenizer.json"),
-    ]
-    .into_iter()
-    .find(|p| p.is_file());
-    let vae_dir = Some(dir.join("vae")).filter(|v| v.join("config.json").is_file());
-    let model_index = Some(dir.join("model_index.json")).filter(|p| p.is_file());
-    Ok(ModelFolder {
-        root: dir.to_path_buf(),
-        kind,
-        transformer_dir,
-        weights_stem,
-        tokenizer,
-        vae_dir,
-        model_index,
-    })
 }
 
 /// What the safetensors headers of one checkpoint part say.
@@ -161,6 +76,12 @@ impl WeightCensus {
 pub struct Report {
     /// Where the parts are.
     pub folder: ModelFolder,
+    /// The transformer's weights files.
+    pub weight_files: WeightFiles,
+    /// The tokenizer, when the folder has one.
+    pub tokenizer: Option<PathBuf>,
+    /// diffusers' `model_index.json`, when present.
+    pub model_index: Option<PathBuf>,
     /// The transformer checkpoint's key naming.
     pub key_layout: CheckpointLayout,
     /// The transformer's configuration.
@@ -174,21 +95,23 @@ pub struct Report {
 impl Report {
     /// Reads the configs and safetensors headers of the model folder `dir`.
     pub fn read(dir: &Path) -> omnigen::Result<Self> {
-        let folder = probe_folder(dir)?;
-        let transformer = TransformerConfig::from_file(folder.transformer_dir.join("config.json"))?;
-        let weights = TransformerWeights::new(WeightSource::open_in_dir(
-            &folder.transformer_dir,
-            folder.weights_stem,
-        )?)?;
-        let vae = match &folder.vae_dir {
-            Some(vae_dir) => {
-                let config = VaeConfig::from_file(vae_dir.join("config.json"))?;
-                let src = WeightSource::open_in_dir(vae_dir, omnigen::models::vae::WEIGHTS_STEM)?;
-                Some((config, WeightCensus::of(&src)))
-            }
-            None => None,
+        let folder = ModelFolder::open(dir)?;
+        let transformer = TransformerConfig::from_file(folder.transformer_config()?)?;
+        let weight_files = folder.transformer_weights()?;
+        let weights = TransformerWeights::new(WeightSource::open_files(&weight_files)?)?;
+        // A folder without a VAE or tokenizer is still worth a report; what it lacks is said.
+        let vae = match (folder.vae_config(), folder.vae_weights()) {
+            (Ok(config), Ok(files)) => Some((
+                VaeConfig::from_file(config)?,
+                WeightCensus::of(&WeightSource::open_files(&files)?),
+            )),
+            _ => None,
         };
+        let model_index = Some(dir.join("model_index.json")).filter(|p| p.is_file());
         Ok(Self {
+            weight_files,
+            tokenizer: folder.tokenizer().ok(),
+            model_index,
             key_layout: weights.layout(),
             transformer_weights: WeightCensus::of(weights.source()),
             transformer,
@@ -206,7 +129,7 @@ impl Report {
     }
 
     fn rel(&self, path: &Path) -> String {
-        path.strip_prefix(&self.folder.root)
+        path.strip_prefix(self.folder.root())
             .unwrap_or(path)
             .display()
             .to_string()
@@ -216,52 +139,46 @@ impl Report {
         let f = &self.folder;
         let t = &self.transformer;
         let tw = &self.transformer_weights;
-        let kind = match f.kind {
-            FolderKind::Official => "official",
-            FolderKind::Diffusers => "diffusers",
-        };
+        let kind = f.layout();
         let keys = match self.key_layout {
             CheckpointLayout::Official => "official",
             CheckpointLayout::Diffusers => "diffusers",
         };
-        writeln!(out, "model folder  {}", f.root.display())?;
+        writeln!(out, "model folder  {}", f.root().display())?;
         writeln!(out, "layout        {kind} (transformer keys: {keys} names)")?;
         writeln!(out)?;
         writeln!(out, "files")?;
-        if let Some(index) = &f.model_index {
+        if let Some(index) = &self.model_index {
             writeln!(out, "  index       {}", self.rel(index))?;
         }
         writeln!(
             out,
             "  config      {}",
-            self.rel(&f.transformer_dir.join("config.json"))
+            self.rel(&f.transformer_dir().join("config.json"))
         )?;
         let files: Vec<String> = tw.files.iter().map(|p| self.rel(p)).collect();
-        let index = f
-            .transformer_dir
-            .join(format!("{}.safetensors.index.json", f.weights_stem));
-        if index.is_file() {
+        if let Some(index) = &self.weight_files.index {
             writeln!(
                 out,
                 "  weights     {} ({} shards: {})",
-                self.rel(&index),
+                self.rel(index),
                 files.len(),
                 files.join(", ")
             )?;
         } else {
             writeln!(out, "  weights     {}", files.join(", "))?;
         }
-        match &f.tokenizer {
+        match &self.tokenizer {
             Some(p) => writeln!(out, "  tokenizer   {}", self.rel(p))?,
             None => writeln!(out, "  tokenizer   missing (generate needs tokenizer.json)")?,
         }
-        match (&f.vae_dir, &self.vae) {
-            (Some(dir), Some((_, census))) => {
+        match &self.vae {
+            Some((_, census)) => {
                 let files: Vec<String> = census.files.iter().map(|p| self.rel(p)).collect();
                 writeln!(
                     out,
                     "  vae         {}, {}",
-                    self.rel(&dir.join("config.json")),
+                    f.vae_config().map_or_else(|_| "?".into(), |p| self.rel(&p)),
                     files.join(", ")
                 )?;
             }
@@ -435,6 +352,7 @@ fn bytes(n: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use omnigen::core::{Error, FolderLayout};
 
     fn fixtures() -> PathBuf {
         Path::new(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/A")
@@ -454,14 +372,10 @@ mod tests {
     #[test]
     fn official_folder() {
         let dir = fixtures().join("model");
-        let folder = probe_folder(&dir).unwrap();
-        assert_eq!(folder.kind, FolderKind::Official);
-        assert_eq!(folder.transformer_dir, dir);
-        assert_eq!(folder.weights_stem, "model");
-        assert_eq!(folder.tokenizer, Some(dir.join("tokenizer.json")));
-        assert_eq!(folder.vae_dir, Some(dir.join("vae")));
-
         let report = Report::read(&dir).unwrap();
+        assert_eq!(report.folder.layout(), FolderLayout::Official);
+        assert_eq!(report.folder.transformer_dir(), dir);
+        assert_eq!(report.tokenizer, Some(dir.join("tokenizer.json")));
         assert_eq!(report.key_layout, CheckpointLayout::Official);
         let tw = &report.transformer_weights;
         assert_eq!(tw.files, [dir.join("model.safetensors")]);
@@ -503,17 +417,15 @@ mod tests {
     #[test]
     fn diffusers_folder_counts_the_same_parameters() {
         let dir = fixtures().join("model_diffusers");
-        let folder = probe_folder(&dir).unwrap();
-        assert_eq!(folder.kind, FolderKind::Diffusers);
-        assert_eq!(folder.transformer_dir, dir.join("transformer"));
+        let report = Report::read(&dir).unwrap();
+        assert_eq!(report.folder.layout(), FolderLayout::Diffusers);
+        assert_eq!(report.folder.transformer_dir(), dir.join("transformer"));
         assert_eq!(
-            folder.tokenizer,
+            report.tokenizer,
             Some(dir.join("tokenizer").join("tokenizer.json"))
         );
-        assert_eq!(folder.vae_dir, Some(dir.join("vae")));
-        assert_eq!(folder.model_index, Some(dir.join("model_index.json")));
-
-        let report = Report::read(&dir).unwrap();
+        assert!(report.vae.is_some());
+        assert_eq!(report.model_index, Some(dir.join("model_index.json")));
         let official = Report::read(&fixtures().join("model")).unwrap();
         assert_eq!(report.key_layout, CheckpointLayout::Diffusers);
         assert_eq!(report.transformer, official.transformer);
@@ -536,12 +448,12 @@ mod tests {
     #[test]
     fn a_transformer_folder_given_directly_is_diffusers() {
         let dir = fixtures().join("model_diffusers/transformer");
-        let folder = probe_folder(&dir).unwrap();
-        assert_eq!(folder.kind, FolderKind::Diffusers);
-        assert_eq!(folder.transformer_dir, dir);
-        assert_eq!(folder.tokenizer, None);
-        assert_eq!(folder.vae_dir, None);
-        let text = Report::read(&dir).unwrap().render();
+        let report = Report::read(&dir).unwrap();
+        assert_eq!(report.folder.layout(), FolderLayout::DiffusersTransformer);
+        assert_eq!(report.folder.transformer_dir(), dir);
+        assert_eq!(report.tokenizer, None);
+        assert!(report.vae.is_none());
+        let text = report.render();
         assert!(text.contains("tokenizer   missing"), "{text}");
         assert!(text.contains("vae         missing"), "{text}");
         assert!(!text.contains("keeps the vae in f32"), "{text}");
@@ -612,12 +524,12 @@ mod tests {
     #[test]
     fn folders_that_hold_no_model_are_refused_by_name() {
         let dir = tempfile::tempdir().unwrap();
-        let err = probe_folder(dir.path()).unwrap_err();
+        let err = Report::read(dir.path()).unwrap_err();
         assert!(matches!(err, Error::ModelNotFound { .. }), "{err}");
         let msg = err.to_string();
         assert!(msg.contains(&dir.path().display().to_string()), "{msg}");
-        assert!(msg.contains("not a model folder"), "{msg}");
-        let err = probe_folder(&dir.path().join("nope")).unwrap_err();
+        assert!(msg.contains("config.json"), "{msg}");
+        let err = Report::read(&dir.path().join("nope")).unwrap_err();
         assert!(err.to_string().contains("no such directory"), "{err}");
         // weights without a config: the config file is named
         std::fs::copy(

@@ -215,7 +215,7 @@ fn inspect_both_layouts() {
 
 #[test]
 fn inspect_refuses_a_folder_without_a_model() {
-    failure_of(&["inspect", "tests/fixtures"], "not a model folder");
+    failure_of(&["inspect", "tests/fixtures"], "missing transformer config");
     failure_of(&["inspect", "tests/fixtures/none"], "no such directory");
 }
 
