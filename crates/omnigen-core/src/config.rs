@@ -3,17 +3,23 @@
 //! OmniGen ships a plain Phi-3 `config.json` (no OmniGen-specific keys: the patch size, latent
 //! channels and position-table size are constructor constants of the official model) and the SDXL
 //! `vae/config.json`. diffusers' converted checkpoint ships `transformer/config.json` with renamed
-//! keys. Both transformer spellings parse into one [`TransformerConfig`].
+//! keys. Both transformer spellings parse into one [`TransformerConfig`] (serde aliases).
+//!
+//! Reading is two steps: serde fills the struct (keys a file leaves out, or sets to `null`, take
+//! the [`Default`] value), then the config's one `validate` checks it. The sizes that only the
+//! checkpoint can know default to 0, which `validate` reports as missing.
 
 use std::path::Path;
 
+use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 
 /// Rotary-embedding scaling declared by the checkpoint.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(try_from = "RawRopeScaling")]
 pub enum RopeScaling {
     /// Phi-3 LongRoPE (legacy spelling `"su"`, newer `"longrope"`): per-frequency divisors, the
     /// long set used when a forward's sequence is longer than `original_max_position_embeddings`.
@@ -25,31 +31,67 @@ pub enum RopeScaling {
     },
 }
 
+/// `rope_scaling` as written: transformers spells the kind `type` (older) or `rope_type`.
+#[derive(Deserialize)]
+struct RawRopeScaling {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    rope_type: Option<String>,
+    short_factor: Option<Vec<f64>>,
+    long_factor: Option<Vec<f64>>,
+}
+
+impl TryFrom<RawRopeScaling> for RopeScaling {
+    type Error = String;
+    fn try_from(raw: RawRopeScaling) -> std::result::Result<Self, String> {
+        let kind = raw.rope_type.or(raw.kind).unwrap_or_default();
+        match kind.as_str() {
+            "su" | "longrope" => {
+                let needs = |what: &str| format!("type `{kind}` needs `{what}`");
+                Ok(Self::LongRope {
+                    short_factor: raw.short_factor.ok_or_else(|| needs("short_factor"))?,
+                    long_factor: raw.long_factor.ok_or_else(|| needs("long_factor"))?,
+                })
+            }
+            other => Err(format!(
+                "type `{other}` is not supported (OmniGen uses `su`/`longrope`)"
+            )),
+        }
+    }
+}
+
 /// The OmniGen transformer's hyper-parameters (the Phi-3 backbone plus OmniGen's constants).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct TransformerConfig {
     /// Model width.
     pub hidden_size: usize,
     /// Width of the SwiGLU MLP (the fused `gate_up_proj` has twice as many rows).
     pub intermediate_size: usize,
-    /// Number of Phi-3 decoder layers.
+    /// Number of Phi-3 decoder layers (diffusers: `num_layers`).
+    #[serde(alias = "num_layers")]
     pub num_hidden_layers: usize,
     /// Attention heads.
     pub num_attention_heads: usize,
-    /// Key/value heads (OmniGen-v1: equal to `num_attention_heads`).
+    /// Key/value heads (OmniGen-v1: equal to `num_attention_heads`; a config that leaves it
+    /// out means exactly that).
     pub num_key_value_heads: usize,
     /// RMSNorm epsilon.
     pub rms_norm_eps: f64,
     /// Token vocabulary size.
     pub vocab_size: usize,
-    /// Rotary base.
+    /// Rotary base (diffusers: `rope_base`).
+    #[serde(alias = "rope_base")]
     pub rope_theta: f64,
     /// Maximum positions the rope scaling was extended to.
     pub max_position_embeddings: usize,
-    /// Positions the model was pre-trained on; the LongRoPE switch point.
+    /// Positions the model was pre-trained on; the LongRoPE switch point (a config that leaves
+    /// it out means `max_position_embeddings`).
     pub original_max_position_embeddings: usize,
     /// Rope scaling, if declared.
     pub rope_scaling: Option<RopeScaling>,
+    /// MLP activation (only `silu` exists in Phi-3).
+    pub hidden_act: String,
     /// Latent patch side (OmniGen-v1: 2).
     pub patch_size: usize,
     /// Latent channels in and out (OmniGen-v1: 4).
@@ -60,52 +102,30 @@ pub struct TransformerConfig {
     pub time_step_dim: usize,
 }
 
-#[derive(Deserialize)]
-struct RawRope {
-    #[serde(rename = "type")]
-    kind: Option<String>,
-    rope_type: Option<String>,
-    short_factor: Option<Vec<f64>>,
-    long_factor: Option<Vec<f64>>,
-}
-
-fn parse_rope(path: &Path, v: &Value, head_dim: usize) -> Result<Option<RopeScaling>> {
-    if v.is_null() {
-        return Ok(None);
-    }
-    let raw: RawRope = serde_json::from_value(v.clone()).map_err(|e| Error::Config {
-        path: path.into(),
-        reason: format!("rope_scaling: {e}"),
-    })?;
-    let kind = raw.rope_type.or(raw.kind).unwrap_or_default();
-    match kind.as_str() {
-        "su" | "longrope" => {
-            let bad = |what: &str| Error::Config {
-                path: path.into(),
-                reason: format!(
-                    "rope_scaling `{kind}` needs `{what}` with {} values",
-                    head_dim / 2
-                ),
-            };
-            let short = raw.short_factor.ok_or_else(|| bad("short_factor"))?;
-            let long = raw.long_factor.ok_or_else(|| bad("long_factor"))?;
-            if short.len() != head_dim / 2 {
-                return Err(bad("short_factor"));
-            }
-            if long.len() != head_dim / 2 {
-                return Err(bad("long_factor"));
-            }
-            Ok(Some(RopeScaling::LongRope {
-                short_factor: short,
-                long_factor: long,
-            }))
+impl Default for TransformerConfig {
+    /// What a `config.json` may leave out: OmniGen's constructor constants, rotary base 10000,
+    /// no rope scaling, `silu`. The checkpoint's own sizes are 0 (unset) — `validate` refuses
+    /// them — and the key/value heads and pre-training positions 0 (taken from the attention
+    /// heads and `max_position_embeddings` when a file is read).
+    fn default() -> Self {
+        Self {
+            hidden_size: 0,
+            intermediate_size: 0,
+            num_hidden_layers: 0,
+            num_attention_heads: 0,
+            num_key_value_heads: 0,
+            rms_norm_eps: 0.0,
+            vocab_size: 0,
+            rope_theta: 10000.0,
+            max_position_embeddings: 0,
+            original_max_position_embeddings: 0,
+            rope_scaling: None,
+            hidden_act: "silu".into(),
+            patch_size: 2,
+            in_channels: 4,
+            pos_embed_max_size: 192,
+            time_step_dim: 256,
         }
-        other => Err(Error::Config {
-            path: path.into(),
-            reason: format!(
-                "rope_scaling type `{other}` is not supported (OmniGen uses `su`/`longrope`)"
-            ),
-        }),
     }
 }
 
@@ -117,130 +137,152 @@ fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
-struct Fields<'a> {
-    path: &'a Path,
-    obj: &'a Value,
+/// Deserializes the JSON object `value` into `T`, whose fields all have defaults: a key set to
+/// `null` counts as absent, and a value serde refuses is reported with its key (found by
+/// deserializing each key alone, which works because every other field may be absent).
+fn from_object<T: DeserializeOwned>(path: &Path, value: &Value) -> Result<T> {
+    let Some(obj) = value.as_object() else {
+        return Err(Error::Config {
+            path: path.into(),
+            reason: "not a JSON object".into(),
+        });
+    };
+    let obj: Map<String, Value> = obj
+        .iter()
+        .filter(|(_, v)| !v.is_null())
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    serde_json::from_value(Value::Object(obj.clone())).map_err(|whole| {
+        let culprit = obj.iter().find_map(|(key, v)| {
+            let alone = Value::Object(Map::from_iter([(key.clone(), v.clone())]));
+            serde_json::from_value::<T>(alone)
+                .err()
+                .map(|e| format!("field `{key}`: {e}"))
+        });
+        Error::Config {
+            path: path.into(),
+            reason: culprit.unwrap_or_else(|| whole.to_string()),
+        }
+    })
 }
 
-impl Fields<'_> {
-    fn usize(&self, key: &str) -> Result<usize> {
-        self.opt_usize(key)?.ok_or_else(|| self.missing(key))
+/// A `validate` error as a config-file error: `field `name` <reason>` in `path`.
+fn in_file(path: &Path, e: Error) -> Error {
+    match e {
+        Error::InvalidArgument { name, reason } => Error::Config {
+            path: path.into(),
+            reason: format!("field `{name}` {reason}"),
+        },
+        other => other,
     }
-    fn opt_usize(&self, key: &str) -> Result<Option<usize>> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_u64()
-                .filter(|&n| n > 0)
-                .map(|n| Some(n as usize))
-                .ok_or_else(|| self.wrong(key, "a positive integer")),
-        }
+}
+
+/// `Err` naming `field` when `value` is 0.
+fn positive(field: &'static str, value: usize) -> Result<()> {
+    if value == 0 {
+        return Err(Error::invalid_argument(field, "is missing or 0"));
     }
-    fn f64(&self, key: &str) -> Result<f64> {
-        self.opt_f64(key)?.ok_or_else(|| self.missing(key))
-    }
-    fn opt_f64(&self, key: &str) -> Result<Option<f64>> {
-        match self.obj.get(key) {
-            None | Some(Value::Null) => Ok(None),
-            Some(v) => v
-                .as_f64()
-                .filter(|x| x.is_finite())
-                .map(Some)
-                .ok_or_else(|| self.wrong(key, "a finite number")),
-        }
-    }
-    fn missing(&self, key: &str) -> Error {
-        Error::Config {
-            path: self.path.into(),
-            reason: format!("missing field `{key}`"),
-        }
-    }
-    fn wrong(&self, key: &str, what: &str) -> Error {
-        Error::Config {
-            path: self.path.into(),
-            reason: format!("field `{key}` must be {what}"),
-        }
-    }
+    Ok(())
 }
 
 impl TransformerConfig {
     /// Reads a transformer config: the official Phi-3 `config.json` (`model_type: "phi3"`) or
-    /// diffusers' `transformer/config.json` (`OmniGenTransformer2DModel`), told apart by their keys.
+    /// diffusers' `transformer/config.json` (`OmniGenTransformer2DModel`), whose renamed keys are
+    /// serde aliases.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let value = read_json(path)?;
         Self::from_json_value(path, &value)
     }
 
-    /// Parses an already-read config (`path` is only used in error messages).
+    /// Parses and validates an already-read config (`path` is only used in error messages).
     pub fn from_json_value(path: &Path, value: &Value) -> Result<Self> {
-        if !value.is_object() {
-            return Err(Error::Config {
-                path: path.into(),
-                reason: "not a JSON object".into(),
-            });
+        let mut config: Self = from_object(path, value)?;
+        if config.num_key_value_heads == 0 {
+            config.num_key_value_heads = config.num_attention_heads;
         }
-        let f = Fields { path, obj: value };
-        // diffusers renames num_hidden_layers -> num_layers and rope_theta -> rope_base.
-        let diffusers =
-            value.get("num_layers").is_some() && value.get("num_hidden_layers").is_none();
-        let hidden_size = f.usize("hidden_size")?;
-        let num_attention_heads = f.usize("num_attention_heads")?;
-        if hidden_size % num_attention_heads != 0 {
-            return Err(f.wrong("num_attention_heads", "a divisor of hidden_size"));
+        if config.original_max_position_embeddings == 0 {
+            config.original_max_position_embeddings = config.max_position_embeddings;
         }
-        let head_dim = hidden_size / num_attention_heads;
-        if head_dim % 2 != 0 {
-            return Err(f.wrong(
+        config.validate().map_err(|e| in_file(path, e))?;
+        Ok(config)
+    }
+
+    /// Checks every field, naming the first one at fault ([`Error::InvalidArgument`]; reading
+    /// a file reports it as [`Error::Config`] with the file's path).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, reason: String| Err(Error::invalid_argument(field, reason));
+        positive("hidden_size", self.hidden_size)?;
+        positive("num_attention_heads", self.num_attention_heads)?;
+        if self.hidden_size % self.num_attention_heads != 0 {
+            return bad(
                 "num_attention_heads",
-                "such that the head dimension is even",
-            ));
+                format!("must be a divisor of hidden_size ({})", self.hidden_size),
+            );
         }
-        let num_key_value_heads = f
-            .opt_usize("num_key_value_heads")?
-            .unwrap_or(num_attention_heads);
-        if num_key_value_heads != num_attention_heads {
-            return Err(f.wrong(
+        if self.head_dim() % 2 != 0 {
+            return bad(
+                "num_attention_heads",
+                format!(
+                    "must leave an even head dimension (hidden_size / num_attention_heads = {})",
+                    self.head_dim()
+                ),
+            );
+        }
+        if self.num_key_value_heads != self.num_attention_heads {
+            return bad(
                 "num_key_value_heads",
-                "equal to num_attention_heads (no grouped-query attention in OmniGen)",
-            ));
+                format!(
+                    "must equal num_attention_heads ({}): OmniGen has no grouped-query attention",
+                    self.num_attention_heads
+                ),
+            );
         }
-        let (layers_key, theta_key) = if diffusers {
-            ("num_layers", "rope_base")
-        } else {
-            ("num_hidden_layers", "rope_theta")
-        };
-        let max_position_embeddings = f.usize("max_position_embeddings")?;
-        let original_max_position_embeddings = f
-            .opt_usize("original_max_position_embeddings")?
-            .unwrap_or(max_position_embeddings);
-        let rope_scaling = parse_rope(
-            path,
-            value.get("rope_scaling").unwrap_or(&Value::Null),
-            head_dim,
+        positive("intermediate_size", self.intermediate_size)?;
+        positive("num_hidden_layers", self.num_hidden_layers)?;
+        positive("vocab_size", self.vocab_size)?;
+        positive("max_position_embeddings", self.max_position_embeddings)?;
+        positive(
+            "original_max_position_embeddings",
+            self.original_max_position_embeddings,
         )?;
-        if let Some(act) = value.get("hidden_act").and_then(Value::as_str) {
-            if act != "silu" {
-                return Err(f.wrong("hidden_act", "\"silu\""));
+        for (field, v) in [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+        ] {
+            if !(v.is_finite() && v > 0.0) {
+                return bad(field, format!("is missing or not a positive number ({v})"));
             }
         }
-        Ok(Self {
-            hidden_size,
-            intermediate_size: f.usize("intermediate_size")?,
-            num_hidden_layers: f.usize(layers_key)?,
-            num_attention_heads,
-            num_key_value_heads,
-            rms_norm_eps: f.f64("rms_norm_eps")?,
-            vocab_size: f.usize("vocab_size")?,
-            rope_theta: f.opt_f64(theta_key)?.unwrap_or(10000.0),
-            max_position_embeddings,
-            original_max_position_embeddings,
-            rope_scaling,
-            patch_size: f.opt_usize("patch_size")?.unwrap_or(2),
-            in_channels: f.opt_usize("in_channels")?.unwrap_or(4),
-            pos_embed_max_size: f.opt_usize("pos_embed_max_size")?.unwrap_or(192),
-            time_step_dim: f.opt_usize("time_step_dim")?.unwrap_or(256),
-        })
+        if let Some(RopeScaling::LongRope {
+            short_factor,
+            long_factor,
+        }) = &self.rope_scaling
+        {
+            let half = self.head_dim() / 2;
+            for (what, factors) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if factors.len() != half {
+                    return bad(
+                        "rope_scaling",
+                        format!(
+                            "has {} `{what}` values, the head dimension needs {half}",
+                            factors.len()
+                        ),
+                    );
+                }
+            }
+        }
+        if self.hidden_act != "silu" {
+            return bad(
+                "hidden_act",
+                format!("is `{}`; only `silu` is supported", self.hidden_act),
+            );
+        }
+        positive("patch_size", self.patch_size)?;
+        positive("in_channels", self.in_channels)?;
+        positive("pos_embed_max_size", self.pos_embed_max_size)?;
+        positive("time_step_dim", self.time_step_dim)?;
+        Ok(())
     }
 
     /// Attention head width.
@@ -294,70 +336,59 @@ impl TransformerConfig {
 
 /// The SDXL-style `AutoencoderKL` configuration (`vae/config.json`).
 #[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default)]
 pub struct VaeConfig {
     /// Image channels in (3).
-    #[serde(default = "three")]
     pub in_channels: usize,
     /// Image channels out (3).
-    #[serde(default = "three")]
     pub out_channels: usize,
     /// Latent channels (4).
-    #[serde(default = "four")]
     pub latent_channels: usize,
     /// Channels of each resolution level, first (full resolution) to last.
     pub block_out_channels: Vec<usize>,
     /// ResNet blocks per encoder level (the decoder has one more).
-    #[serde(default = "one")]
     pub layers_per_block: usize,
     /// GroupNorm groups.
-    #[serde(default = "thirty_two")]
     pub norm_num_groups: usize,
     /// Activation (only `silu` exists in SDXL-style VAEs).
-    #[serde(default = "silu")]
     pub act_fn: String,
     /// Latents are multiplied by this after encoding and divided before decoding.
-    #[serde(default = "sd_scale")]
     pub scaling_factor: f64,
     /// Subtracted before scaling when present (absent in OmniGen-v1).
-    #[serde(default)]
     pub shift_factor: Option<f64>,
-    /// Encoder block kinds; each must be `DownEncoderBlock2D`.
-    #[serde(default)]
+    /// Encoder block kinds; each must be `DownEncoderBlock2D` (empty: every level is one).
     pub down_block_types: Vec<String>,
-    /// Decoder block kinds; each must be `UpDecoderBlock2D`.
-    #[serde(default)]
+    /// Decoder block kinds; each must be `UpDecoderBlock2D` (empty: every level is one).
     pub up_block_types: Vec<String>,
     /// Whether the mid blocks have self-attention.
-    #[serde(default = "yes")]
     pub mid_block_add_attention: bool,
     /// Whether the encoder output goes through a 1×1 `quant_conv`.
-    #[serde(default = "yes")]
     pub use_quant_conv: bool,
     /// Whether the decoder input goes through a 1×1 `post_quant_conv`.
-    #[serde(default = "yes")]
     pub use_post_quant_conv: bool,
 }
 
-fn three() -> usize {
-    3
-}
-fn four() -> usize {
-    4
-}
-fn one() -> usize {
-    1
-}
-fn thirty_two() -> usize {
-    32
-}
-fn silu() -> String {
-    "silu".into()
-}
-fn sd_scale() -> f64 {
-    0.18215
-}
-fn yes() -> bool {
-    true
+impl Default for VaeConfig {
+    /// diffusers' `AutoencoderKL` constructor defaults, except `block_out_channels`, which only
+    /// the checkpoint can know: empty (unset), refused by `validate`.
+    fn default() -> Self {
+        Self {
+            in_channels: 3,
+            out_channels: 3,
+            latent_channels: 4,
+            block_out_channels: Vec::new(),
+            layers_per_block: 1,
+            norm_num_groups: 32,
+            act_fn: "silu".into(),
+            scaling_factor: 0.18215,
+            shift_factor: None,
+            down_block_types: Vec::new(),
+            up_block_types: Vec::new(),
+            mid_block_add_attention: true,
+            use_quant_conv: true,
+            use_post_quant_conv: true,
+        }
+    }
 }
 
 impl VaeConfig {
@@ -365,42 +396,49 @@ impl VaeConfig {
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
         let path = path.as_ref();
         let value = read_json(path)?;
-        let cfg: Self = serde_json::from_value(value).map_err(|e| Error::Config {
-            path: path.into(),
-            reason: e.to_string(),
-        })?;
-        cfg.validate(path)?;
-        Ok(cfg)
+        Self::from_json_value(path, &value)
     }
 
-    fn validate(&self, path: &Path) -> Result<()> {
-        let bad = |reason: String| {
-            Err(Error::Config {
-                path: path.into(),
-                reason,
-            })
-        };
+    /// Parses and validates an already-read config (`path` is only used in error messages).
+    pub fn from_json_value(path: &Path, value: &Value) -> Result<Self> {
+        let config: Self = from_object(path, value)?;
+        config.validate().map_err(|e| in_file(path, e))?;
+        Ok(config)
+    }
+
+    /// Checks every field, naming the first one at fault ([`Error::InvalidArgument`]; reading
+    /// a file reports it as [`Error::Config`] with the file's path).
+    pub fn validate(&self) -> Result<()> {
+        let bad = |field: &'static str, reason: String| Err(Error::invalid_argument(field, reason));
         if self.block_out_channels.is_empty() {
-            return bad("`block_out_channels` is empty".into());
+            return bad("block_out_channels", "is missing or empty".into());
         }
+        positive("norm_num_groups", self.norm_num_groups)?;
+        positive("latent_channels", self.latent_channels)?;
+        positive("layers_per_block", self.layers_per_block)?;
+        positive("in_channels", self.in_channels)?;
+        positive("out_channels", self.out_channels)?;
         if let Some(c) = self
             .block_out_channels
             .iter()
-            .find(|&&c| c == 0 || c % self.norm_num_groups.max(1) != 0)
+            .find(|&&c| c == 0 || c % self.norm_num_groups != 0)
         {
-            return bad(format!(
-                "block_out_channels entry {c} is not a positive multiple of norm_num_groups {}",
-                self.norm_num_groups
-            ));
+            return bad(
+                "block_out_channels",
+                format!(
+                    "entry {c} is not a positive multiple of norm_num_groups {}",
+                    self.norm_num_groups
+                ),
+            );
         }
         if self.act_fn != "silu" {
-            return bad(format!(
-                "act_fn `{}` is not supported (only silu)",
-                self.act_fn
-            ));
+            return bad(
+                "act_fn",
+                format!("is `{}`; only `silu` is supported", self.act_fn),
+            );
         }
         let levels = self.block_out_channels.len();
-        for (key, list, kind) in [
+        for (field, list, kind) in [
             (
                 "down_block_types",
                 &self.down_block_types,
@@ -409,25 +447,29 @@ impl VaeConfig {
             ("up_block_types", &self.up_block_types, "UpDecoderBlock2D"),
         ] {
             if !list.is_empty() && list.len() != levels {
-                return bad(format!(
-                    "`{key}` has {} entries but block_out_channels has {levels}",
-                    list.len()
-                ));
+                return bad(
+                    field,
+                    format!(
+                        "has {} entries but block_out_channels has {levels}",
+                        list.len()
+                    ),
+                );
             }
             if let Some(other) = list.iter().find(|t| t.as_str() != kind) {
-                return bad(format!(
-                    "`{key}` entry `{other}` is not supported (only {kind})"
-                ));
+                return bad(
+                    field,
+                    format!("entry `{other}` is not supported (only {kind})"),
+                );
             }
         }
         if !self.scaling_factor.is_finite() || self.scaling_factor == 0.0 {
-            return bad("`scaling_factor` must be finite and non-zero".into());
-        }
-        if self.norm_num_groups == 0 || self.latent_channels == 0 || self.layers_per_block == 0 {
             return bad(
-                "`norm_num_groups`, `latent_channels` and `layers_per_block` must be positive"
-                    .into(),
+                "scaling_factor",
+                format!("must be finite and non-zero ({})", self.scaling_factor),
             );
+        }
+        if let Some(shift) = self.shift_factor.filter(|s| !s.is_finite()) {
+            return bad("shift_factor", format!("must be finite ({shift})"));
         }
         Ok(())
     }

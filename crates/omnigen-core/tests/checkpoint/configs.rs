@@ -152,3 +152,236 @@ fn vae_config_rejects_unsupported_blocks() {
     let err = VaeConfig::from_file(&path).unwrap_err();
     assert!(err.to_string().contains("CrossAttnDownBlock2D"), "{err}");
 }
+
+#[test]
+fn every_committed_config_parses() {
+    let root = fixtures().join("../..");
+    for f in [
+        "tests/fixtures/A/model/config.json",
+        "tests/fixtures/A/model_diffusers/transformer/config.json",
+        "tests/fixtures/B/model/config.json",
+        "tests/fixtures/real/config.json",
+        "tests/fixtures/real/transformer_config_diffusers.json",
+        "benches/configs/medium/config.json",
+    ] {
+        let cfg = TransformerConfig::from_file(root.join(f)).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(cfg.num_key_value_heads, cfg.num_attention_heads, "{f}");
+    }
+    for f in [
+        "tests/fixtures/A/model/vae/config.json",
+        "tests/fixtures/B/model/vae/config.json",
+        "tests/fixtures/real/vae_config.json",
+        "benches/configs/medium/vae/config.json",
+    ] {
+        VaeConfig::from_file(root.join(f)).unwrap_or_else(|e| panic!("{e}"));
+    }
+    // the tiny diffusers conversion is the tiny official config under diffusers' key names
+    assert_eq!(
+        TransformerConfig::from_file(root.join("tests/fixtures/A/model/config.json")).unwrap(),
+        TransformerConfig::from_file(
+            root.join("tests/fixtures/A/model_diffusers/transformer/config.json")
+        )
+        .unwrap()
+    );
+}
+
+fn tiny_json() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("A/model/config.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn tiny_error(edit: impl FnOnce(&mut serde_json::Map<String, serde_json::Value>)) -> String {
+    let mut value = tiny_json();
+    edit(value.as_object_mut().unwrap());
+    match TransformerConfig::from_json_value(Path::new("cfg.json"), &value) {
+        Err(e @ Error::Config { .. }) => e.to_string(),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[test]
+fn values_of_the_wrong_type_are_reported_with_their_key() {
+    let msg = tiny_error(|o| {
+        o.insert("hidden_size".into(), "48".into());
+    });
+    assert!(
+        msg.contains("cfg.json") && msg.contains("`hidden_size`"),
+        "{msg}"
+    );
+    let msg = tiny_error(|o| {
+        o.insert("vocab_size".into(), (-3).into());
+    });
+    assert!(msg.contains("`vocab_size`"), "{msg}");
+    let msg = tiny_error(|o| {
+        o.insert("rope_scaling".into(), serde_json::json!({"type": "su"}));
+    });
+    assert!(
+        msg.contains("rope_scaling") && msg.contains("short_factor"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn each_rule_names_its_field() {
+    for (key, value, field) in [
+        (
+            "num_key_value_heads",
+            serde_json::json!(1),
+            "num_key_value_heads",
+        ),
+        ("hidden_act", serde_json::json!("gelu"), "hidden_act"),
+        ("rms_norm_eps", serde_json::json!(-1.0), "rms_norm_eps"),
+        (
+            "intermediate_size",
+            serde_json::json!(0),
+            "intermediate_size",
+        ),
+        (
+            "num_attention_heads",
+            serde_json::json!(16),
+            "num_attention_heads",
+        ),
+        ("patch_size", serde_json::json!(0), "patch_size"),
+    ] {
+        let msg = tiny_error(|o| {
+            o.insert(key.into(), value);
+        });
+        assert!(msg.contains(&format!("field `{field}`")), "{key}: {msg}");
+    }
+    // both spellings of one field at once are refused by name
+    let msg = tiny_error(|o| {
+        o.insert("num_layers".into(), 2.into());
+    });
+    assert!(msg.contains("num_hidden_layers"), "{msg}");
+}
+
+#[test]
+fn null_means_absent_and_absent_means_the_default() {
+    let mut value = tiny_json();
+    let obj = value.as_object_mut().unwrap();
+    obj.insert(
+        "original_max_position_embeddings".into(),
+        serde_json::Value::Null,
+    );
+    obj.remove("num_key_value_heads");
+    obj.remove("rope_theta");
+    obj.insert("rope_scaling".into(), serde_json::Value::Null);
+    let cfg = TransformerConfig::from_json_value(Path::new("x"), &value).unwrap();
+    assert_eq!(
+        cfg.original_max_position_embeddings,
+        cfg.max_position_embeddings
+    );
+    assert_eq!(cfg.num_key_value_heads, cfg.num_attention_heads);
+    assert_eq!(cfg.rope_theta, 10000.0);
+    assert_eq!(cfg.rope_scaling, None);
+    assert_eq!(cfg.rope_attention_scaling(), 1.0);
+    let d = TransformerConfig::default();
+    assert_eq!(
+        (
+            cfg.patch_size,
+            cfg.in_channels,
+            cfg.pos_embed_max_size,
+            cfg.time_step_dim
+        ),
+        (
+            d.patch_size,
+            d.in_channels,
+            d.pos_embed_max_size,
+            d.time_step_dim
+        )
+    );
+}
+
+#[test]
+fn validate_checks_configs_built_in_code() {
+    // the default leaves the checkpoint's sizes unset
+    let err = TransformerConfig::default().validate().unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::InvalidArgument {
+                name: "hidden_size",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut cfg = TransformerConfig::from_file(fixtures().join("A/model/config.json")).unwrap();
+    cfg.validate().unwrap();
+    cfg.num_key_value_heads = 1;
+    let err = cfg.validate().unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::InvalidArgument {
+                name: "num_key_value_heads",
+                ..
+            }
+        ),
+        "{err}"
+    );
+
+    let err = VaeConfig::default().validate().unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::InvalidArgument {
+                name: "block_out_channels",
+                ..
+            }
+        ),
+        "{err}"
+    );
+    let mut vae = VaeConfig::from_file(fixtures().join("A/model/vae/config.json")).unwrap();
+    vae.validate().unwrap();
+    vae.norm_num_groups = 5;
+    let err = vae.validate().unwrap_err();
+    assert!(
+        matches!(
+            &err,
+            Error::InvalidArgument {
+                name: "block_out_channels",
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_minimal_vae_config_takes_the_diffusers_defaults() {
+    let value = serde_json::json!({"block_out_channels": [16, 32], "norm_num_groups": 8, "shift_factor": null});
+    let cfg = VaeConfig::from_json_value(Path::new("vae.json"), &value).unwrap();
+    assert_eq!(
+        cfg,
+        VaeConfig {
+            block_out_channels: vec![16, 32],
+            norm_num_groups: 8,
+            ..VaeConfig::default()
+        }
+    );
+    assert_eq!(
+        (cfg.in_channels, cfg.latent_channels, cfg.layers_per_block),
+        (3, 4, 1)
+    );
+    assert_eq!(cfg.scaling_factor, 0.18215);
+    assert!(cfg.mid_block_add_attention && cfg.use_quant_conv && cfg.use_post_quant_conv);
+
+    let msg = VaeConfig::from_json_value(
+        Path::new("vae.json"),
+        &serde_json::json!({"norm_num_groups": 8}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        msg.contains("vae.json") && msg.contains("`block_out_channels`"),
+        "{msg}"
+    );
+    let msg = VaeConfig::from_json_value(
+        Path::new("vae.json"),
+        &serde_json::json!({"block_out_channels": [16], "norm_num_groups": 8, "scaling_factor": "big"}),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(msg.contains("`scaling_factor`"), "{msg}");
+}
