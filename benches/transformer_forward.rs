@@ -5,10 +5,9 @@
 //! image tokens against the cached prompt). Throughput is reported in FLOP/s ("elem/s"):
 //! compare with the `gemm` bench's rate on the same machine.
 
-use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
+use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use omnigen_models::transformer::{KvCacheMode, OmniGenTransformer, TransformerCondition};
-use omnigen_models::weights::RandomWeights;
+use omnigen_models::transformer::{KvCacheMode, TransformerCondition};
 use omnigen_models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 
 mod common;
@@ -58,13 +57,7 @@ fn bench(c: &mut Criterion) {
     omnigen_models::tune_host_allocator();
     let device = default_device();
     let config = common::transformer_config();
-    let model = OmniGenTransformer::<B>::load_reader(
-        &RandomWeights { seed: 7 },
-        &config,
-        &device,
-        DType::F32,
-    )
-    .expect("random model");
+    let model = common::random_transformer();
     let (text, latent) = (43, 32);
     let (cond, x, timestep) = input(text, latent, &device);
     let s = text + 1 + (latent / 2) * (latent / 2);
@@ -73,20 +66,19 @@ fn bench(c: &mut Criterion) {
     group.throughput(Throughput::Elements(common::transformer_flops(
         &config, s, s,
     )));
+    // Reading each output back waits for asynchronous backends to finish.
     group.bench_function("forward_S300", |b| {
         b.iter(|| {
-            let out = model
+            model
                 .forward(&cond, x.clone(), timestep.clone())
-                .expect("forward");
-            out.into_data()
+                .map(Tensor::into_data)
         })
     });
     group.bench_function("prefill_S300", |b| {
         b.iter(|| {
-            let (out, _cache) = model
+            model
                 .prefill(&cond, x.clone(), timestep.clone(), KvCacheMode::Official)
-                .expect("prefill");
-            out.into_data()
+                .map(|(out, _cache)| out.into_data())
         })
     });
     let (_, cache) = model
@@ -98,10 +90,9 @@ fn bench(c: &mut Criterion) {
     )));
     group.bench_function("forward_cached_257_of_300", |b| {
         b.iter(|| {
-            let out = model
+            model
                 .forward_cached(&cache, x.clone(), timestep.clone())
-                .expect("cached");
-            out.into_data()
+                .map(Tensor::into_data)
         })
     });
     group.finish();

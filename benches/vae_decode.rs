@@ -6,10 +6,8 @@
 
 use std::time::Duration;
 
-use burn::tensor::{DType, Distribution, Tensor};
+use burn::tensor::{Distribution, Tensor};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use omnigen_models::vae::AutoencoderKL;
-use omnigen_models::weights::RandomWeights;
 use omnigen_models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 
 mod common;
@@ -18,13 +16,7 @@ fn vae(c: &mut Criterion) {
     omnigen_models::tune_host_allocator();
     let device = default_device();
     let config = common::vae_config();
-    let vae = AutoencoderKL::<DefaultBackend>::load(
-        &RandomWeights { seed: 0 },
-        &config,
-        &device,
-        DType::F32,
-    )
-    .expect("build SDXL VAE");
+    let vae = common::random_vae();
 
     let mut group = c.benchmark_group(format!("vae_{DEFAULT_BACKEND_NAME}"));
     // One decode takes seconds on a small CPU: few samples, no long warm-up.

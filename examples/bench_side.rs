@@ -69,16 +69,32 @@ fn timed(runs: usize, mut f: impl FnMut()) -> serde_json::Value {
     serde_json::json!({"median_s": median, "min_s": ts[0], "runs_s": runs_s})
 }
 
+/// The JSON object printed at the end, and which workloads were asked for.
+struct Results<'a> {
+    map: serde_json::Map<String, serde_json::Value>,
+    only: Option<&'a str>,
+    runs: usize,
+}
+
+impl Results<'_> {
+    fn wants(&self, name: &str) -> bool {
+        self.only.is_none_or(|o| o.split(',').any(|w| w == name))
+    }
+
+    /// Times `f` as workload `name` when it was asked for.
+    fn time(&mut self, name: &str, f: impl FnMut()) {
+        if self.wants(name) {
+            let v = timed(self.runs, f);
+            self.map.insert(name.into(), v);
+        }
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !args.no_tune_alloc {
         omnigen::models::tune_host_allocator();
     }
-    let want = |name: &str| {
-        args.only
-            .as_ref()
-            .is_none_or(|o| o.split(',').any(|w| w == name))
-    };
     let device = default_device();
     let dtype = match args.dtype.as_str() {
         "f32" => DType::F32,
@@ -87,21 +103,27 @@ fn main() -> anyhow::Result<()> {
         other => anyhow::bail!("unknown dtype {other}"),
     };
     let (h, w) = (args.size, args.size);
-    let mut res = serde_json::Map::new();
-    res.insert("backend".into(), DEFAULT_BACKEND_NAME.into());
-    res.insert(
+    let mut res = Results {
+        map: serde_json::Map::new(),
+        only: args.only.as_deref(),
+        runs: args.runs,
+    };
+    res.map
+        .insert("backend".into(), DEFAULT_BACKEND_NAME.into());
+    res.map.insert(
         "threads".into(),
         std::env::var("RAYON_NUM_THREADS")
             .unwrap_or_else(|_| "default".into())
             .into(),
     );
-    res.insert("size".into(), serde_json::json!([h, w]));
-    res.insert("steps".into(), args.steps.into());
-    res.insert("runs".into(), args.runs.into());
-    res.insert("dtype".into(), args.dtype.clone().into());
-    res.insert("tuned_allocator".into(), (!args.no_tune_alloc).into());
+    res.map.insert("size".into(), serde_json::json!([h, w]));
+    res.map.insert("steps".into(), args.steps.into());
+    res.map.insert("runs".into(), args.runs.into());
+    res.map.insert("dtype".into(), args.dtype.clone().into());
+    res.map
+        .insert("tuned_allocator".into(), (!args.no_tune_alloc).into());
 
-    if want("gemm") {
+    if res.wants("gemm") {
         let n = 1024;
         let a = Tensor::<B, 2>::random([n, n], Distribution::Default, &device);
         let b = Tensor::<B, 2>::random([n, n], Distribution::Default, &device);
@@ -110,10 +132,17 @@ fn main() -> anyhow::Result<()> {
         });
         let gflops = 2.0 * (n as f64).powi(3) / 1e9 / v["median_s"].as_f64().unwrap_or(1.0);
         v["gflops"] = gflops.into();
-        res.insert("gemm_1024".into(), v);
+        res.map.insert("gemm_1024".into(), v);
     }
 
-    if want("transformer_forward") || want("transformer_prefill") || want("transformer_cached") {
+    if [
+        "transformer_forward",
+        "transformer_prefill",
+        "transformer_cached",
+    ]
+    .iter()
+    .any(|n| res.wants(n))
+    {
         let model = OmniGenTransformer::<B>::from_dir(&args.model_dir, &device, dtype)?;
         let processor = OmniGenProcessor::from_dir(&args.model_dir)?;
         let options = ProcessorOptions {
@@ -151,74 +180,47 @@ fn main() -> anyhow::Result<()> {
                 &device,
             ),
         };
-        res.insert("seq_len".into(), m.seq_len.into());
-        if want("transformer_forward") {
-            let v = timed(args.runs, || {
-                let _ = model
-                    .forward(&cond, x.clone(), timestep.clone())
-                    .expect("forward")
-                    .into_data();
+        res.map.insert("seq_len".into(), m.seq_len.into());
+        // Reading each output back waits for asynchronous backends to finish.
+        res.time("transformer_forward", || {
+            let out = model.forward(&cond, x.clone(), timestep.clone());
+            out.expect("forward").into_data();
+        });
+        let official = KvCacheMode::Official;
+        res.time("transformer_prefill", || {
+            let out = model.prefill(&cond, x.clone(), timestep.clone(), official);
+            out.expect("prefill").0.into_data();
+        });
+        if res.wants("transformer_cached") {
+            let (_, cache) = model.prefill(&cond, x.clone(), timestep.clone(), official)?;
+            res.time("transformer_cached", || {
+                let out = model.forward_cached(&cache, x.clone(), timestep.clone());
+                out.expect("cached").into_data();
             });
-            res.insert("transformer_forward".into(), v);
-        }
-        if want("transformer_prefill") {
-            let v = timed(args.runs, || {
-                let (out, _cache) = model
-                    .prefill(&cond, x.clone(), timestep.clone(), KvCacheMode::Official)
-                    .expect("prefill");
-                let _ = out.into_data();
-            });
-            res.insert("transformer_prefill".into(), v);
-        }
-        if want("transformer_cached") {
-            let (_, cache) =
-                model.prefill(&cond, x.clone(), timestep.clone(), KvCacheMode::Official)?;
-            let v = timed(args.runs, || {
-                let _ = model
-                    .forward_cached(&cache, x.clone(), timestep.clone())
-                    .expect("cached")
-                    .into_data();
-            });
-            res.insert("transformer_cached".into(), v);
         }
     }
 
-    if want("vae_decode") || want("vae_encode") {
+    if res.wants("vae_decode") || res.wants("vae_encode") {
         let vae_dir = omnigen::core::ModelFolder::open(&args.model_dir)?.vae_dir()?;
         let vae = AutoencoderKL::<B>::from_dir(&vae_dir, &device, DType::F32)?;
-        if want("vae_decode") {
-            let z = Tensor::<B, 4>::random(
-                [1, 4, h / 8, w / 8],
-                Distribution::Normal(0.0, 1.0),
-                &device,
-            );
-            let v = timed(args.runs, || {
-                let _ = vae.decode(z.clone()).expect("decode").into_data();
-            });
-            res.insert("vae_decode".into(), v);
-        }
-        if want("vae_encode") {
-            let img =
-                Tensor::<B, 4>::random([1, 3, h, w], Distribution::Uniform(-1.0, 1.0), &device);
-            let v = timed(args.runs, || {
-                let _ = vae.encode(img.clone()).expect("encode").mean.into_data();
-            });
-            res.insert("vae_encode".into(), v);
-        }
-    }
-
-    if want("load") {
-        // Checkpoint load (mmap, straight into the target dtype): tokenizer, transformer, VAE.
-        let v = timed(args.runs, || {
-            let _ = OmniGenPipeline::<B>::builder(&args.model_dir)
-                .dtype(dtype)
-                .build()
-                .expect("load");
+        let normal = Distribution::Normal(0.0, 1.0);
+        let z = Tensor::<B, 4>::random([1, 4, h / 8, w / 8], normal, &device);
+        res.time("vae_decode", || {
+            vae.decode(z.clone()).expect("decode").into_data();
         });
-        res.insert("load".into(), v);
+        let img = Tensor::<B, 4>::random([1, 3, h, w], Distribution::Uniform(-1.0, 1.0), &device);
+        res.time("vae_encode", || {
+            vae.encode(img.clone()).expect("encode").mean.into_data();
+        });
     }
 
-    if want("pipeline_kv") || want("pipeline_nokv") {
+    // Checkpoint load (mmap, straight into the target dtype): tokenizer, transformer, VAE.
+    res.time("load", || {
+        let pipeline = OmniGenPipeline::<B>::builder(&args.model_dir).dtype(dtype);
+        pipeline.build().expect("load");
+    });
+
+    if res.wants("pipeline_kv") || res.wants("pipeline_nokv") {
         let pipe = OmniGenPipeline::<B>::builder(&args.model_dir)
             .dtype(dtype)
             .build()?;
@@ -226,19 +228,15 @@ fn main() -> anyhow::Result<()> {
             ("pipeline_kv", KvCache::Official),
             ("pipeline_nokv", KvCache::Off),
         ] {
-            if !want(name) {
-                continue;
-            }
             let req = GenerationRequest::new(PROMPT)
                 .size(h, w)
                 .steps(args.steps)
                 .guidance_scale(2.5)
                 .seed(0)
                 .kv_cache(kv);
-            let v = timed(args.runs, || {
-                let _ = pipe.generate(&req).expect("generate");
+            res.time(name, || {
+                pipe.generate(&req).expect("generate");
             });
-            res.insert(name.into(), v);
         }
     }
     // Peak resident memory of this process (Linux), MiB.
@@ -248,9 +246,9 @@ fn main() -> anyhow::Result<()> {
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
         {
-            res.insert("peak_rss_mib".into(), (kb / 1024.0).into());
+            res.map.insert("peak_rss_mib".into(), (kb / 1024.0).into());
         }
     }
-    println!("{}", serde_json::Value::Object(res));
+    println!("{}", serde_json::Value::Object(res.map));
     Ok(())
 }

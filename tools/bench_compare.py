@@ -20,10 +20,11 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools", "reference"))
+from bench_args import add_workload_args  # noqa: E402
 WORKLOADS = ["load", "gemm_1024", "transformer_forward", "transformer_prefill", "transformer_cached", "vae_decode",
              "vae_encode", "pipeline_kv", "pipeline_nokv"]
 ONLY_NAME = {"gemm_1024": "gemm"}
@@ -52,13 +53,8 @@ def run_json(cmd, env):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "omnigen_bench_M"))
+    add_workload_args(ap, runs=3)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--only", default=None, help="comma-separated workloads (gemm, transformer_forward, ...)")
     ap.add_argument("--python", default=os.path.join(ROOT, "tools/reference/.venv/bin/python"))
     ap.add_argument("--bin", default=None, help="prebuilt bench_side binary (default: cargo build it)")
     ap.add_argument("--cargo-features", default=None, help="e.g. '--no-default-features --features ndarray'")

@@ -24,6 +24,28 @@ pub fn transformer_config() -> TransformerConfig {
     TransformerConfig::from_file(config_dir().join("config.json")).expect("medium config")
 }
 
+/// The medium transformer with deterministic random weights, f32, on the default device.
+pub fn random_transformer() -> OmniGenTransformer<DefaultBackend> {
+    OmniGenTransformer::load_reader(
+        &RandomWeights { seed: 7 },
+        &transformer_config(),
+        &default_device(),
+        DType::F32,
+    )
+    .expect("random transformer")
+}
+
+/// The medium (SDXL-architecture) VAE with deterministic random weights, f32.
+pub fn random_vae() -> AutoencoderKL<DefaultBackend> {
+    AutoencoderKL::load(
+        &RandomWeights { seed: 0 },
+        &vae_config(),
+        &default_device(),
+        DType::F32,
+    )
+    .expect("random VAE")
+}
+
 pub fn vae_config() -> VaeConfig {
     VaeConfig::from_file(config_dir().join("vae/config.json")).expect("medium VAE config")
 }

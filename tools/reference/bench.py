@@ -16,13 +16,13 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 
 import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
+from bench_args import add_workload_args  # noqa: E402
 from common import patch_official, versions  # noqa: E402
 
 PROMPT = "a red cat sitting on a blue mat"
@@ -40,12 +40,7 @@ def timed(fn, runs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model-dir", default=os.path.join(tempfile.gettempdir(), "omnigen_bench_M"))
-    ap.add_argument("--runs", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--size", type=int, default=256)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--only", default=None)
+    add_workload_args(ap, runs=5)
     args = ap.parse_args()
     want = (lambda n: True) if not args.only else (lambda n: n in args.only.split(","))
     if not os.path.exists(os.path.join(args.model_dir, "model.safetensors")):

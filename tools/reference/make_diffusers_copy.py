@@ -15,7 +15,6 @@ model_diffusers_check.json next to the dir): every transformer tensor equals the
 diffusers' OmniGenTransformer2DModel loaded from the copy (cast to float32) reproduces the official
 transformer_only.safetensors output.
 """
-import argparse
 import json
 import os
 import shutil
@@ -25,16 +24,13 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import write_json  # noqa: E402
+from common import fixtures_arg, write_json  # noqa: E402
 from compare_diffusers import build_diffusers_pipe, convert_official_to_diffusers  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--fixtures", required=True)
-    args = ap.parse_args()
-    model_dir = os.path.join(args.fixtures, "model")
-    out = os.path.join(args.fixtures, "model_diffusers")
+    fixtures, model_dir = fixtures_arg()
+    out = os.path.join(fixtures, "model_diffusers")
     shutil.rmtree(out, ignore_errors=True)
     pipe = build_diffusers_pipe(model_dir)
     pipe.transformer.to(torch.bfloat16)
@@ -49,8 +45,8 @@ def main():
     maxd = max(float((saved[k].float() - ref[k]).abs().max()) for k in ref)
 
     tr = OmniGenTransformer2DModel.from_pretrained(os.path.join(out, "transformer")).float().eval()
-    t = load_file(os.path.join(args.fixtures, "transformer_only.safetensors"))
-    j = json.load(open(os.path.join(args.fixtures, "transformer_only.json")))
+    t = load_file(os.path.join(fixtures, "transformer_only.safetensors"))
+    j = json.load(open(os.path.join(fixtures, "transformer_only.json")))
     sizes = {int(k): v for k, v in j["input_image_sizes"].items()}
     lat = [t[k] for k in sorted(x for x in t if x.startswith("tf.input_img_latents."))]
     with torch.no_grad():
@@ -71,7 +67,7 @@ def main():
     shutil.rmtree(os.path.join(out, "vae"))
     os.symlink(os.path.join("..", "model", "vae"), os.path.join(out, "vae"))
     report["vae"] = "symlink model_diffusers/vae -> ../model/vae (identical to what save_pretrained wrote)"
-    write_json(os.path.join(args.fixtures, "model_diffusers_check.json"), report)
+    write_json(os.path.join(fixtures, "model_diffusers_check.json"), report)
     assert dtypes == ["torch.bfloat16"] and maxd == 0.0 and fdiff < 1e-5, report
     print("diffusers copy ok:", {k: v for k, v in report.items() if k != "keys"})
 

@@ -21,7 +21,6 @@ Usage: python make_lora.py --fixtures tests/fixtures/A
    lora.tf.out_fp32merge  same forward with the float32 merge (fp32merge.*) instead
    lora_ref.json: adapter key names and shapes, scaling, and how close the emulations are to the official merge.
 """
-import argparse
 import json
 import os
 import shutil
@@ -31,7 +30,7 @@ import torch
 from safetensors.torch import load_file
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Recorder, patch_official, write_json  # noqa: E402
+from common import Recorder, fixtures_arg, patch_official, write_json  # noqa: E402
 
 R = 4
 ALPHA = 4
@@ -43,11 +42,8 @@ def bf16_exact(t):
 
 
 def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--fixtures", required=True)
-    args = ap.parse_args()
-    model_dir = os.path.join(args.fixtures, "model")
-    lora_dir = os.path.join(args.fixtures, "lora")
+    fixtures, model_dir = fixtures_arg()
+    lora_dir = os.path.join(fixtures, "lora")
     shutil.rmtree(lora_dir, ignore_errors=True)
     patch_official()
     from OmniGen.model import OmniGen
@@ -106,8 +102,8 @@ def main():
                 "max|delta|": float((scaling * (B @ A)).abs().max()),
             }
 
-    t = load_file(os.path.join(args.fixtures, "transformer_only.safetensors"))
-    j = json.load(open(os.path.join(args.fixtures, "transformer_only.json")))
+    t = load_file(os.path.join(fixtures, "transformer_only.safetensors"))
+    j = json.load(open(os.path.join(fixtures, "transformer_only.json")))
     sizes = {int(k): v for k, v in j["input_image_sizes"].items()}
     lat = [t[k] for k in sorted(x for x in t if x.startswith("tf.input_img_latents."))]
     inputs = (t["tf.x"], t["tf.timestep"], t["tf.input_ids"], lat, sizes, t["tf.attention_mask"].float(),
@@ -126,14 +122,14 @@ def main():
     rec.add("lora.tf.out_fp32merge", out2)
     report["max|lora.tf.out - lora.tf.out_fp32merge|"] = float((out - out2).abs().max())
     report["max|lora.tf.out - transformer_only tf.out (no LoRA)|"] = float((out - t["tf.out"]).abs().max())
-    rec.save(os.path.join(args.fixtures, "lora_ref.safetensors"))
+    rec.save(os.path.join(fixtures, "lora_ref.safetensors"))
     info = {"description": __doc__, "lora_config": {"r": R, "lora_alpha": ALPHA, "init_lora_weights": "gaussian",
                                                     "target_modules": ["qkv_proj", "o_proj"], "seed": SEED},
             "adapter_config_json": adapter_cfg,
             "adapter_keys": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in sorted(ad.items())},
             "merge_report": report, "transformer_only_inputs": "transformer_only.safetensors",
             "tensors": rec.listing()}
-    write_json(os.path.join(args.fixtures, "lora_ref.json"), info)
+    write_json(os.path.join(fixtures, "lora_ref.json"), info)
     print("lora ok:", json.dumps({k: v for k, v in report.items() if k != "per_weight"}),
           "max|official-emu|", max(v["max|official - bf16 emulation|"] for v in report["per_weight"].values()),
           "max|official-fp32|", max(v["max|official - fp32merge|"] for v in report["per_weight"].values()))

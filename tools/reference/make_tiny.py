@@ -25,15 +25,17 @@ import sys
 import numpy as np
 import torch
 
+# Phi-3 settings every config shares.
+PHI3_BASE = dict(rms_norm_eps=1e-5, rope_theta=10000.0)
+
 CONFIGS = {
     # Config A: hidden 48, 2 layers, 3 heads (head_dim 16), rope_scaling type spelled "su" (legacy Phi-3 name),
     # original_max_position_embeddings=4096 is larger than every fixture sequence -> only the SHORT factors are used
     # (the LongRoPE attention scaling sqrt(1 + ln(131072/4096)/ln(4096)) still applies).
     "A": dict(
-        seed=1234,
+        PHI3_BASE, seed=1234,
         hidden_size=48, intermediate_size=128, num_hidden_layers=2, num_attention_heads=3, num_key_value_heads=3,
-        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=131072, original_max_position_embeddings=4096,
-        rope_type_in_file="su",
+        max_position_embeddings=131072, original_max_position_embeddings=4096, rope_type_in_file="su",
         vae=dict(block_out_channels=[16, 32, 32, 32], layers_per_block=1, norm_num_groups=8),
     ),
     # Config B: smaller than A (hidden 16, 2 heads, head_dim 8: pos_embed [1,36864,16] is 2.4 MB), rope_scaling type
@@ -43,19 +45,17 @@ CONFIGS = {
     # straddle the threshold (t2i 64x64: cond 60 short / uncond 159 long; edit: cond 77 long / img_cond 66 short).
     # Second VAE config: block_out [8,16,16,16], layers_per_block 2, groups 4.
     "B": dict(
-        seed=4321,
+        PHI3_BASE, seed=4321,
         hidden_size=16, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2,
-        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=4096, original_max_position_embeddings=72,
-        rope_type_in_file="longrope",
+        max_position_embeddings=4096, original_max_position_embeddings=72, rope_type_in_file="longrope",
         vae=dict(block_out_channels=[8, 16, 16, 16], layers_per_block=2, norm_num_groups=4),
     ),
     # Config M: MEDIUM model for bench.py only (not a fixture): hidden 512, 4 layers, 8 heads (head_dim 64),
     # and a VAE with the real SDXL VAE architecture (random weights).
     "M": dict(
-        seed=777,
+        PHI3_BASE, seed=777,
         hidden_size=512, intermediate_size=2048, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=8,
-        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=131072, original_max_position_embeddings=4096,
-        rope_type_in_file="su",
+        max_position_embeddings=131072, original_max_position_embeddings=4096, rope_type_in_file="su",
         vae=dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32),
     ),
 }

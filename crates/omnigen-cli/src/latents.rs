@@ -72,15 +72,20 @@ mod tests {
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
+    /// A safetensors file at `path` holding one f32 tensor `[4]` of zeros named `name`.
+    fn write_flat_tensor(path: &Path, name: &str) {
+        let bytes = [0u8; 16];
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &bytes).unwrap();
+        safetensors::serialize_to_file(HashMap::from([(name.to_string(), view)]), None, path)
+            .unwrap();
+    }
+
     #[test]
     fn a_file_without_latents_names_the_flag_and_the_tensors_it_has() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("other.safetensors");
-        let bytes = [0u8; 16];
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &bytes).unwrap();
-        safetensors::serialize_to_file(HashMap::from([("noise".to_string(), view)]), None, &path)
-            .unwrap();
+        write_flat_tensor(&path, "noise");
         let msg = format!("{:#}", read_latents(&path).unwrap_err());
         assert!(msg.starts_with("--latents: "), "{msg}");
         assert!(msg.contains("noise"), "{msg}");
@@ -90,15 +95,7 @@ mod tests {
     fn a_latents_tensor_of_the_wrong_rank_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("flat.safetensors");
-        let bytes = [0u8; 16];
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &bytes).unwrap();
-        safetensors::serialize_to_file(
-            HashMap::from([(LATENTS_KEY.to_string(), view)]),
-            None,
-            &path,
-        )
-        .unwrap();
+        write_flat_tensor(&path, LATENTS_KEY);
         let msg = format!("{:#}", read_latents(&path).unwrap_err());
         assert!(
             msg.contains("[4]") && msg.contains("[N, 4, H/8, W/8]"),

@@ -182,23 +182,13 @@ impl<B: KernelBackend> AutoencoderKL<B> {
     /// factor) into the posterior over latents `[B, latent, H/f, W/f]`. Tiled when tiling is on
     /// and a side exceeds the tile.
     pub fn encode(&self, image: Tensor<B, 4>) -> Result<DiagonalGaussian<B>> {
-        let [b, c, h, w] = image.dims();
-        let f = self.downsample_factor();
-        if c != self.config.in_channels {
-            return Err(Error::invalid_argument(
-                "image",
-                format!(
-                    "has {c} channels, the VAE expects {}",
-                    self.config.in_channels
-                ),
-            ));
-        }
-        if b == 0 || h == 0 || w == 0 || h % f != 0 || w % f != 0 {
-            return Err(Error::invalid_argument(
-                "image",
-                format!("shape [{b}, {c}, {h}, {w}]: height and width must be positive multiples of {f}"),
-            ));
-        }
+        let [_, _, h, w] = image.dims();
+        check_input(
+            "image",
+            image.dims(),
+            self.config.in_channels,
+            self.downsample_factor(),
+        )?;
         let encode_tile = |x: Tensor<B, 4>| {
             let moments = self.encoder.forward(x); // [B, 2*latent, h, w]
             match &self.quant_conv {
@@ -240,22 +230,8 @@ impl<B: KernelBackend> AutoencoderKL<B> {
     /// Decodes raw (unscaled) latents `[B, latent, h, w]` into images `[B, out_channels, h·f, w·f]`
     /// in about `[-1, 1]`. Tiled when tiling is on and a side exceeds the latent tile.
     pub fn decode(&self, z: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
-        let [b, c, h, w] = z.dims();
-        if c != self.config.latent_channels {
-            return Err(Error::invalid_argument(
-                "latents",
-                format!(
-                    "have {c} channels, the VAE expects {}",
-                    self.config.latent_channels
-                ),
-            ));
-        }
-        if b == 0 || h == 0 || w == 0 {
-            return Err(Error::invalid_argument(
-                "latents",
-                format!("shape [{b}, {c}, {h}, {w}] is empty"),
-            ));
-        }
+        let [_, _, h, w] = z.dims();
+        check_input("latents", z.dims(), self.config.latent_channels, 1)?;
         let decode_tile = |z: Tensor<B, 4>| {
             let z = match &self.post_quant_conv {
                 Some(conv) => conv.forward(z),
@@ -291,31 +267,39 @@ impl<B: KernelBackend> AutoencoderKL<B> {
 
 /// Catches configurations that would otherwise panic while building (a `VaeConfig` built by hand
 /// skips the checks of `VaeConfig::from_file`).
-fn check_config(config: &VaeConfig) -> Result<()> {
-    let bad = |reason: String| Err(Error::invalid_argument("config", reason));
-    if config.block_out_channels.is_empty() {
-        return bad("`block_out_channels` is empty".into());
-    }
-    let groups = config.norm_num_groups;
-    if groups == 0
-        || config
-            .block_out_channels
-            .iter()
-            .any(|&c| c == 0 || c % groups != 0)
-    {
-        return bad(format!(
-            "every block_out_channels entry {:?} must be a positive multiple of norm_num_groups {groups}",
-            config.block_out_channels
+/// `dims` `[B, C, H, W]` must have `channels` channels and positive sides that are multiples of
+/// `multiple`; errors name the argument `name`.
+fn check_input(
+    name: &'static str,
+    dims: [usize; 4],
+    channels: usize,
+    multiple: usize,
+) -> Result<()> {
+    let [b, c, h, w] = dims;
+    if c != channels {
+        return Err(Error::invalid_argument(
+            name,
+            format!("has {c} channels, the VAE expects {channels}"),
         ));
     }
-    if config.latent_channels == 0 || config.in_channels == 0 || config.out_channels == 0 {
-        return bad("`latent_channels`, `in_channels` and `out_channels` must be positive".into());
-    }
-    if config.layers_per_block == 0 {
-        return bad("`layers_per_block` must be positive".into());
-    }
-    if !config.scaling_factor.is_finite() || config.scaling_factor == 0.0 {
-        return bad("`scaling_factor` must be finite and non-zero".into());
+    if b == 0 || h == 0 || w == 0 || h % multiple != 0 || w % multiple != 0 {
+        let sides = if multiple == 1 {
+            "must be non-empty".to_string()
+        } else {
+            format!("height and width must be positive multiples of {multiple}")
+        };
+        return Err(Error::invalid_argument(
+            name,
+            format!("shape [{b}, {c}, {h}, {w}]: {sides}"),
+        ));
     }
     Ok(())
+}
+
+fn check_config(config: &VaeConfig) -> Result<()> {
+    // A config built in code skips `from_file`'s validation; the error names the whole config,
+    // the reason the field at fault.
+    config
+        .validate()
+        .map_err(|e| Error::invalid_argument("config", e.to_string()))
 }
