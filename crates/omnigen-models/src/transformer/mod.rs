@@ -25,7 +25,7 @@ use omnigen_core::{
 pub use embedders::{PatchEmbed, PosEmbed, TimestepEmbedder};
 pub use final_layer::FinalLayer;
 pub use kv_cache::{KvCache, KvCacheMode};
-pub use phi3::{Attention, DecoderLayer, Mlp, Phi3Model, RmsNorm};
+pub use phi3::{Attention, AttentionContext, DecoderLayer, Mlp, Phi3Model, RmsNorm};
 pub use rope::{LongRope, RopeTables};
 
 use crate::loader::Loader;
@@ -593,8 +593,12 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
     ) -> (Tensor<B, 3>, Vec<KeyValue<B>>) {
         let mut kept = Vec::new();
         for (i, layer) in self.llm.layers.iter().enumerate() {
-            let (out, (k, v)) =
-                layer.forward(hidden, rope, bias.clone(), past.and_then(|p| p.get(i)));
+            let ctx = AttentionContext {
+                rope,
+                bias: &bias,
+                past: past.and_then(|p| p.get(i)),
+            };
+            let (out, (k, v)) = layer.forward(hidden, ctx);
             hidden = out;
             if let Some(len) = keep_prefix {
                 kept.push((k.narrow(2, 0, len), v.narrow(2, 0, len)));

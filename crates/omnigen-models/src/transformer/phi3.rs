@@ -55,6 +55,26 @@ pub struct Attention<B: Backend> {
 /// Keys and values of one layer after RoPE, `[B, H, S, head_dim]` each.
 pub type KeyValue<B> = (Tensor<B, 4>, Tensor<B, 4>);
 
+/// What a layer's attention uses besides its input: the same for every layer of one forward,
+/// but for the cached keys/values.
+pub struct AttentionContext<'a, B: Backend> {
+    /// cos/sin tables of the new tokens, `[B, 1, S, head_dim]`.
+    pub rope: &'a RopeTables<B>,
+    /// The additive mask `[B, 1, S, S_past + S]`.
+    pub bias: &'a Tensor<B, 4>,
+    /// The cached tokens' keys/values, `[B, H, S_past, head_dim]` each.
+    pub past: Option<&'a KeyValue<B>>,
+}
+
+// By hand: derived impls would require `B: Copy`.
+impl<B: Backend> Clone for AttentionContext<'_, B> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<B: Backend> Copy for AttentionContext<'_, B> {}
+
 impl<B: Backend> Attention<B> {
     /// Loads `qkv_proj` and `o_proj`.
     pub fn load(loader: &Loader<B>, config: &TransformerConfig) -> Result<Self> {
@@ -69,20 +89,18 @@ impl<B: Backend> Attention<B> {
 }
 
 impl<B: KernelBackend> Attention<B> {
-    /// `x` attends to `past` keys/values (if any) followed by its own, under the additive mask
-    /// `bias`. Returns the output and the new tokens' keys/values after RoPE (what a cache
-    /// stores).
+    /// `x` attends to the context's cached keys/values (if any) followed by its own, under its
+    /// additive mask. Returns the output and the new tokens' keys/values after RoPE (what a
+    /// cache stores).
     ///
     /// # Shapes
-    /// `x` `[B, S, D]`, `rope` tables `[B, 1, S, hd]`, `bias` `[B, 1, S, S_past + S]`, `past`
-    /// `[B, H, S_past, hd]` each -> (`[B, S, D]`, `[B, H, S, hd]` each).
+    /// `x` `[B, S, D]` (context as [`AttentionContext`]) -> (`[B, S, D]`, `[B, H, S, hd]` each).
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        bias: Tensor<B, 4>,
-        past: Option<&KeyValue<B>>,
+        ctx: AttentionContext<'_, B>,
     ) -> (Tensor<B, 3>, KeyValue<B>) {
+        let AttentionContext { rope, bias, past } = ctx;
         let h = self.num_heads;
         let qkv = ops::linear_heads(&self.qkv_proj, x, 3 * h); // [B, 3H, S, hd]
                                                                // q and k rotated together.
@@ -104,7 +122,7 @@ impl<B: KernelBackend> Attention<B> {
                 HeadRange::new(qkv, 2 * h, h),
             ),
         };
-        let out = ops::attention(HeadRange::new(qk, 0, h), k_all, v_all, bias); // [B, S, D]
+        let out = ops::attention(HeadRange::new(qk, 0, h), k_all, v_all, bias.clone()); // [B, S, D]
         (ops::linear(&self.o_proj, out), (k, v))
     }
 }
@@ -177,13 +195,11 @@ impl<B: KernelBackend> DecoderLayer<B> {
     pub fn forward(
         &self,
         x: Tensor<B, 3>,
-        rope: &RopeTables<B>,
-        bias: Tensor<B, 4>,
-        past: Option<&KeyValue<B>>,
+        ctx: AttentionContext<'_, B>,
     ) -> (Tensor<B, 3>, KeyValue<B>) {
-        let (attn, kv) =
-            self.self_attn
-                .forward(self.input_layernorm.forward(x.clone()), rope, bias, past);
+        let (attn, kv) = self
+            .self_attn
+            .forward(self.input_layernorm.forward(x.clone()), ctx);
         let h = x + attn;
         let out = h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h));
         (out, kv)
