@@ -137,6 +137,11 @@ fn read_json(path: &Path) -> Result<Value> {
     })
 }
 
+/// Reads the JSON file `path` and hands it to a config's `from_json_value`.
+fn read_config<T>(path: &Path, parse: fn(&Path, &Value) -> Result<T>) -> Result<T> {
+    parse(path, &read_json(path)?)
+}
+
 /// Deserializes the JSON object `value` into `T`, whose fields all have defaults: a key set to
 /// `null` counts as absent, and a value serde refuses is reported with its key (found by
 /// deserializing each key alone, which works because every other field may be absent).
@@ -190,9 +195,7 @@ impl TransformerConfig {
     /// diffusers' `transformer/config.json` (`OmniGenTransformer2DModel`), whose renamed keys are
     /// serde aliases.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let value = read_json(path)?;
-        Self::from_json_value(path, &value)
+        read_config(path.as_ref(), Self::from_json_value)
     }
 
     /// Parses and validates an already-read config (`path` is only used in error messages).
@@ -394,9 +397,7 @@ impl Default for VaeConfig {
 impl VaeConfig {
     /// Reads and validates `vae/config.json`.
     pub fn from_file(path: impl AsRef<Path>) -> Result<Self> {
-        let path = path.as_ref();
-        let value = read_json(path)?;
-        Self::from_json_value(path, &value)
+        read_config(path.as_ref(), Self::from_json_value)
     }
 
     /// Parses and validates an already-read config (`path` is only used in error messages).
