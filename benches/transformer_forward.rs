@@ -63,38 +63,38 @@ fn bench(c: &mut Criterion) {
     let s = text + 1 + (latent / 2) * (latent / 2);
     let mut group = c.benchmark_group(format!("transformer_M_256px_{DEFAULT_BACKEND_NAME}"));
     group.sample_size(10);
-    group.throughput(Throughput::Elements(common::transformer_flops(
-        &config, s, s,
-    )));
-    // Reading each output back waits for asynchronous backends to finish.
-    group.bench_function("forward_S300", |b| {
-        b.iter(|| {
-            model
-                .forward(&cond, x.clone(), timestep.clone())
-                .map(Tensor::into_data)
-        })
-    });
-    group.bench_function("prefill_S300", |b| {
-        b.iter(|| {
-            model
-                .prefill(&cond, x.clone(), timestep.clone(), KvCacheMode::Official)
-                .map(|(out, _cache)| out.into_data())
-        })
-    });
+    let official = KvCacheMode::Official;
     let (_, cache) = model
-        .prefill(&cond, x.clone(), timestep.clone(), KvCacheMode::Official)
+        .prefill(&cond, x.clone(), timestep.clone(), official)
         .expect("prefill");
-    let n_new = s - text;
-    group.throughput(Throughput::Elements(common::transformer_flops(
-        &config, n_new, s,
-    )));
-    group.bench_function("forward_cached_257_of_300", |b| {
-        b.iter(|| {
-            model
-                .forward_cached(&cache, x.clone(), timestep.clone())
-                .map(Tensor::into_data)
-        })
-    });
+    type Call<'a> = Box<dyn Fn() -> omnigen_core::Result<Tensor<B, 4>> + 'a>;
+    // (name, new tokens, keys per token, the call)
+    let calls: [(&str, usize, Call); 3] = [
+        (
+            "forward_S300",
+            s,
+            Box::new(|| model.forward(&cond, x.clone(), timestep.clone())),
+        ),
+        (
+            "prefill_S300",
+            s,
+            Box::new(|| {
+                let out = model.prefill(&cond, x.clone(), timestep.clone(), official);
+                out.map(|(out, _cache)| out)
+            }),
+        ),
+        (
+            "forward_cached_257_of_300",
+            s - text,
+            Box::new(|| model.forward_cached(&cache, x.clone(), timestep.clone())),
+        ),
+    ];
+    for (name, s_new, call) in calls {
+        let flops = common::transformer_flops(&config, s_new, s);
+        group.throughput(Throughput::Elements(flops));
+        // Reading each output back waits for asynchronous backends to finish.
+        group.bench_function(name, |b| b.iter(|| call().map(Tensor::into_data)));
+    }
     group.finish();
 }
 
