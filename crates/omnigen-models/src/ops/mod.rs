@@ -33,12 +33,15 @@ use burn::tensor::{DType, Tensor};
 /// A burn [`Backend`] with the capabilities that choose OmniGen's kernels.
 ///
 /// Implemented for burn's Flex, NdArray and Cuda backends (whichever the cargo features
-/// enable). Any other backend runs every op on burn's portable ops once it opts in with an
-/// empty impl, which keeps every default:
+/// enable). A backend type of your own runs every op on burn's portable ops once it opts in with
+/// an empty impl, which keeps every default:
 ///
 /// ```text
 /// impl omnigen_models::KernelBackend for MyBackend {}
 /// ```
+///
+/// Another of burn's backends cannot be opted in from outside this crate (Rust's orphan rule):
+/// its impl belongs in `ops/backends.rs`, behind a cargo feature of its own.
 pub trait KernelBackend: Backend {
     /// f32 tensors live in host memory, where the kernels of `ops/host.rs` read and write them
     /// (a tensor's data is a plain `Vec<f32>` away).
@@ -66,7 +69,7 @@ pub fn attention_materialises_scores<B: KernelBackend>(dtype: DType) -> bool {
 /// A run of heads of a `[B, H_total, L, head_dim]` tensor: heads `start..start + len`.
 ///
 /// Lets [`rope`] and [`attention`] read q, k and v in place from one fused projection; kernels
-/// that cannot narrow it.
+/// that cannot read it in place narrow it first.
 #[derive(Debug, Clone)]
 pub struct HeadRange<B: Backend> {
     /// The whole tensor, `[B, H_total, L, head_dim]`.
