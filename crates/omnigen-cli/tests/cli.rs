@@ -4,11 +4,12 @@
 //! injecting the VAE's noise), and the final latents come back through `--save-latents`.
 //! `omnigen inspect` on both committed checkpoint layouts, and clean failures.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use safetensors::SafeTensors;
+use omnigen_test_support::{
+    fixture, max_abs_diff, max_level_diff, write_safetensors, Dtype, SafetensorsFile,
+};
 
 /// The workspace root: fixture paths are given relative to it, as in the README.
 fn root() -> PathBuf {
@@ -21,43 +22,12 @@ fn omnigen() -> Command {
     cmd
 }
 
-fn f32s(bytes: &[u8]) -> Vec<f32> {
-    bytes
-        .chunks_exact(4)
-        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
-        .collect()
-}
-
-struct Reference {
-    bytes: Vec<u8>,
-}
-
-impl Reference {
-    fn open(case: &str) -> Self {
-        Self {
-            bytes: std::fs::read(root().join(format!("tests/fixtures/A/{case}.safetensors")))
-                .unwrap(),
-        }
-    }
-    fn tensor(&self, name: &str) -> (Vec<usize>, Vec<u8>) {
-        let st = SafeTensors::deserialize(&self.bytes).unwrap();
-        let t = st.tensor(name).unwrap();
-        (t.shape().to_vec(), t.data().to_vec())
-    }
-}
-
-fn write_latents(path: &Path, shape: Vec<usize>, data: &[u8]) {
-    let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, data).unwrap();
-    safetensors::serialize_to_file(HashMap::from([("latents".to_string(), view)]), None, path)
-        .unwrap();
-}
-
 fn run_case(case: &str, prompt: &str, images: &[&str], guidance: &str, extra: &[&str]) {
-    let reference = Reference::open(case);
+    let reference = SafetensorsFile::open(fixture(format!("A/{case}.safetensors")));
     let dir = tempfile::tempdir().unwrap();
-    let (shape, noise) = reference.tensor("randn.00");
     let init = dir.path().join("init.safetensors");
-    write_latents(&init, shape, &noise);
+    let (shape, noise) = (reference.shape("randn.00"), reference.bytes("randn.00"));
+    write_safetensors(&init, &[("latents", Dtype::F32, shape, noise)]);
     let (out, saved) = (
         dir.path().join("out.png"),
         dir.path().join("final.safetensors"),
@@ -84,26 +54,13 @@ fn run_case(case: &str, prompt: &str, images: &[&str], guidance: &str, extra: &[
         String::from_utf8_lossy(&status.stderr)
     );
 
-    let ours = std::fs::read(&saved).unwrap();
-    let ours = SafeTensors::deserialize(&ours).unwrap();
-    let ours = f32s(ours.tensor("latents").unwrap().data());
-    let want = f32s(&reference.tensor("latents.final").1);
-    let d = ours
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let ours = SafetensorsFile::open(&saved);
+    ours.expect_dtype("latents", Dtype::F32);
+    let d = max_abs_diff(&ours.f32("latents"), &reference.f32("latents.final"));
     assert!(d <= 1e-4, "{case}: final latents differ by {d}");
 
     let img = image::open(&out).unwrap().to_rgb8();
-    let (_, want) = reference.tensor("image_uint8");
-    let di = img
-        .as_raw()
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| a.abs_diff(*b))
-        .max()
-        .unwrap();
+    let di = max_level_diff(img.as_raw(), &reference.bytes("image_uint8"));
     assert!(di <= 1, "{case}: image differs by {di} levels");
     println!("{case}: latents {d:.2e}, image levels {di}");
 }
@@ -170,22 +127,30 @@ fn failure_of(args: &[&str], names: &str) {
     assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
 }
 
+/// Panics unless `text` contains every one of `wants`.
+fn assert_contains_all(text: &str, wants: &[&str]) {
+    for want in wants {
+        assert!(text.contains(want), "missing {want:?} in\n{text}");
+    }
+}
+
 #[test]
 fn inspect_both_layouts() {
     let official = stdout_of(&["inspect", "tests/fixtures/A/model"]);
-    for want in [
-        "layout        official",
-        "weights     model.safetensors",
-        "tokenizer   tokenizer.json",
-        "vae         vae/config.json, vae/diffusion_pytorch_model.safetensors",
-        "hidden_size 48",
-        "transformer       1,884,592 in 31 tensors",
-        "vae                 316,695 in 180 tensors",
-        "F32 x 31",
-        "F32 x 180",
-    ] {
-        assert!(official.contains(want), "missing {want:?} in\n{official}");
-    }
+    assert_contains_all(
+        &official,
+        &[
+            "layout        official",
+            "weights     model.safetensors",
+            "tokenizer   tokenizer.json",
+            "vae         vae/config.json, vae/diffusion_pytorch_model.safetensors",
+            "hidden_size 48",
+            "transformer       1,884,592 in 31 tensors",
+            "vae                 316,695 in 180 tensors",
+            "F32 x 31",
+            "F32 x 180",
+        ],
+    );
     let f32_row = official
         .lines()
         .find(|l| l.trim_start().starts_with("f32 "))
@@ -200,17 +165,18 @@ fn inspect_both_layouts() {
     );
 
     let diffusers = stdout_of(&["inspect", "tests/fixtures/A/model_diffusers"]);
-    for want in [
-        "layout        diffusers (transformer keys: diffusers names)",
-        "config      transformer/config.json",
-        "weights     transformer/diffusion_pytorch_model.safetensors",
-        "tokenizer   tokenizer/tokenizer.json",
-        "vae         vae/config.json, vae/diffusion_pytorch_model.safetensors",
-        "transformer       1,884,592 in 35 tensors",
-        "BF16 x 35",
-    ] {
-        assert!(diffusers.contains(want), "missing {want:?} in\n{diffusers}");
-    }
+    assert_contains_all(
+        &diffusers,
+        &[
+            "layout        diffusers (transformer keys: diffusers names)",
+            "config      transformer/config.json",
+            "weights     transformer/diffusion_pytorch_model.safetensors",
+            "tokenizer   tokenizer/tokenizer.json",
+            "vae         vae/config.json, vae/diffusion_pytorch_model.safetensors",
+            "transformer       1,884,592 in 35 tensors",
+            "BF16 x 35",
+        ],
+    );
 }
 
 #[test]

@@ -3,8 +3,9 @@
 //! What the integration tests of every omnigen-rs crate share: the committed fixture root
 //! ([`fixtures_root`], [`fixture`]), one reader of the fixture safetensors files
 //! ([`SafetensorsFile`]), comparisons that report the largest absolute difference and where it
-//! is ([`assert_close`], [`assert_close_tensors`]) and the parsing of the `input_image_sizes`
-//! spans the reference harness records ([`parse_spans`]).
+//! is ([`assert_close`], [`assert_close_tensors`]), the largest level difference of two 8-bit
+//! images ([`max_level_diff`]) and the parsing of the `input_image_sizes` spans the reference
+//! harness records ([`parse_spans`]).
 //!
 //! Helpers panic with the file and tensor named: they run only inside tests, where a panic is
 //! the failure report.
@@ -207,6 +208,22 @@ pub fn max_abs_diff(actual: &[f32], expected: &[f32]) -> f32 {
     max_abs_diff_at(actual, expected).0
 }
 
+/// The largest difference of two equally long 8-bit images (any byte slices), in levels; 0 for
+/// two empty ones.
+pub fn max_level_diff(actual: &[u8], expected: &[u8]) -> u8 {
+    assert_eq!(
+        actual.len(),
+        expected.len(),
+        "compared images differ in length"
+    );
+    actual
+        .iter()
+        .zip(expected)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max()
+        .unwrap_or(0)
+}
+
 /// The multi-index of flat index `flat` in a row-major tensor of `shape`.
 pub fn unravel(mut flat: usize, shape: &[usize]) -> Vec<usize> {
     let mut index = vec![0; shape.len()];
@@ -302,6 +319,18 @@ mod tests {
         assert_eq!(max_abs_diff(&[1.0, f32::NAN], &[1.0, 2.0]), f32::INFINITY);
         assert_eq!(unravel(5, &[2, 3]), [1, 2]);
         assert_eq!(unravel(0, &[]), Vec::<usize>::new());
+    }
+
+    #[test]
+    fn level_diff_is_the_largest_in_either_direction() {
+        assert_eq!(max_level_diff(&[0, 255, 7], &[1, 250, 7]), 5);
+        assert_eq!(max_level_diff(&[], &[]), 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "differ in length")]
+    fn level_diff_refuses_images_of_other_sizes() {
+        max_level_diff(&[0, 1], &[0]);
     }
 
     #[test]

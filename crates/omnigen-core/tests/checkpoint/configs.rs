@@ -292,60 +292,29 @@ fn null_means_absent_and_absent_means_the_default() {
     );
 }
 
+/// Panics unless `result` is an `InvalidArgument` error naming `arg`.
+fn assert_invalid_argument(result: omnigen_core::Result<()>, arg: &str) {
+    let err = result.unwrap_err();
+    assert!(
+        matches!(&err, Error::InvalidArgument { name, .. } if *name == arg),
+        "{err}"
+    );
+}
+
 #[test]
 fn validate_checks_configs_built_in_code() {
     // the default leaves the checkpoint's sizes unset
-    let err = TransformerConfig::default().validate().unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            Error::InvalidArgument {
-                name: "hidden_size",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_invalid_argument(TransformerConfig::default().validate(), "hidden_size");
     let mut cfg = TransformerConfig::from_file(fixtures().join("A/model/config.json")).unwrap();
     cfg.validate().unwrap();
     cfg.num_key_value_heads = 1;
-    let err = cfg.validate().unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            Error::InvalidArgument {
-                name: "num_key_value_heads",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_invalid_argument(cfg.validate(), "num_key_value_heads");
 
-    let err = VaeConfig::default().validate().unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            Error::InvalidArgument {
-                name: "block_out_channels",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_invalid_argument(VaeConfig::default().validate(), "block_out_channels");
     let mut vae = VaeConfig::from_file(fixtures().join("A/model/vae/config.json")).unwrap();
     vae.validate().unwrap();
     vae.norm_num_groups = 5;
-    let err = vae.validate().unwrap_err();
-    assert!(
-        matches!(
-            &err,
-            Error::InvalidArgument {
-                name: "block_out_channels",
-                ..
-            }
-        ),
-        "{err}"
-    );
+    assert_invalid_argument(vae.validate(), "block_out_channels");
 }
 
 #[test]

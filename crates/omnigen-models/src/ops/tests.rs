@@ -32,6 +32,17 @@ fn assert_close<const D: usize>(got: Tensor<B, D>, want: Tensor<B, D>, tol: f32)
     assert!(diff <= tol, "max abs diff {diff} > {tol}");
 }
 
+/// A layer's op as dispatched (`host`) against its portable form (`portable`) on input `x`.
+fn assert_layer_op_close<M>(
+    layer: &M,
+    x: Tensor<B, 4>,
+    host: fn(&M, Tensor<B, 4>) -> Tensor<B, 4>,
+    portable: fn(&M, Tensor<B, 4>) -> Tensor<B, 4>,
+    tol: f32,
+) {
+    assert_close(host(layer, x.clone()), portable(layer, x), tol);
+}
+
 // The parity suites cover the host kernels only if the default CPU backend takes them.
 const _: () = assert!(<B as KernelBackend>::HOST_KERNELS && <B as KernelBackend>::HOST_MEMORY);
 
@@ -125,9 +136,11 @@ fn group_norm(channels: usize, groups: usize) -> GroupNorm<B> {
 fn group_norm_silu_host_matches_portable() {
     let gn = group_norm(12, 4);
     let x = normal([2, 12, 5, 3], 16) * 3.0 + 1.0;
-    assert_close(
-        ops::group_norm_silu(&gn, x.clone()),
-        portable::group_norm_silu(&gn, x),
+    assert_layer_op_close(
+        &gn,
+        x,
+        ops::group_norm_silu,
+        portable::group_norm_silu,
         1e-5,
     );
 }
@@ -140,11 +153,7 @@ fn shifted_gemm_conv_matches_conv2d() {
         .unwrap();
     for (b, h, w) in [(1, 5, 7), (2, 8, 3)] {
         let x = normal([b, c_in, h, w], 17);
-        assert_close(
-            ops::conv3x3(&conv, x.clone()),
-            portable::conv3x3(&conv, x),
-            1e-4,
-        );
+        assert_layer_op_close(&conv, x, ops::conv3x3, portable::conv3x3, 1e-4);
     }
 }
 

@@ -82,7 +82,9 @@ fn input(fx: &Fixture, dtype: DType) -> Call {
     cast_input(fx.tf_input(), dtype)
 }
 
-fn half_forward(dtype: DType) -> f32 {
+/// The `transformer_only` forward with `dtype` parameters against the f32 reference, within
+/// that dtype's tolerance.
+fn half_forward(dtype: DType) {
     let dir = fixtures_a();
     let model = OmniGenTransformer::<B>::from_dir_with(
         dir.join("model"),
@@ -102,19 +104,17 @@ fn half_forward(dtype: DType) -> f32 {
     println!(
         "{dtype:?} forward: max abs diff {d:.3e} vs f32 reference (max |tf.out| = {scale:.3})"
     );
-    d
+    assert_within_tol(dtype, d);
 }
 
 #[test]
 fn bf16_forward_is_close_to_f32_reference() {
-    let d = half_forward(DType::BF16);
-    assert!(d <= BF16_TOL, "bf16: {d} > {BF16_TOL}");
+    half_forward(DType::BF16);
 }
 
 #[test]
 fn f16_forward_is_close_to_f32_reference() {
-    let d = half_forward(DType::F16);
-    assert!(d <= F16_TOL, "f16: {d} > {F16_TOL}");
+    half_forward(DType::F16);
 }
 
 /// Float inputs cast to `dtype`.
@@ -136,8 +136,9 @@ fn cast_input(input: Call, dtype: DType) -> Call {
 }
 
 /// Every call of the KV-cached `edit` case (prefill + cached steps, three CFG branches) with
-/// `dtype` parameters, against the recorded f32 outputs. Returns the worst diff.
-fn half_kv_replay(dtype: DType) -> f32 {
+/// `dtype` parameters, against the recorded f32 outputs: the worst diff within that dtype's
+/// tolerance.
+fn half_kv_replay(dtype: DType) {
     use omnigen_models::transformer::KvCacheMode;
     let dir = fixtures_a();
     let model = OmniGenTransformer::<B>::from_dir(dir.join("model"), &default_device(), dtype)
@@ -160,19 +161,28 @@ fn half_kv_replay(dtype: DType) -> f32 {
         }
     }
     println!("{dtype:?} edit (KV cache, every call): max abs diff {worst:.3e} vs f32 reference");
-    worst
+    assert_within_tol(dtype, worst);
 }
 
 #[test]
 fn bf16_kv_cached_calls_are_close_to_f32_reference() {
-    let d = half_kv_replay(DType::BF16);
-    assert!(d <= BF16_TOL, "bf16: {d} > {BF16_TOL}");
+    half_kv_replay(DType::BF16);
 }
 
 #[test]
 fn f16_kv_cached_calls_are_close_to_f32_reference() {
-    let d = half_kv_replay(DType::F16);
-    assert!(d <= F16_TOL, "f16: {d} > {F16_TOL}");
+    half_kv_replay(DType::F16);
+}
+
+/// Panics unless `d`, the worst diff of a run with `dtype` parameters, is within that dtype's
+/// tolerance ([`BF16_TOL`], [`F16_TOL`]).
+fn assert_within_tol(dtype: DType, d: f32) {
+    let (name, tol) = match dtype {
+        DType::BF16 => ("bf16", BF16_TOL),
+        DType::F16 => ("f16", F16_TOL),
+        other => panic!("no tolerance for {other:?}"),
+    };
+    assert!(d <= tol, "{name}: {d} > {tol}");
 }
 
 /// Measured on fixture A (x86-64, flex backend): bf16 3.1e-2 on `transformer_only` (max |out|

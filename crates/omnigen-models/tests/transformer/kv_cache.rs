@@ -2,18 +2,32 @@
 //! `Exact` mode against the uncached forward.
 
 use crate::support::*;
-use omnigen_models::transformer::KvCacheMode;
+use burn::tensor::Tensor;
+use omnigen_models::transformer::{KvCache, KvCacheMode, OmniGenTransformer};
+
+/// Model A and its recorded case `name`.
+fn model_and_case(name: &str) -> (OmniGenTransformer<B>, Fixture) {
+    let dir = fixtures_a();
+    (load_model(&dir.join("model")), Fixture::open(&dir, name))
+}
+
+/// The step-0 prefill of branch `br` in `mode`: its output and the cache.
+fn prefill(
+    model: &OmniGenTransformer<B>,
+    fx: &Fixture,
+    br: &str,
+    mode: KvCacheMode,
+) -> (Tensor<B, 4>, KvCache<B>) {
+    fx.branch_input(br, 0)
+        .prefill(model, mode)
+        .expect("prefill")
+}
 
 /// Official KV-cache semantics (fixtures `t2i`, `edit`: the pipeline ran with `use_kv_cache=True`).
 fn pipeline_case_cached(name: &str) {
-    let dir = fixtures_a();
-    let model = load_model(&dir.join("model"));
-    let fx = Fixture::open(&dir, name);
+    let (model, fx) = model_and_case(name);
     for br in fx.branches() {
-        let (out0, cache) = fx
-            .branch_input(&br, 0)
-            .prefill(&model, KvCacheMode::Official)
-            .expect("prefill");
+        let (out0, cache) = prefill(&model, &fx, &br, KvCacheMode::Official);
         check(
             &format!("{name} step0.{br} (official prefill)"),
             out0,
@@ -56,14 +70,9 @@ fn edit_official_cache_matches_pipeline() {
 
 /// `Exact` mode equals the uncached forward at every step (and so the `*_nokv` recordings).
 fn exact_equals_uncached(name: &str) {
-    let dir = fixtures_a();
-    let model = load_model(&dir.join("model"));
-    let fx = Fixture::open(&dir, name);
+    let (model, fx) = model_and_case(name);
     for br in fx.branches() {
-        let (out0, cache) = fx
-            .branch_input(&br, 0)
-            .prefill(&model, KvCacheMode::Exact)
-            .expect("prefill");
+        let (out0, cache) = prefill(&model, &fx, &br, KvCacheMode::Exact);
         let plain0 = fx.branch_input(&br, 0).forward(&model).expect("forward");
         check(
             &format!("{name} step0.{br} exact vs uncached"),
@@ -111,13 +120,8 @@ fn edit_exact_cache_equals_uncached() {
 
 #[test]
 fn official_step0_differs_from_uncached_but_later_steps_agree() {
-    let dir = fixtures_a();
-    let model = load_model(&dir.join("model"));
-    let fx = Fixture::open(&dir, "t2i_nokv");
-    let (official0, cache) = fx
-        .branch_input("b0", 0)
-        .prefill(&model, KvCacheMode::Official)
-        .expect("prefill");
+    let (model, fx) = model_and_case("t2i_nokv");
+    let (official0, cache) = prefill(&model, &fx, "b0", KvCacheMode::Official);
     let plain0 = fx.branch_input("b0", 0).forward(&model).expect("forward");
     // Documented: the official step 0 is not the uncached forward.
     assert!(max_abs(official0, plain0) > 1e-2);
@@ -135,13 +139,8 @@ fn official_step0_differs_from_uncached_but_later_steps_agree() {
 
 #[test]
 fn cached_step_rejects_wrong_shapes() {
-    let dir = fixtures_a();
-    let model = load_model(&dir.join("model"));
-    let fx = Fixture::open(&dir, "t2i_nokv");
-    let (_, cache) = fx
-        .branch_input("b0", 0)
-        .prefill(&model, KvCacheMode::Exact)
-        .expect("prefill");
+    let (model, fx) = model_and_case("t2i_nokv");
+    let (_, cache) = prefill(&model, &fx, "b0", KvCacheMode::Exact);
     let x = fx.f::<4>("step1.b0.x");
     let t = fx.f::<1>("step1.b0.timestep");
     let wider = burn::tensor::Tensor::cat(vec![x.clone(), x.clone()], 3);

@@ -10,7 +10,7 @@ use omnigen_models::default_device;
 use omnigen_models::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader};
 use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
 use omnigen_models::weights::{Bf16RoundedReader, WeightReader};
-use omnigen_test_support::write_f32_safetensors;
+use omnigen_test_support::{max_abs_diff, write_f32_safetensors};
 
 const D: usize = 48;
 
@@ -60,16 +60,8 @@ fn merged_weights_diff(precision: LoraMergePrecision, prefix: &str) -> f32 {
             .read_f32(&format!("{prefix}.{key}"), &shape)
             .unwrap();
         let base = weights.source().read_f32(&key, &shape).unwrap();
-        let d = got
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        let moved = got
-            .iter()
-            .zip(&base)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
+        let d = max_abs_diff(&got, &want);
+        let moved = max_abs_diff(&got, &base);
         println!("{precision:?} {key}: max |ours - {prefix}| = {d:.3e} (merge moved weights by up to {moved:.3e})");
         assert!(moved > 1e-2, "{key}: the merge changed nothing");
         worst = worst.max(d);
@@ -205,6 +197,21 @@ fn edited_adapter(
     tmp
 }
 
+/// A copy of the fixture adapter whose tensor ending in `suffix` is cut down to `shape`.
+fn reshaped_adapter(suffix: &str, shape: [usize; 2]) -> tempfile::TempDir {
+    edited_adapter(
+        |_| {},
+        |t| {
+            for (k, old_shape, v) in t.iter_mut() {
+                if k.ends_with(suffix) {
+                    *old_shape = shape.to_vec();
+                    v.truncate(shape.iter().product());
+                }
+            }
+        },
+    )
+}
+
 fn load_error(adapter: &Path) -> Error {
     let options = LoadOptions::default().with_lora(adapter, 1.0);
     match OmniGenTransformer::<B>::from_dir_with(
@@ -258,17 +265,7 @@ fn missing_adapter_files_are_named() {
 #[test]
 fn shape_mismatch_names_the_adapter_tensor() {
     // lora_A of o_proj made for a model of width 32 instead of 48.
-    let tmp = edited_adapter(
-        |_| {},
-        |t| {
-            for (k, shape, v) in t.iter_mut() {
-                if k.ends_with("layers.1.self_attn.o_proj.lora_A.weight") {
-                    *shape = vec![4, 32];
-                    v.truncate(4 * 32);
-                }
-            }
-        },
-    );
+    let tmp = reshaped_adapter("layers.1.self_attn.o_proj.lora_A.weight", [4, 32]);
     let e = load_error(tmp.path());
     assert!(
         matches!(&e, Error::ShapeMismatch { name, expected, found, .. }
@@ -277,17 +274,7 @@ fn shape_mismatch_names_the_adapter_tensor() {
         "{e:?}"
     );
     // lora_B of qkv_proj with too few rows.
-    let tmp = edited_adapter(
-        |_| {},
-        |t| {
-            for (k, shape, v) in t.iter_mut() {
-                if k.ends_with("layers.0.self_attn.qkv_proj.lora_B.weight") {
-                    *shape = vec![48, 4];
-                    v.truncate(48 * 4);
-                }
-            }
-        },
-    );
+    let tmp = reshaped_adapter("layers.0.self_attn.qkv_proj.lora_B.weight", [48, 4]);
     let e = load_error(tmp.path());
     assert!(
         matches!(&e, Error::ShapeMismatch { name, expected, .. }
@@ -307,17 +294,7 @@ fn rank_mismatch_with_config_is_refused() {
         "{e:?}"
     );
     // lora_B of one module with rank 2 while its lora_A has rank 4.
-    let tmp = edited_adapter(
-        |_| {},
-        |t| {
-            for (k, shape, v) in t.iter_mut() {
-                if k.ends_with("layers.1.self_attn.qkv_proj.lora_B.weight") {
-                    *shape = vec![144, 2];
-                    v.truncate(144 * 2);
-                }
-            }
-        },
-    );
+    let tmp = reshaped_adapter("layers.1.self_attn.qkv_proj.lora_B.weight", [144, 2]);
     let e = load_error(tmp.path());
     assert!(
         matches!(&e, Error::Config { reason, .. }

@@ -1,13 +1,9 @@
 //! The configuration alone shapes the VAE: the real SDXL `vae/config.json` builds a module with
 //! the SDXL VAE's parameter count, and the tiny checkpoint's module holds exactly its tensors.
 
-use crate::support::{fixture, tiny_vae, B};
+use crate::support::{fixture, random_vae, tiny_vae};
 use burn::module::Module;
-use burn::tensor::DType;
 use omnigen_core::{VaeConfig, WeightSource};
-use omnigen_models::default_device;
-use omnigen_models::vae::AutoencoderKL;
-use omnigen_models::weights::RandomWeights;
 
 /// Counted from the architecture (conv_in, 2 resnets per encoder level and 3 per decoder level
 /// with their GroupNorms and 1×1 shortcuts where channels change, 3 downsample/upsample convs
@@ -20,13 +16,7 @@ fn sdxl_config_builds_83_7m_parameters() {
     let config = VaeConfig::from_file(fixture("real/vae_config.json")).expect("config");
     assert_eq!(config.scaling_factor, 0.13025);
     assert_eq!(config.shift_factor, None);
-    let vae = AutoencoderKL::<B>::load(
-        &RandomWeights { seed: 0 },
-        &config,
-        &default_device(),
-        DType::F32,
-    )
-    .expect("build");
+    let vae = random_vae(&config, 0).expect("build");
     assert_eq!(vae.num_params(), SDXL_VAE_PARAMS);
     assert_eq!(vae.downsample_factor(), 8);
 }

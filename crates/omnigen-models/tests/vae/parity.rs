@@ -1,8 +1,9 @@
 //! Numeric parity of the VAE with diffusers' `AutoencoderKL` (official OmniGen pipeline, f32) on
 //! the tiny random checkpoint of fixture set A.
 
-use crate::support::{max_abs_diff, read, read_pixels_u8, tiny_vae, vae_of};
-use omnigen_models::vae::LatentChoice;
+use crate::support::{max_abs_diff, read, read_pixels_u8, tiny_vae, vae_of, B};
+use burn::tensor::Tensor;
+use omnigen_models::vae::{AutoencoderKL, DiagonalGaussian, LatentChoice};
 
 const TOL: f32 = 1e-4;
 
@@ -11,49 +12,47 @@ fn check(what: &str, diff: f32) {
     assert!(diff <= TOL, "{what}: max abs diff {diff} > {TOL}");
 }
 
+/// [`check`] of `actual` against the recorded tensor `key` of fixture file `file`.
+fn check_recorded<const D: usize>(what: &str, actual: Tensor<B, D>, file: &str, key: &str) {
+    check(what, max_abs_diff(actual, read(file, key)));
+}
+
+/// [`check`] of a posterior's mean, logvar and std against `{key}.mean`, `.logvar`, `.std` of
+/// `file`, labelled `{label}{key}.*`.
+fn check_posterior(label: &str, dist: &DiagonalGaussian<B>, file: &str, key: &str) {
+    for (part, actual) in [
+        ("mean", dist.mean.clone()),
+        ("logvar", dist.logvar.clone()),
+        ("std", dist.std()),
+    ] {
+        let key = format!("{key}.{part}");
+        check_recorded(&format!("{label}{key}"), actual, file, &key);
+    }
+}
+
+/// Decodes `vae.enc.mean` and `vae.z_rand` of a `vae_only` fixture `file` and checks them
+/// against `vae.dec_of_mean` and `vae.dec_of_z_rand`, labelled `{label}vae.dec_of_*`.
+fn check_vae_only_decodes(label: &str, vae: &AutoencoderKL<B>, file: &str) {
+    for (input, key) in [
+        ("vae.enc.mean", "vae.dec_of_mean"),
+        ("vae.z_rand", "vae.dec_of_z_rand"),
+    ] {
+        let out = vae.decode(read(file, input)).expect("decode");
+        check_recorded(&format!("{label}{key}"), out, file, key);
+    }
+}
+
 #[test]
 fn encode_matches_diffusers_posterior() {
     let vae = tiny_vae();
-    let dist = vae
-        .encode(read("A/vae_only.safetensors", "vae.x"))
-        .expect("encode");
-    check(
-        "vae.enc.mean",
-        max_abs_diff(
-            dist.mean.clone(),
-            read("A/vae_only.safetensors", "vae.enc.mean"),
-        ),
-    );
-    check(
-        "vae.enc.logvar",
-        max_abs_diff(
-            dist.logvar.clone(),
-            read("A/vae_only.safetensors", "vae.enc.logvar"),
-        ),
-    );
-    check(
-        "vae.enc.std",
-        max_abs_diff(dist.std(), read("A/vae_only.safetensors", "vae.enc.std")),
-    );
+    let f = "A/vae_only.safetensors";
+    let dist = vae.encode(read(f, "vae.x")).expect("encode");
+    check_posterior("", &dist, f, "vae.enc");
 }
 
 #[test]
 fn decode_matches_diffusers() {
-    let vae = tiny_vae();
-    let out = vae
-        .decode(read("A/vae_only.safetensors", "vae.enc.mean"))
-        .expect("decode");
-    check(
-        "vae.dec_of_mean",
-        max_abs_diff(out, read("A/vae_only.safetensors", "vae.dec_of_mean")),
-    );
-    let out = vae
-        .decode(read("A/vae_only.safetensors", "vae.z_rand"))
-        .expect("decode");
-    check(
-        "vae.dec_of_z_rand",
-        max_abs_diff(out, read("A/vae_only.safetensors", "vae.dec_of_z_rand")),
-    );
+    check_vae_only_decodes("", &tiny_vae(), "A/vae_only.safetensors");
 }
 
 /// The edit case encodes a 48×64 (non-square) input image; the pipeline samples the posterior
@@ -65,33 +64,15 @@ fn encode_non_square_pipeline_latents() {
     let image = read::<4>(f, "proc.b0.pixel_values.0");
     assert_eq!(image.dims(), [1, 3, 48, 64]);
     let dist = vae.encode(image.clone()).expect("encode");
-    check(
-        "vae_enc.0.mean",
-        max_abs_diff(dist.mean.clone(), read(f, "vae_enc.0.mean")),
-    );
-    check(
-        "vae_enc.0.logvar",
-        max_abs_diff(dist.logvar.clone(), read(f, "vae_enc.0.logvar")),
-    );
-    check(
-        "vae_enc.0.std",
-        max_abs_diff(dist.std(), read(f, "vae_enc.0.std")),
-    );
+    check_posterior("", &dist, f, "vae_enc.0");
     let noise = read::<4>(f, "randn.01");
-    check(
-        "vae_enc.0.sample",
-        max_abs_diff(
-            dist.sample(noise.clone()).expect("sample"),
-            read(f, "vae_enc.0.sample"),
-        ),
-    );
+    let sample = dist.sample(noise.clone()).expect("sample");
+    check_recorded("vae_enc.0.sample", sample, f, "vae_enc.0.sample");
     let latents = vae
         .encode_latents(image, LatentChoice::Sample(noise))
         .expect("encode_latents");
-    check(
-        "step0.b0.input_img_latents.0",
-        max_abs_diff(latents, read(f, "step0.b0.input_img_latents.0")),
-    );
+    let key = "step0.b0.input_img_latents.0";
+    check_recorded(key, latents, f, key);
 }
 
 /// The t2i case decodes the final latents through the pipeline's unscaling.
@@ -101,24 +82,15 @@ fn decode_pipeline_latents() {
     let f = "A/t2i.safetensors";
     let latents = read::<4>(f, "latents.final");
     let unscaled = latents.clone() / vae.config().scaling_factor;
-    check(
-        "vae_dec.input",
-        max_abs_diff(unscaled, read(f, "vae_dec.input")),
-    );
+    check_recorded("vae_dec.input", unscaled, f, "vae_dec.input");
     let out = vae.decode_latents(latents).expect("decode_latents");
-    check(
-        "vae_dec.output (t2i)",
-        max_abs_diff(out, read(f, "vae_dec.output")),
-    );
+    check_recorded("vae_dec.output (t2i)", out, f, "vae_dec.output");
 
     let f = "A/edit.safetensors";
     let out = vae
         .decode_latents(read(f, "latents.final"))
         .expect("decode_latents");
-    check(
-        "vae_dec.output (edit)",
-        max_abs_diff(out, read(f, "vae_dec.output")),
-    );
+    check_recorded("vae_dec.output (edit)", out, f, "vae_dec.output");
 }
 
 // Fixture set B: a second VAE configuration (block_out [8,16,16,16], layers_per_block 2,
@@ -131,28 +103,8 @@ fn config_b_encode_decode_48x80() {
     let x = read::<4>(f, "vae.x");
     assert_eq!(x.dims(), [1, 3, 48, 80]);
     let dist = vae.encode(x).expect("encode");
-    check(
-        "B vae.enc.mean",
-        max_abs_diff(dist.mean.clone(), read(f, "vae.enc.mean")),
-    );
-    check(
-        "B vae.enc.logvar",
-        max_abs_diff(dist.logvar.clone(), read(f, "vae.enc.logvar")),
-    );
-    check(
-        "B vae.enc.std",
-        max_abs_diff(dist.std(), read(f, "vae.enc.std")),
-    );
-    let out = vae.decode(read(f, "vae.enc.mean")).expect("decode");
-    check(
-        "B vae.dec_of_mean",
-        max_abs_diff(out, read(f, "vae.dec_of_mean")),
-    );
-    let out = vae.decode(read(f, "vae.z_rand")).expect("decode");
-    check(
-        "B vae.dec_of_z_rand",
-        max_abs_diff(out, read(f, "vae.dec_of_z_rand")),
-    );
+    check_posterior("B ", &dist, f, "vae.enc");
+    check_vae_only_decodes("B ", &vae, f);
 }
 
 #[test]
@@ -163,31 +115,23 @@ fn config_b_pipeline_encode_and_decode() {
         let image = read_pixels_u8(f, &format!("proc.{branch}.pixel_u8.0"));
         let noise = read::<4>(f, &format!("randn.0{}", n + 1));
         let dist = vae.encode(image.clone()).expect("encode");
-        check(
-            &format!("B vae_enc.{n}.mean"),
-            max_abs_diff(dist.mean, read(f, &format!("vae_enc.{n}.mean"))),
-        );
+        let key = format!("vae_enc.{n}.mean");
+        check_recorded(&format!("B {key}"), dist.mean, f, &key);
         let latents = vae
             .encode_latents(image, LatentChoice::Sample(noise))
             .expect("encode_latents");
         let key = format!("step0.{branch}.input_img_latents.0");
-        check(&format!("B {key}"), max_abs_diff(latents, read(f, &key)));
+        check_recorded(&format!("B {key}"), latents, f, &key);
     }
     let out = vae
         .decode_latents(read(f, "latents.final"))
         .expect("decode_latents");
-    check(
-        "B vae_dec.output (edit)",
-        max_abs_diff(out, read(f, "vae_dec.output")),
-    );
+    check_recorded("B vae_dec.output (edit)", out, f, "vae_dec.output");
 
     let f = "B/t2i_48x80.safetensors";
     let out = vae
         .decode_latents(read(f, "latents.final"))
         .expect("decode_latents");
     assert_eq!(out.dims(), [1, 3, 48, 80]);
-    check(
-        "B vae_dec.output (t2i 48x80)",
-        max_abs_diff(out, read(f, "vae_dec.output")),
-    );
+    check_recorded("B vae_dec.output (t2i 48x80)", out, f, "vae_dec.output");
 }

@@ -2,7 +2,9 @@
 #![allow(dead_code)]
 
 use burn::tensor::{DType, Tensor, TensorData};
+use omnigen_core::VaeConfig;
 use omnigen_models::vae::AutoencoderKL;
+use omnigen_models::weights::RandomWeights;
 use omnigen_models::{default_device, DefaultBackend};
 use omnigen_test_support::{tensor_max_abs_diff, Dtype, SafetensorsFile};
 
@@ -23,6 +25,16 @@ pub fn vae_of(set: &str) -> AutoencoderKL<B> {
         DType::F32,
     )
     .expect("load tiny VAE")
+}
+
+/// A VAE of `config` with random weights (`seed`): the architecture without a checkpoint.
+pub fn random_vae(config: &VaeConfig, seed: u64) -> omnigen_core::Result<AutoencoderKL<B>> {
+    AutoencoderKL::load(
+        &RandomWeights { seed },
+        config,
+        &default_device(),
+        DType::F32,
+    )
 }
 
 /// A U8 image tensor of a fixture (`proc.*.pixel_u8.*`) as the pipeline's F32 pixels in

@@ -15,12 +15,17 @@ use crate::support::{max_abs_diff, read, read_path, tiny_vae, B};
 use burn::tensor::Tensor;
 use omnigen_models::vae::{AutoencoderKL, TilingConfig};
 
-/// diffusers' default overlap with 32-pixel (4-latent) tiles: several tiles on the test sizes.
-fn small_tiles() -> Option<TilingConfig> {
+/// Tiles of `size` pixels with diffusers' default overlap.
+fn tiles(size: usize) -> Option<TilingConfig> {
     Some(TilingConfig {
-        tile_sample_size: 32,
+        tile_sample_size: size,
         overlap_factor: 0.25,
     })
+}
+
+/// diffusers' default overlap with 32-pixel (4-latent) tiles: several tiles on the test sizes.
+fn small_tiles() -> Option<TilingConfig> {
+    tiles(32)
 }
 
 fn mean_abs_diff(a: Tensor<B, 4>, b: Tensor<B, 4>) -> f32 {
@@ -33,49 +38,51 @@ fn tile2x2(x: Tensor<B, 4>) -> Tensor<B, 4> {
     Tensor::cat(vec![x.clone(), x], 3)
 }
 
+/// The max and mean abs diff of tiled output `out` against untiled output `full`, printed and
+/// pinned to the measured figures: `|max - want_max| < max_tol`, `|mean - want_mean| < mean_tol`.
+fn assert_pinned(
+    what: &str,
+    out: Tensor<B, 4>,
+    full: Tensor<B, 4>,
+    (want_max, max_tol): (f32, f32),
+    (want_mean, mean_tol): (f32, f32),
+) {
+    let (max, mean) = (
+        max_abs_diff(out.clone(), full.clone()),
+        mean_abs_diff(out, full),
+    );
+    eprintln!("{what}: max abs diff {max:.4e}, mean {mean:.4e}");
+    assert!(
+        (max - want_max).abs() < max_tol && (mean - want_mean).abs() < mean_tol,
+        "max {max}, mean {mean}"
+    );
+}
+
 fn tiled(vae: AutoencoderKL<B>, tiling: Option<TilingConfig>) -> AutoencoderKL<B> {
     vae.with_tiling(tiling).expect("tiling")
 }
 
 #[test]
 fn tiled_decode_vs_untiled() {
-    let vae = tiny_vae();
+    let mut vae = tiny_vae();
     // Latents 16×16 → image 128×128.
     let z = tile2x2(read("A/vae_only.safetensors", "vae.z_rand"));
     let full = vae.decode(z.clone()).expect("decode");
     let range: f32 = full.clone().abs().max().into_scalar();
-    let vae = tiled(vae, small_tiles());
-    let out = vae.decode(z.clone()).expect("tiled decode");
-    assert_eq!(out.dims(), [1, 3, 128, 128]);
-    let (max, mean) = (
-        max_abs_diff(out.clone(), full.clone()),
-        mean_abs_diff(out, full.clone()),
-    );
-    eprintln!("tiled decode, 32px tiles: max abs diff {max:.4e}, mean {mean:.4e} (max |untiled| {range:.3})");
-    // Measured: max 4.2451, mean 0.52994 (output max |x| 4.328): 4×4 tiles share nothing useful.
-    assert!(
-        (max - 4.2451).abs() < 1e-3 && (mean - 0.52994).abs() < 1e-4,
-        "max {max}, mean {mean}"
-    );
-
-    let vae = tiled(
-        vae,
-        Some(TilingConfig {
-            tile_sample_size: 96,
-            overlap_factor: 0.25,
-        }),
-    );
-    let out = vae.decode(z).expect("tiled decode");
-    let (max, mean) = (
-        max_abs_diff(out.clone(), full.clone()),
-        mean_abs_diff(out, full),
-    );
-    eprintln!("tiled decode, 96px tiles: max abs diff {max:.4e}, mean {mean:.4e}");
-    // Measured: max 1.8578, mean 0.16275: 2×2 tiles, most pixels far from a seam.
-    assert!(
-        (max - 1.8578).abs() < 1e-3 && (mean - 0.16275).abs() < 1e-4,
-        "max {max}, mean {mean}"
-    );
+    eprintln!("max |untiled| {range:.3}");
+    // Measured with 32px tiles: max 4.2451, mean 0.52994 (output max |x| 4.328): 4×4 tiles share
+    // nothing useful. With 96px tiles: max 1.8578, mean 0.16275: 2×2 tiles, most pixels far
+    // from a seam.
+    for (size, max, mean) in [
+        (32, (4.2451, 1e-3), (0.52994, 1e-4)),
+        (96, (1.8578, 1e-3), (0.16275, 1e-4)),
+    ] {
+        vae = tiled(vae, tiles(size));
+        let out = vae.decode(z.clone()).expect("tiled decode");
+        assert_eq!(out.dims(), [1, 3, 128, 128]);
+        let what = format!("tiled decode, {size}px tiles");
+        assert_pinned(&what, out, full.clone(), max, mean);
+    }
 }
 
 #[test]
@@ -87,16 +94,15 @@ fn tiled_encode_vs_untiled() {
     let vae = tiled(vae, small_tiles());
     let out = vae.encode(x).expect("tiled encode").mean;
     assert_eq!(out.dims(), [1, 4, 16, 16]);
-    let (max, mean) = (
-        max_abs_diff(out.clone(), full.clone()),
-        mean_abs_diff(out, full.clone()),
-    );
-    let range: f32 = full.abs().max().into_scalar();
-    eprintln!("tiled encode mean, 32px tiles: max abs diff {max:.4e}, mean {mean:.4e} (max |untiled| {range:.3})");
+    let range: f32 = full.clone().abs().max().into_scalar();
+    eprintln!("max |untiled| {range:.3}");
     // diffusers' tiled encode of the same model and input: max 2.5623817, mean 0.41679218.
-    assert!(
-        (max - 2.562_381_7).abs() < 1e-4 && (mean - 0.416_792_2).abs() < 1e-5,
-        "max {max}, mean {mean}"
+    assert_pinned(
+        "tiled encode mean, 32px tiles",
+        out,
+        full,
+        (2.562_381_7, 1e-4),
+        (0.416_792_2, 1e-5),
     );
 }
 
@@ -106,13 +112,7 @@ fn tiling_is_inactive_within_one_tile() {
     let vae = tiny_vae();
     let z = read::<4>("A/vae_only.safetensors", "vae.z_rand");
     let full = vae.decode(z.clone()).expect("decode");
-    let vae = tiled(
-        vae,
-        Some(TilingConfig {
-            tile_sample_size: 64,
-            overlap_factor: 0.25,
-        }),
-    );
+    let vae = tiled(vae, tiles(64));
     assert_eq!(max_abs_diff(vae.decode(z).expect("decode"), full), 0.0);
 }
 

@@ -10,6 +10,7 @@ use omnigen_pipeline::{
     CancellationToken, ConditionImage, GenerationRequest, Hooks, InitialLatents, OmniGenPipeline,
     Progress, Prompt,
 };
+use omnigen_test_support::max_abs_diff;
 
 fn fixtures() -> PathBuf {
     omnigen_test_support::fixtures_root()
@@ -123,11 +124,7 @@ fn half_precision_transformer_stays_close_to_f32() {
             .unwrap();
         assert_eq!(pipe.transformer().dtype(), dtype);
         let ours = latents(&pipe.generate(&t2i()).unwrap());
-        let d = ours
-            .iter()
-            .zip(&reference)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max);
+        let d = max_abs_diff(&ours, &reference);
         println!("{dtype:?}: max |latents - f32| = {d:.3e}");
         assert!(d < tol, "{dtype:?} drifted {d} from f32");
         assert!(ours.iter().all(|v| v.is_finite()));
@@ -144,11 +141,7 @@ fn lora_changes_the_output_and_a_zero_scale_does_not() {
         .build()
         .unwrap();
     let got = latents(&merged.generate(&t2i()).unwrap());
-    let d = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0f32, f32::max);
+    let d = max_abs_diff(&got, &want);
     assert!(
         d > 1e-3,
         "a merged adapter must change the result (diff {d})"

@@ -181,13 +181,7 @@ fn check(pipe: &OmniGenPipeline<B>, case: &Case, kv: KvCache) -> (f32, u8) {
         }
         let want = case.bytes(&key);
         assert_eq!(img.as_raw().len(), want.len(), "{} image {i}", case.name);
-        let d = img
-            .as_raw()
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| a.abs_diff(*b))
-            .max()
-            .unwrap_or(0);
+        let d = omnigen_test_support::max_level_diff(img.as_raw(), &want);
         assert!(
             d <= 1,
             "{} ({kv:?}) image {i}: max level diff {d}",

@@ -22,6 +22,18 @@ fn small_options() -> ProcessorOptions {
     }
 }
 
+/// `image` followed by the text " edit".
+fn edit_prompt(image: ConditionImage) -> Prompt {
+    Prompt::new().image(image).text(" edit")
+}
+
+/// The error of processing `prompt` alone with [`small_options`]; panics if it succeeds.
+fn process_error(prompt: Prompt) -> Error {
+    processor()
+        .process(&[prompt], &small_options())
+        .unwrap_err()
+}
+
 #[test]
 fn placeholder_naming_a_missing_image() {
     assert_eq!(
@@ -115,10 +127,7 @@ fn empty_prompt() {
 
 #[test]
 fn builder_text_with_stray_placeholder_is_caught_at_processing() {
-    let prompt = Prompt::new().text("see <|image_2|>").image(tiny_image());
-    let err = processor()
-        .process(&[prompt], &small_options())
-        .unwrap_err();
+    let err = process_error(Prompt::new().text("see <|image_2|>").image(tiny_image()));
     assert!(matches!(err, Error::Prompt(_)), "{err}");
 }
 
@@ -129,12 +138,7 @@ fn unreadable_image_file() {
     let garbage = dir.path().join("garbage.png");
     std::fs::write(&garbage, b"this is not a png").unwrap();
     for path in [missing, garbage] {
-        let prompt = Prompt::new()
-            .image(ConditionImage::from_path(&path))
-            .text(" edit");
-        let err = processor()
-            .process(&[prompt], &small_options())
-            .unwrap_err();
+        let err = process_error(edit_prompt(ConditionImage::from_path(&path)));
         assert!(
             matches!(err, Error::InvalidImage { ref source_name, .. } if source_name.contains(path.file_name().unwrap().to_str().unwrap())),
             "{err}"
@@ -151,10 +155,7 @@ fn zero_size_or_inconsistent_image() {
         ConditionImage::from_rgb(u32::MAX, u32::MAX, vec![0; 3]),
         ConditionImage::from_dynamic(image::DynamicImage::new_rgb8(0, 0)),
     ] {
-        let prompt = Prompt::new().image(image).text(" edit");
-        let err = processor()
-            .process(&[prompt], &small_options())
-            .unwrap_err();
+        let err = process_error(edit_prompt(image));
         assert!(matches!(err, Error::InvalidImage { .. }), "{err}");
     }
 }
@@ -162,12 +163,8 @@ fn zero_size_or_inconsistent_image() {
 #[test]
 fn extreme_aspect_ratio_is_an_error_not_a_panic() {
     // 4000x1 with max side 1024: the short side would round to 0 pixels.
-    let prompt = Prompt::new()
-        .image(ConditionImage::from_rgb(4000, 1, vec![7; 4000 * 3]))
-        .text(" edit");
-    let err = processor()
-        .process(&[prompt], &small_options())
-        .unwrap_err();
+    let image = ConditionImage::from_rgb(4000, 1, vec![7; 4000 * 3]);
+    let err = process_error(edit_prompt(image));
     assert!(matches!(err, Error::InvalidImage { .. }), "{err}");
 }
 

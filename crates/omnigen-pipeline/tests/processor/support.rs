@@ -26,55 +26,38 @@ pub fn assert_model_input_matches(
     prefix: &str,
     spans_json: Option<&serde_json::Value>,
 ) {
-    assert_eq!(
-        input.input_ids_shape().to_vec(),
-        tensors.shape(&format!("{prefix}.input_ids")),
-        "{prefix} ids shape"
-    );
-    assert_eq!(
-        input.input_ids,
-        tensors.i64(&format!("{prefix}.input_ids")),
-        "{prefix}.input_ids"
-    );
-    assert_eq!(
-        input.position_ids_shape().to_vec(),
-        tensors.shape(&format!("{prefix}.position_ids")),
-        "{prefix} position shape"
-    );
-    assert_eq!(
-        input.position_ids,
-        tensors.i64(&format!("{prefix}.position_ids")),
-        "{prefix}.position_ids"
-    );
-    assert_eq!(
-        input.attention_mask_shape().to_vec(),
-        tensors.shape(&format!("{prefix}.attention_mask")),
-        "{prefix} mask shape"
-    );
+    let name = |key: &str| format!("{prefix}.{key}");
+    for (key, shape) in [
+        ("input_ids", input.input_ids_shape().to_vec()),
+        ("position_ids", input.position_ids_shape().to_vec()),
+        ("attention_mask", input.attention_mask_shape().to_vec()),
+    ] {
+        assert_eq!(shape, tensors.shape(&name(key)), "{} shape", name(key));
+    }
+    for (key, values) in [
+        ("input_ids", &input.input_ids),
+        ("position_ids", &input.position_ids),
+    ] {
+        assert_eq!(*values, tensors.i64(&name(key)), "{}", name(key));
+    }
     // 0/1 masks: exact.
-    assert_eq!(
-        input.attention_mask,
-        tensors.f32(&format!("{prefix}.attention_mask")),
-        "{prefix}.attention_mask"
-    );
+    let mask = name("attention_mask");
+    assert_eq!(input.attention_mask, tensors.f32(&mask), "{mask}");
     for (j, image) in input.images.iter().enumerate() {
-        let float_name = format!("{prefix}.pixel_values.{j}");
-        let u8_name = format!("{prefix}.pixel_u8.{j}");
-        if tensors.has(&float_name) {
-            assert_eq!(
-                tensors.shape(&float_name),
-                vec![1, 3, image.height, image.width],
-                "{float_name} shape"
-            );
+        let float_name = name(&format!("pixel_values.{j}"));
+        let u8_name = name(&format!("pixel_u8.{j}"));
+        let is_float = tensors.has(&float_name);
+        let stored = if is_float { &float_name } else { &u8_name };
+        assert_eq!(
+            tensors.shape(stored),
+            vec![1, 3, image.height, image.width],
+            "{stored} shape"
+        );
+        if is_float {
             let diff = max_abs_diff(&image.pixels, &tensors.f32(&float_name));
             assert!(diff <= 1e-6, "{float_name}: max diff {diff}");
         } else {
             // The cropped 8-bit image, CHW: must match exactly.
-            assert_eq!(
-                tensors.shape(&u8_name),
-                vec![1, 3, image.height, image.width],
-                "{u8_name} shape"
-            );
             assert_eq!(chw_u8(&image.rgb), tensors.u8(&u8_name), "{u8_name}");
             assert_eq!(
                 image.pixels,
@@ -82,12 +65,13 @@ pub fn assert_model_input_matches(
             );
         }
     }
-    for name in [
-        format!("{prefix}.pixel_values.{}", input.images.len()),
-        format!("{prefix}.pixel_u8.{}", input.images.len()),
+    let n = input.images.len();
+    for extra in [
+        name(&format!("pixel_values.{n}")),
+        name(&format!("pixel_u8.{n}")),
     ] {
         assert!(
-            !tensors.has(&name),
+            !tensors.has(&extra),
             "{prefix}: fewer images than the fixture"
         );
     }
