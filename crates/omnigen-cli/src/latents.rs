@@ -57,6 +57,15 @@ mod tests {
     use super::*;
     use omnigen::models::{default_device, DefaultBackend};
 
+    /// A safetensors file at `path` holding one f32 tensor `[4]` of zeros named `name`.
+    fn write_flat_tensor(path: &Path, name: &str) {
+        let bytes = [0u8; 16];
+        let view =
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &bytes).unwrap();
+        safetensors::serialize_to_file(HashMap::from([(name.to_string(), view)]), None, path)
+            .unwrap();
+    }
+
     #[test]
     fn latents_round_trip() {
         let dir = tempfile::tempdir().unwrap();
@@ -70,15 +79,6 @@ mod tests {
         assert_eq!(back.values, values);
         // nothing but the file itself is left in the folder
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
-
-    /// A safetensors file at `path` holding one f32 tensor `[4]` of zeros named `name`.
-    fn write_flat_tensor(path: &Path, name: &str) {
-        let bytes = [0u8; 16];
-        let view =
-            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![4], &bytes).unwrap();
-        safetensors::serialize_to_file(HashMap::from([(name.to_string(), view)]), None, path)
-            .unwrap();
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct Attention<B: Backend> {
 /// Keys and values of one layer after RoPE, `[B, H, S, head_dim]` each.
 pub type KeyValue<B> = (Tensor<B, 4>, Tensor<B, 4>);
 
+/// A layer's (or its attention's) output `[B, S, D]` and its new tokens' keys/values.
+pub type LayerOutput<B> = (Tensor<B, 3>, KeyValue<B>);
+
 /// What a layer's attention uses besides its input: the same for every layer of one forward,
 /// but for the cached keys/values.
 pub struct AttentionContext<'a, B: Backend> {
@@ -95,11 +98,7 @@ impl<B: KernelBackend> Attention<B> {
     ///
     /// # Shapes
     /// `x` `[B, S, D]` (context as [`AttentionContext`]) -> (`[B, S, D]`, `[B, H, S, hd]` each).
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        ctx: AttentionContext<'_, B>,
-    ) -> (Tensor<B, 3>, KeyValue<B>) {
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: AttentionContext<'_, B>) -> LayerOutput<B> {
         let AttentionContext { rope, bias, past } = ctx;
         let h = self.num_heads;
         let qkv = ops::linear_heads(&self.qkv_proj, x, 3 * h); // [B, 3H, S, hd]
@@ -192,11 +191,7 @@ impl<B: Backend> DecoderLayer<B> {
 impl<B: KernelBackend> DecoderLayer<B> {
     /// # Shapes
     /// `x` `[B, S, D]` -> (`[B, S, D]`, this layer's new keys/values `[B, H, S, hd]` each).
-    pub fn forward(
-        &self,
-        x: Tensor<B, 3>,
-        ctx: AttentionContext<'_, B>,
-    ) -> (Tensor<B, 3>, KeyValue<B>) {
+    pub fn forward(&self, x: Tensor<B, 3>, ctx: AttentionContext<'_, B>) -> LayerOutput<B> {
         let (attn, kv) = self
             .self_attn
             .forward(self.input_layernorm.forward(x.clone()), ctx);

@@ -28,8 +28,8 @@ pub struct ResnetBlock2D<B: Backend> {
 }
 
 impl<B: KernelBackend> ResnetBlock2D<B> {
-    /// The `resnets.{0..n}` of a down or up block: the first maps `c_in` to `c_out`, the rest
-    /// keep `c_out`.
+    /// The `resnets.{0..n}` of a down, up or mid block: the first maps `c_in` to `c_out`, the
+    /// rest keep `c_out`.
     pub(crate) fn load_stack(
         ld: &Loader<B>,
         n: usize,
@@ -191,12 +191,9 @@ impl<B: KernelBackend> UNetMidBlock2D<B> {
         } else {
             Vec::new()
         };
-        let resnets = (0..2)
-            .map(|i| ResnetBlock2D::load(&ld.sub("resnets").sub(i), channels, channels, groups))
-            .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             attentions,
-            resnets,
+            resnets: ResnetBlock2D::load_stack(ld, 2, channels, channels, groups)?,
         })
     }
 
