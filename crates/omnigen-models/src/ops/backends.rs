@@ -10,14 +10,17 @@ impl KernelBackend for burn::backend::Flex {
 }
 
 #[cfg(feature = "ndarray")]
-impl<E, I, Q> KernelBackend for burn::backend::NdArray<E, I, Q>
+impl<E, I, Q> KernelBackend for burn_ndarray::NdArray<E, I, Q>
 where
+    burn_ndarray::NdArrayTensor:
+        From<burn_ndarray::SharedArray<E>> + From<burn_ndarray::SharedArray<I>>,
     Self: burn::tensor::backend::Backend,
 {
     const HOST_KERNELS: bool = true;
     const HOST_MEMORY: bool = true;
 }
 
-// Every op on burn's portable ops: cubecl's kernels.
+// Every op on burn's portable ops: cubecl's kernels. (Only the default element types: the
+// models choose their dtype at run time, not through the backend type.)
 #[cfg(feature = "cuda")]
-impl<F, I> KernelBackend for burn::backend::Cuda<F, I> where Self: burn::tensor::backend::Backend {}
+impl KernelBackend for burn::backend::Cuda {}
