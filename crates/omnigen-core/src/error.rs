@@ -163,3 +163,11 @@ impl Error {
         }
     }
 }
+
+/// [`Error::ModelNotFound`] for the folder `dir`, with `reason`.
+pub(crate) fn missing_in(dir: &std::path::Path, reason: String) -> Error {
+    Error::ModelNotFound {
+        id: dir.display().to_string(),
+        reason,
+    }
+}

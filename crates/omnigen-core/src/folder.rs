@@ -14,11 +14,11 @@
 //! that part; asking for a missing piece is an [`Error::ModelNotFound`] naming the folder and
 //! the file that is not there.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
-use crate::error::{Error, Result};
+use crate::error::{missing_in, Error, Result};
 use crate::layout::CheckpointLayout;
+use crate::weights::WeightFiles;
 
 /// Weights stem of the official transformer checkpoint (`model.safetensors`).
 pub const OFFICIAL_WEIGHTS_STEM: &str = "model";
@@ -114,122 +114,6 @@ impl FolderLayout {
 impl std::fmt::Display for FolderLayout {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.name())
-    }
-}
-
-/// The safetensors files of one set of weights: a single file, or the shards an index lists.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct WeightFiles {
-    /// `<stem>.safetensors.index.json` for sharded weights, `None` for a single file.
-    pub index: Option<PathBuf>,
-    /// The files to open, in a stable order (the single file, or the shards sorted by name).
-    pub files: Vec<PathBuf>,
-}
-
-impl WeightFiles {
-    /// Finds the weights called `stem` in `dir`: `<stem>.safetensors`, or the shards listed by
-    /// `<stem>.safetensors.index.json` (every one must exist).
-    ///
-    /// A missing file is an [`Error::ModelNotFound`] naming it (a shard without its index too);
-    /// an index that is not JSON or has no `weight_map` is an [`Error::Config`].
-    pub fn find(dir: &Path, stem: &str) -> Result<Self> {
-        let single = dir.join(format!("{stem}.safetensors"));
-        if single.is_file() {
-            return Ok(Self {
-                index: None,
-                files: vec![single],
-            });
-        }
-        let index = dir.join(format!("{stem}.safetensors.index.json"));
-        if index.is_file() {
-            let files = shards_of_index(&index)?
-                .into_iter()
-                .map(|name| dir.join(name))
-                .collect::<Vec<_>>();
-            if let Some(missing) = files.iter().find(|f| !f.is_file()) {
-                return Err(missing_in(
-                    dir,
-                    format!(
-                        "shard {} listed by {} is missing",
-                        missing.display(),
-                        index.display()
-                    ),
-                ));
-            }
-            return Ok(Self {
-                index: Some(index),
-                files,
-            });
-        }
-        let shard_prefix = format!("{stem}-");
-        let stray_shard = std::fs::read_dir(dir).ok().and_then(|entries| {
-            entries.filter_map(|e| e.ok()).find(|e| {
-                let name = e.file_name();
-                let name = name.to_string_lossy();
-                name.starts_with(&shard_prefix) && name.ends_with(".safetensors")
-            })
-        });
-        Err(missing_in(
-            dir,
-            match stray_shard {
-                Some(shard) => format!(
-                    "found shard {} but not the index {} that lists the shards",
-                    shard.path().display(),
-                    index.display()
-                ),
-                None => format!(
-                    "missing {} (or a sharded {})",
-                    single.display(),
-                    index.display()
-                ),
-            },
-        ))
-    }
-
-    /// The one file of unsharded weights; `None` for shards.
-    pub fn single(&self) -> Option<&Path> {
-        match (&self.index, self.files.as_slice()) {
-            (None, [file]) => Some(file),
-            _ => None,
-        }
-    }
-}
-
-/// The shard file names an index's `weight_map` refers to, sorted and deduplicated.
-fn shards_of_index(index: &Path) -> Result<Vec<String>> {
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io("read", index, e))?;
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| Error::Config {
-        path: index.into(),
-        reason: e.to_string(),
-    })?;
-    let map = value
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| Error::Config {
-            path: index.into(),
-            reason: "missing `weight_map` object".into(),
-        })?;
-    let mut shards = BTreeSet::new();
-    for (tensor, file) in map {
-        let file = file.as_str().ok_or_else(|| Error::Config {
-            path: index.into(),
-            reason: format!("`weight_map.{tensor}` is not a file name"),
-        })?;
-        shards.insert(file.to_string());
-    }
-    if shards.is_empty() {
-        return Err(Error::Config {
-            path: index.into(),
-            reason: "`weight_map` lists no shard".into(),
-        });
-    }
-    Ok(shards.into_iter().collect())
-}
-
-fn missing_in(dir: &Path, reason: String) -> Error {
-    Error::ModelNotFound {
-        id: dir.display().to_string(),
-        reason,
     }
 }
 

@@ -15,6 +15,6 @@ pub mod weights;
 
 pub use config::{RopeScaling, TransformerConfig, VaeConfig};
 pub use error::{Error, Result};
-pub use folder::{FolderLayout, ModelFolder, WeightFiles};
+pub use folder::{FolderLayout, ModelFolder};
 pub use layout::{CheckpointLayout, TransformerWeights};
-pub use weights::WeightSource;
+pub use weights::{WeightFiles, WeightSource};
