@@ -182,8 +182,9 @@ impl GenerateArgs {
     }
 }
 
-/// The folder `out` is written into must exist: checked before the model loads, so a typo in
-/// the output path does not cost a whole generation.
+/// The folder `out` is written into must exist and accept a file, and an existing `out` must
+/// be a regular file: checked before the model loads, so a typo in the output path does not
+/// cost a whole generation.
 fn check_writable(out: &Path) -> anyhow::Result<()> {
     let dir = out.parent().filter(|d| !d.as_os_str().is_empty());
     if let Some(dir) = dir.filter(|d| !d.is_dir()) {
@@ -193,7 +194,7 @@ fn check_writable(out: &Path) -> anyhow::Result<()> {
             dir.display()
         );
     }
-    Ok(())
+    Ok(omnigen::pipeline::check_output(out)?)
 }
 
 /// Runs `omnigen generate`; errors lead with the flag at fault where there is one.
@@ -375,5 +376,12 @@ mod tests {
         assert!(check_writable(Path::new("out.png")).is_ok());
         let err = check_writable(&dir.path().join("no/such/out.png")).unwrap_err();
         assert!(err.to_string().contains("is not a directory"), "{err}");
+        // an existing directory as the output is refused too, and nothing is left behind
+        let err = check_writable(dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains("directory, not a regular file"),
+            "{err}"
+        );
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

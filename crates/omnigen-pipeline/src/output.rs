@@ -40,20 +40,14 @@ pub fn write_atomically(
     path: &Path,
     write: impl FnOnce(&mut std::fs::File) -> std::io::Result<()>,
 ) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    if path.is_dir() {
-        return Err(Error::io(
-            "write",
-            path,
-            std::io::Error::new(std::io::ErrorKind::IsADirectory, "is a directory"),
-        ));
-    }
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".omnigen-")
-        .suffix(".partial")
+    let dir = folder_of(path);
+    check_target(path)?;
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".omnigen-").suffix(".partial");
+    // Like any new file: 0666 less the umask (open(2) applies it), not tempfile's private 0600.
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o666));
+    let mut tmp = builder
         .tempfile_in(dir)
         .map_err(|e| Error::io("create a file in", dir, e))?;
     write(tmp.as_file_mut())
@@ -63,6 +57,67 @@ pub fn write_atomically(
     tmp.persist(path)
         .map_err(|e| Error::io("write", path, e.error))?;
     Ok(())
+}
+
+/// Checks before any work that [`write_atomically`] (and so [`save_png`]) can write `path`: an
+/// existing target must be a regular file (a rename would replace a directory entry, device,
+/// FIFO or socket), and its folder must exist and accept a new file (a probe file is created
+/// there and removed).
+pub fn check_output(path: &Path) -> Result<()> {
+    check_target(path)?;
+    let dir = folder_of(path);
+    tempfile::Builder::new()
+        .prefix(".omnigen-")
+        .suffix(".probe")
+        .tempfile_in(dir)
+        .map(drop)
+        .map_err(|e| Error::io("create a file in", dir, e))
+}
+
+/// The folder `path` is written into (`.` for a bare file name).
+fn folder_of(path: &Path) -> &Path {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    }
+}
+
+/// An existing `path` must be a regular file: the rename would replace whatever is there.
+fn check_target(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Ok(meta) if !meta.is_file() => {
+            let kind = if meta.is_dir() {
+                std::io::ErrorKind::IsADirectory
+            } else {
+                std::io::ErrorKind::InvalidInput
+            };
+            let what = format!("it is a {}, not a regular file", file_kind(&meta));
+            Err(Error::io("write", path, std::io::Error::new(kind, what)))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What a non-regular file is, for messages.
+fn file_kind(meta: &std::fs::Metadata) -> &'static str {
+    if meta.is_dir() {
+        return "directory";
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        let t = meta.file_type();
+        if t.is_fifo() {
+            return "FIFO";
+        }
+        if t.is_socket() {
+            return "socket";
+        }
+        if t.is_char_device() || t.is_block_device() {
+            return "device";
+        }
+    }
+    "special file"
 }
 
 /// Reads back the text chunks of a PNG (for tests and tools tracing an output).
@@ -120,6 +175,57 @@ mod tests {
             "{err}"
         );
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// A FIFO made with the system's `mkfifo`, or `None` where there is none.
+    #[cfg(unix)]
+    fn fifo(path: &Path) -> Option<()> {
+        let made = std::process::Command::new("mkfifo")
+            .arg(path)
+            .status()
+            .ok()?;
+        made.success().then_some(())
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_fifo_is_refused_and_left_in_place() {
+        use std::os::unix::fs::FileTypeExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.png");
+        if fifo(&path).is_none() {
+            eprintln!("no mkfifo here: skipped");
+            return;
+        }
+        let err = save_png(&path, &RgbImage::new(2, 2), &vec![]).unwrap_err();
+        assert!(matches!(err, Error::Io { .. }), "{err}");
+        assert!(
+            err.to_string().contains("FIFO, not a regular file"),
+            "{err}"
+        );
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        assert!(meta.file_type().is_fifo(), "the FIFO was replaced");
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn new_files_get_0666_less_the_umask() {
+        use std::os::unix::fs::PermissionsExt;
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let Some(umask) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Umask:"))
+            .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+        else {
+            eprintln!("no Umask line in /proc/self/status: skipped");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("out.png");
+        save_png(&path, &RgbImage::new(2, 2), &vec![]).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o666 & !umask, "mode {mode:o} with umask {umask:o}");
     }
 
     #[test]
