@@ -82,8 +82,12 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt; reference input images as <img><|image_1|></img>, <img><|image_2|></img>, ...
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
+    pub prompt: Option<String>,
+    /// Read the prompt from a file (`-`: standard input) instead of --prompt, for prompts of any
+    /// length; one trailing line break is dropped.
+    #[arg(long, value_name = "PATH")]
+    pub prompt_file: Option<PathBuf>,
     /// Input image, in placeholder order (repeat for several).
     #[arg(long = "image")]
     pub images: Vec<PathBuf>,
@@ -150,7 +154,12 @@ impl GenerateArgs {
     /// The request these flags describe, validated, with `--latents` read.
     pub fn request(&self) -> anyhow::Result<GenerationRequest> {
         let images = self.images.iter().map(ConditionImage::from_path).collect();
-        let prompt = Prompt::from_text(self.prompt.clone(), images)?;
+        let text = match (&self.prompt, &self.prompt_file) {
+            (Some(text), _) => text.clone(),
+            (None, Some(path)) => read_prompt_file(path).context("--prompt-file")?,
+            (None, None) => anyhow::bail!("--prompt or --prompt-file is required"),
+        };
+        let prompt = Prompt::from_text(text, images)?;
         let mut request = GenerationRequest::new(prompt)
             .size(self.height, self.width)
             .steps(self.steps)
@@ -180,6 +189,47 @@ impl GenerateArgs {
         }
         Ok(request)
     }
+}
+
+/// The longest prompt file read (16 MiB, millions of tokens): the memory guard refuses a prompt
+/// long before that; the cap only keeps an endless input such as `/dev/zero` from being read.
+const MAX_PROMPT_FILE_BYTES: u64 = 16 << 20;
+
+/// The text of a prompt file (`-` = standard input) in UTF-8, one trailing line break dropped.
+fn read_prompt_file(path: &Path) -> anyhow::Result<String> {
+    use std::io::Read as _;
+    let mut bytes = Vec::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .lock()
+            .take(MAX_PROMPT_FILE_BYTES + 1)
+            .read_to_end(&mut bytes)
+            .context("cannot read standard input")?;
+        if bytes.len() as u64 > MAX_PROMPT_FILE_BYTES {
+            anyhow::bail!(
+                "standard input holds more than {} MiB",
+                MAX_PROMPT_FILE_BYTES >> 20
+            );
+        }
+    } else {
+        omnigen::core::open_regular(path, Some(MAX_PROMPT_FILE_BYTES))?
+            .read_to_end(&mut bytes)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    let mut text = String::from_utf8(bytes).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not UTF-8 text (invalid byte at offset {})",
+            path.display(),
+            e.utf8_error().valid_up_to()
+        )
+    })?;
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    Ok(text)
 }
 
 /// The folder `out` is written into must exist and accept a file, and an existing `out` must

@@ -31,6 +31,16 @@ pub fn read_latents(path: &Path) -> anyhow::Result<InitialLatents> {
             path.display()
         );
     };
+    // The declared shape bounds what is read: no request has more rows or a larger latent.
+    let [n, c, h, w] = shape;
+    if n > omnigen::pipeline::MAX_IMAGES || c > 1024 || h > 384 || w > 384 {
+        bail!(
+            "--latents: tensor `{LATENTS_KEY}` in {} has shape {shape:?}; no request takes more \
+             than {} rows of latents larger than [4, 384, 384] (3072x3072 pixels)",
+            path.display(),
+            omnigen::pipeline::MAX_IMAGES
+        );
+    }
     let values = src.read_f32(LATENTS_KEY, &shape).context("--latents")?;
     Ok(InitialLatents { values, shape })
 }

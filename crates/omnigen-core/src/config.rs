@@ -190,6 +190,32 @@ fn positive(field: &'static str, value: usize) -> Result<()> {
     Ok(())
 }
 
+/// [`positive`] and at most `max`: sizes far beyond any real model would overflow the size
+/// arithmetic (weights, tables, memory estimates) long before they could load.
+fn bounded(field: &'static str, value: usize, max: usize) -> Result<()> {
+    positive(field, value)?;
+    if value > max {
+        return Err(Error::invalid_argument(
+            field,
+            format!("{value} exceeds {max}, far beyond any OmniGen model"),
+        ));
+    }
+    Ok(())
+}
+
+/// A float field the f32 kernels use: finite and positive once rounded to f32 (an `eps` of
+/// 1e-50 is 0 in f32 and divides by zero; a `rope_theta` of 1e300 is infinite).
+fn positive_f32(field: &'static str, value: f64) -> Result<()> {
+    let v = value as f32;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(Error::invalid_argument(
+            field,
+            format!("is missing or not a positive number representable in f32 ({value})"),
+        ));
+    }
+    Ok(())
+}
+
 impl TransformerConfig {
     /// Reads a transformer config: the official Phi-3 `config.json` (`model_type: "phi3"`) or
     /// diffusers' `transformer/config.json` (`OmniGenTransformer2DModel`), whose renamed keys are
@@ -215,8 +241,8 @@ impl TransformerConfig {
     /// a file reports it as [`Error::Config`] with the file's path).
     pub fn validate(&self) -> Result<()> {
         let bad = |field: &'static str, reason: String| Err(Error::invalid_argument(field, reason));
-        positive("hidden_size", self.hidden_size)?;
-        positive("num_attention_heads", self.num_attention_heads)?;
+        bounded("hidden_size", self.hidden_size, 1 << 16)?;
+        bounded("num_attention_heads", self.num_attention_heads, 1 << 12)?;
         if self.hidden_size % self.num_attention_heads != 0 {
             return bad(
                 "num_attention_heads",
@@ -241,21 +267,26 @@ impl TransformerConfig {
                 ),
             );
         }
-        positive("intermediate_size", self.intermediate_size)?;
-        positive("num_hidden_layers", self.num_hidden_layers)?;
-        positive("vocab_size", self.vocab_size)?;
-        positive("max_position_embeddings", self.max_position_embeddings)?;
-        positive(
+        bounded("intermediate_size", self.intermediate_size, 1 << 20)?;
+        bounded("num_hidden_layers", self.num_hidden_layers, 1 << 10)?;
+        bounded("vocab_size", self.vocab_size, 1 << 24)?;
+        bounded("max_position_embeddings", self.max_position_embeddings, 1 << 30)?;
+        bounded(
             "original_max_position_embeddings",
             self.original_max_position_embeddings,
+            1 << 30,
         )?;
-        for (field, v) in [
-            ("rms_norm_eps", self.rms_norm_eps),
-            ("rope_theta", self.rope_theta),
-        ] {
-            if !(v.is_finite() && v > 0.0) {
-                return bad(field, format!("is missing or not a positive number ({v})"));
-            }
+        positive_f32("rms_norm_eps", self.rms_norm_eps)?;
+        positive_f32("rope_theta", self.rope_theta)?;
+        if self.rope_scaling.is_some()
+            && self.original_max_position_embeddings == 1
+            && self.max_position_embeddings > 1
+        {
+            // LongRoPE's attention scaling divides by ln(original_max_position_embeddings)
+            return bad(
+                "original_max_position_embeddings",
+                "is 1: LongRoPE's scaling divides by its logarithm".to_string(),
+            );
         }
         if let Some(RopeScaling::LongRope {
             short_factor,
@@ -264,6 +295,16 @@ impl TransformerConfig {
         {
             let half = self.head_dim() / 2;
             for (what, factors) in [("short_factor", short_factor), ("long_factor", long_factor)] {
+                if let Some(f) = factors
+                    .iter()
+                    .find(|&&f| !((f as f32).is_finite() && f as f32 > 0.0))
+                {
+                    // the rotary frequencies divide by every factor
+                    return bad(
+                        "rope_scaling",
+                        format!("`{what}` has {f}; every factor must be a positive finite number"),
+                    );
+                }
                 if factors.len() != half {
                     return bad(
                         "rope_scaling",
@@ -281,10 +322,10 @@ impl TransformerConfig {
                 format!("is `{}`; only `silu` is supported", self.hidden_act),
             );
         }
-        positive("patch_size", self.patch_size)?;
-        positive("in_channels", self.in_channels)?;
-        positive("pos_embed_max_size", self.pos_embed_max_size)?;
-        positive("time_step_dim", self.time_step_dim)?;
+        bounded("patch_size", self.patch_size, 64)?;
+        bounded("in_channels", self.in_channels, 1 << 10)?;
+        bounded("pos_embed_max_size", self.pos_embed_max_size, 1 << 12)?;
+        bounded("time_step_dim", self.time_step_dim, 1 << 16)?;
         Ok(())
     }
 
@@ -414,20 +455,29 @@ impl VaeConfig {
         if self.block_out_channels.is_empty() {
             return bad("block_out_channels", "is missing or empty".into());
         }
-        positive("norm_num_groups", self.norm_num_groups)?;
-        positive("latent_channels", self.latent_channels)?;
-        positive("layers_per_block", self.layers_per_block)?;
-        positive("in_channels", self.in_channels)?;
-        positive("out_channels", self.out_channels)?;
+        if self.block_out_channels.len() > 8 {
+            return bad(
+                "block_out_channels",
+                format!(
+                    "has {} levels; at most 8 are supported (SDXL's VAE has 4)",
+                    self.block_out_channels.len()
+                ),
+            );
+        }
+        bounded("norm_num_groups", self.norm_num_groups, 1 << 12)?;
+        bounded("latent_channels", self.latent_channels, 1 << 10)?;
+        bounded("layers_per_block", self.layers_per_block, 64)?;
+        bounded("in_channels", self.in_channels, 1 << 10)?;
+        bounded("out_channels", self.out_channels, 1 << 10)?;
         if let Some(c) = self
             .block_out_channels
             .iter()
-            .find(|&&c| c == 0 || c % self.norm_num_groups != 0)
+            .find(|&&c| c == 0 || c > 1 << 16 || c % self.norm_num_groups != 0)
         {
             return bad(
                 "block_out_channels",
                 format!(
-                    "entry {c} is not a positive multiple of norm_num_groups {}",
+                    "entry {c} is not a positive multiple of norm_num_groups {} (at most 65536)",
                     self.norm_num_groups
                 ),
             );

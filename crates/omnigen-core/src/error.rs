@@ -137,6 +137,20 @@ pub enum Error {
         reason: String,
     },
 
+    /// A stage produced NaN or infinite values: non-finite weights, a LoRA or a guidance scale
+    /// that overflows. Reported instead of writing an all-black image.
+    #[error(
+        "the {stage} produced non-finite values (NaN or infinity){}; check the weights \
+         (`omnigen inspect`), LoRA scales and guidance scales",
+        at_step(.step)
+    )]
+    NonFinite {
+        /// The stage whose output was checked: "denoising", "input-image encoding", "VAE decode".
+        stage: &'static str,
+        /// The denoising step (0-based), for the denoising stage.
+        step: Option<usize>,
+    },
+
     /// Generation was cancelled through its cancellation token.
     #[error("generation cancelled at step {step}")]
     Cancelled {
@@ -162,6 +176,11 @@ impl Error {
             source,
         }
     }
+}
+
+/// " at step N" for a step, nothing otherwise.
+fn at_step(step: &Option<usize>) -> String {
+    step.map(|s| format!(" at step {s}")).unwrap_or_default()
 }
 
 /// [`Error::ModelNotFound`] for the folder `dir`, with `reason`.

@@ -9,12 +9,14 @@
 
 pub mod config;
 pub mod error;
+pub mod files;
 pub mod folder;
 pub mod layout;
 pub mod weights;
 
 pub use config::{RopeScaling, TransformerConfig, VaeConfig};
 pub use error::{Error, Result};
+pub use files::{open_regular, MAX_IMAGE_FILE_BYTES};
 pub use folder::{FolderLayout, ModelFolder};
 pub use layout::{CheckpointLayout, TransformerWeights};
 pub use weights::{WeightFiles, WeightSource};

@@ -7,7 +7,6 @@
 //! touched, so a truncated download fails at open time with the file named.
 
 use std::collections::{BTreeSet, HashMap};
-use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, TensorData};
@@ -137,7 +136,7 @@ struct MappedFile {
 
 impl MappedFile {
     fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).map_err(|e| Error::io("open", path, e))?;
+        let file = crate::files::open_regular(path, None)?;
         // SAFETY: the map is read-only; we never hand out references that outlive `self`, and
         // checkpoint files are not expected to be modified while a model is being loaded.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("memory-map", path, e))?;
@@ -182,6 +181,8 @@ fn describe_st_error(e: &safetensors::SafeTensorError, file_len: usize) -> Strin
 pub struct WeightSource {
     files: Vec<MappedFile>,
     index: HashMap<String, usize>,
+    /// Names read so far, so a loader can tell which tensors nothing used.
+    read: std::sync::Mutex<BTreeSet<String>>,
 }
 
 impl std::fmt::Debug for WeightSource {
@@ -225,7 +226,25 @@ impl WeightSource {
                 "no safetensors file given",
             ));
         }
-        Ok(Self { files, index })
+        Ok(Self {
+            files,
+            index,
+            read: Default::default(),
+        })
+    }
+
+    /// The tensors no [`read`](Self::read) has asked for yet, sorted: after a model is built
+    /// from this source, what the checkpoint holds that the model does not use.
+    pub fn unread_keys(&self) -> Vec<String> {
+        let read = self.read.lock().unwrap_or_else(|e| e.into_inner());
+        let mut keys: Vec<String> = self
+            .index
+            .keys()
+            .filter(|k| !read.contains(*k))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
     }
 
     /// Opens the weights of a model folder: `<stem>.safetensors`, or the shards listed in
@@ -285,6 +304,10 @@ impl WeightSource {
             name: name.into(),
             path: self.files[0].path.clone(),
         })?;
+        self.read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
         let file = &self.files[slot];
         let (bytes, st_dtype, shape) = file.bytes(name).ok_or_else(|| Error::MissingTensor {
             name: name.into(),

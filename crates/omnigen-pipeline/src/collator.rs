@@ -4,6 +4,8 @@
 //! masked out. Each row's sequence is `[text (L), time token (1), output image (N)]`, so
 //! `S = L + 1 + N` with `N` the largest output-token count in the batch.
 
+use omnigen_core::{Error, Result};
+
 use crate::image_preprocess::PreprocessedImage;
 
 /// Token id the official collator pads with (`</s>`; not the config's `pad_token_id`).
@@ -20,11 +22,29 @@ pub struct TokenizedRow {
     pub image_spans: Vec<(usize, usize)>,
 }
 
+/// Which keys one batch row's queries may attend to, stored by its structure instead of as a
+/// dense `[S, S]` mask: the dense mask of a 2048² request is gigabytes, its structure a few
+/// numbers. [`ModelInput::attention_mask`] expands it when a dense mask is needed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RowMask {
+    /// Left padding (P): the first P tokens.
+    pub pad: usize,
+    /// This row's own text length, placeholders included (T): tokens `P..P+T`, then the time
+    /// token at `P+T`.
+    pub text: usize,
+    /// Token spans `[start, end)` (after padding) of the input images, attending to themselves
+    /// bidirectionally.
+    pub spans: Vec<(usize, usize)>,
+    /// This row's own output-image tokens; the batch's longer rows pad the rest (masked).
+    pub output_tokens: usize,
+}
+
 /// The inputs of one transformer forward, all plain row-major data.
 ///
-/// Maps 1:1 onto the official `forward` arguments: `input_ids`, `attention_mask`,
-/// `position_ids`, `input_img_latents` (VAE-encode [`ModelInput::images`] in order) and
-/// `input_image_sizes` ([`ModelInput::image_spans`]).
+/// Maps 1:1 onto the official `forward` arguments: `input_ids`, `attention_mask`
+/// ([`ModelInput::attention_mask`], from [`ModelInput::masks`]), `position_ids`,
+/// `input_img_latents` (VAE-encode [`ModelInput::images`] in order) and `input_image_sizes`
+/// ([`ModelInput::image_spans`]).
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelInput {
     /// Rows in this batch (B).
@@ -35,8 +55,8 @@ pub struct ModelInput {
     pub seq_len: usize,
     /// Token ids `[B, L]`, left-padded with [`PAD_TOKEN_ID`].
     pub input_ids: Vec<i64>,
-    /// Attention mask `[B, S, S]`, 1 = may attend, 0 = masked.
-    pub attention_mask: Vec<f32>,
+    /// Each row's attention structure; [`ModelInput::attention_mask`] expands it.
+    pub masks: Vec<RowMask>,
     /// Position ids `[B, S]`.
     pub position_ids: Vec<i64>,
     /// Input images in the order the model consumes them: row by row, then span by span.
@@ -55,7 +75,7 @@ impl ModelInput {
         [self.batch_size, self.text_len]
     }
 
-    /// Shape of `attention_mask`: `[B, S, S]`.
+    /// Shape of the attention mask: `[B, S, S]`.
     pub fn attention_mask_shape(&self) -> [usize; 3] {
         [self.batch_size, self.seq_len, self.seq_len]
     }
@@ -74,12 +94,78 @@ impl ModelInput {
     pub fn row_ids(&self, b: usize) -> &[i64] {
         &self.input_ids[b * self.text_len..(b + 1) * self.text_len]
     }
+
+    /// Bytes of the dense f32 attention mask, `B * S * S * 4` (saturating).
+    pub fn attention_mask_bytes(&self) -> u64 {
+        let s = self.seq_len as u64;
+        (self.batch_size as u64)
+            .saturating_mul(s.saturating_mul(s))
+            .saturating_mul(4)
+    }
+
+    /// The official dense 0/1 attention mask `[B, S, S]` (1 = may attend), row-major.
+    ///
+    /// An allocation that fails is [`Error::OutOfMemory`], not an abort.
+    pub fn attention_mask(&self) -> Result<Vec<f32>> {
+        let s = self.seq_len;
+        let len = self
+            .batch_size
+            .checked_mul(s)
+            .and_then(|n| n.checked_mul(s))
+            .ok_or_else(|| too_large(self.attention_mask_bytes()))?;
+        let mut mask = Vec::new();
+        mask.try_reserve_exact(len)
+            .map_err(|_| too_large(self.attention_mask_bytes()))?;
+        mask.resize(len, 0f32);
+        let img_len = self.output_tokens();
+        for (b, row) in self.masks.iter().enumerate() {
+            let m = &mut mask[b * s * s..(b + 1) * s * s];
+            let pad_l = row.pad;
+            // Text + time token: causal among themselves, blind to padding and output image.
+            for i in 0..=row.text {
+                let r = pad_l + i;
+                m[r * s + pad_l..=r * s + pad_l + i].fill(1.0);
+            }
+            // Output-image rows see every non-padded column.
+            for r in s - img_len..s {
+                m[r * s + pad_l..(r + 1) * s].fill(1.0);
+            }
+            // Padding rows see everything (keeps softmax finite; their output is ignored).
+            m[..pad_l * s].fill(1.0);
+            // Output-image tokens beyond this row's own count are padding: nobody sees them.
+            let pad_img = img_len - row.output_tokens.min(img_len);
+            if pad_img > 0 {
+                for r in 0..s {
+                    m[(r + 1) * s - pad_img..(r + 1) * s].fill(0.0);
+                }
+            }
+            // Each input image attends to itself bidirectionally.
+            for &(st, e) in &row.spans {
+                for r in st..e {
+                    m[r * s + st..r * s + e].fill(1.0);
+                }
+            }
+        }
+        Ok(mask)
+    }
+}
+
+/// The refusal of a dense mask the allocator cannot provide.
+fn too_large(bytes: u64) -> Error {
+    Error::OutOfMemory {
+        needed_mib: bytes >> 20,
+        available_mib: 0,
+        hint: "the attention mask alone cannot be allocated: request a smaller output size or a \
+               shorter prompt"
+            .to_string(),
+    }
 }
 
 /// Collates rows exactly as the official `OmniGenCollator.process_mllm_input`.
 ///
 /// `output_sizes[b]` is the `[height, width]` of row b's output image (pixels).
-/// An empty `rows` yields an empty batch.
+/// An empty `rows` yields an empty batch. Nothing here is quadratic in the sequence length: the
+/// attention mask is kept as each row's [`RowMask`].
 pub fn collate(rows: &[TokenizedRow], output_sizes: &[(usize, usize)]) -> ModelInput {
     let batch_size = rows.len();
     let num_output_tokens: Vec<usize> = output_sizes.iter().map(|&(h, w)| h * w / 256).collect();
@@ -89,7 +175,7 @@ pub fn collate(rows: &[TokenizedRow], output_sizes: &[(usize, usize)]) -> ModelI
 
     let mut input_ids = Vec::with_capacity(batch_size * text_len);
     let mut position_ids = Vec::with_capacity(batch_size * seq_len);
-    let mut attention_mask = vec![0f32; batch_size * seq_len * seq_len];
+    let mut masks = Vec::with_capacity(batch_size);
     let mut images = Vec::new();
     let mut image_spans = Vec::with_capacity(batch_size);
 
@@ -102,36 +188,17 @@ pub fn collate(rows: &[TokenizedRow], output_sizes: &[(usize, usize)]) -> ModelI
         position_ids.extend(std::iter::repeat_n(0i64, pad_l));
         position_ids.extend(0..(temp_l + img_len + 1) as i64);
 
-        let m = &mut attention_mask[b * seq_len * seq_len..(b + 1) * seq_len * seq_len];
-        // Text + time token: causal among themselves, blind to padding and output image.
-        for i in 0..=temp_l {
-            let r = pad_l + i;
-            m[r * seq_len + pad_l..=r * seq_len + pad_l + i].fill(1.0);
-        }
-        // Output-image rows see every non-padded column.
-        for r in seq_len - img_len..seq_len {
-            m[r * seq_len + pad_l..(r + 1) * seq_len].fill(1.0);
-        }
-        // Padding rows see everything (keeps softmax finite; their output is ignored).
-        m[..pad_l * seq_len].fill(1.0);
-        // Output-image tokens beyond this row's own count are padding: nobody sees them.
-        let pad_img = img_len - num_output_tokens.get(b).copied().unwrap_or(img_len);
-        if pad_img > 0 {
-            for r in 0..seq_len {
-                m[(r + 1) * seq_len - pad_img..(r + 1) * seq_len].fill(0.0);
-            }
-        }
-        // Each input image attends to itself bidirectionally.
         let spans: Vec<(usize, usize)> = row
             .image_spans
             .iter()
             .map(|&(s, e)| (s + pad_l, e + pad_l))
             .collect();
-        for &(s, e) in &spans {
-            for r in s..e {
-                m[r * seq_len + s..r * seq_len + e].fill(1.0);
-            }
-        }
+        masks.push(RowMask {
+            pad: pad_l,
+            text: temp_l,
+            spans: spans.clone(),
+            output_tokens: num_output_tokens.get(b).copied().unwrap_or(img_len),
+        });
         image_spans.push(spans);
         images.extend(row.images.iter().cloned());
     }
@@ -141,7 +208,7 @@ pub fn collate(rows: &[TokenizedRow], output_sizes: &[(usize, usize)]) -> ModelI
         text_len,
         seq_len,
         input_ids,
-        attention_mask,
+        masks,
         position_ids,
         images,
         image_spans,

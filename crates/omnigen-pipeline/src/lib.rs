@@ -21,7 +21,7 @@ pub mod processor;
 pub mod prompt;
 pub mod request;
 
-pub use collator::{collate, ModelInput, TokenizedRow, PAD_TOKEN_ID};
+pub use collator::{collate, ModelInput, RowMask, TokenizedRow, PAD_TOKEN_ID};
 pub use guidance::Guidance;
 pub use image_preprocess::{
     crop_arr, pillow_resize, preprocess_image, PreprocessedImage, ResampleFilter,
@@ -32,6 +32,7 @@ pub use pipeline::{
     tensor_to_rgb8, CancellationToken, Generation, GenerationStats, Hooks, OmniGenPipeline,
     PipelineBuilder, Progress,
 };
+pub use pipeline::sampling::DEFAULT_SEED;
 pub use processor::{
     add_prefix_instruction, Branch, GuidanceInputs, OmniGenProcessor, ProcessedBatch,
     ProcessorOptions, DEFAULT_NEGATIVE_PROMPT,
@@ -40,4 +41,6 @@ pub use prompt::{
     check_placeholders, image_placeholder, parse_segments, ConditionImage, Prompt, PromptError,
     PromptSegment,
 };
-pub use request::{GenerationRequest, InitialLatents, InputLatents, KvCache};
+pub use request::{
+    GenerationRequest, InitialLatents, InputLatents, KvCache, MAX_IMAGES, MAX_INFERENCE_STEPS,
+};

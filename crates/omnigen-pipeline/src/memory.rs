@@ -92,12 +92,76 @@ pub fn estimate(
     est
 }
 
-/// Available memory in bytes (`MemAvailable` of `/proc/meminfo`), when the system tells.
+/// Memory this process may still allocate, in bytes: the smaller of the system's
+/// `MemAvailable` and the headroom of the container's limit (cgroup v2 `memory.max` less
+/// `memory.current`, or cgroup v1 `memory.limit_in_bytes` less `memory.usage_in_bytes`), when
+/// the system tells either.
 pub fn available_memory() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let system = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| parse_meminfo_available(&t));
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|t| cgroup_headroom(&t, |p| std::fs::read_to_string(p).ok()));
+    match (system, cgroup) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// `MemAvailable` of a `/proc/meminfo` text, in bytes.
+pub fn parse_meminfo_available(meminfo: &str) -> Option<u64> {
+    let line = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    kib.checked_mul(1024)
+}
+
+/// The headroom of the tightest memory limit among this process's cgroup and its ancestors,
+/// given the text of `/proc/self/cgroup` and a reader of files under `/sys/fs/cgroup`; `None`
+/// without a limit (`max`, or v1's "unlimited" page-counter maximum).
+pub fn cgroup_headroom(self_cgroup: &str, read: impl Fn(&str) -> Option<String>) -> Option<u64> {
+    let number = |path: &str| -> Option<u64> { read(path)?.trim().parse().ok() };
+    let mut best: Option<u64> = None;
+    let mut consider = |limit: Option<u64>, usage: Option<u64>| {
+        // v1 reports "no limit" as the page counter's maximum (about 2^63)
+        if let Some(limit) = limit.filter(|&l| l < 1 << 62) {
+            let room = limit.saturating_sub(usage.unwrap_or(0));
+            best = Some(best.map_or(room, |b| b.min(room)));
+        }
+    };
+    for line in self_cgroup.lines() {
+        let mut parts = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next())
+        else {
+            continue;
+        };
+        let path = path.trim_end_matches('/');
+        // the cgroup and each ancestor up to the root of the hierarchy
+        let mut dirs = vec![path.to_string()];
+        let mut p = path;
+        while let Some(i) = p.rfind('/') {
+            p = &p[..i];
+            dirs.push(p.to_string());
+        }
+        if controllers.is_empty() {
+            for d in &dirs {
+                let base = format!("/sys/fs/cgroup{d}");
+                consider(
+                    number(&format!("{base}/memory.max")),
+                    number(&format!("{base}/memory.current")),
+                );
+            }
+        } else if controllers.split(',').any(|c| c == "memory") {
+            for d in &dirs {
+                let base = format!("/sys/fs/cgroup/memory{d}");
+                consider(
+                    number(&format!("{base}/memory.limit_in_bytes")),
+                    number(&format!("{base}/memory.usage_in_bytes")),
+                );
+            }
+        }
+    }
+    best
 }
 
 /// Peak resident memory of this process (`VmHWM` of `/proc/self/status`), when the system tells.
@@ -141,4 +205,58 @@ pub fn check(
         available_mib: available >> 20,
         hint,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn reader(files: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> {
+        let map: HashMap<String, String> = files
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |p| map.get(p).cloned()
+    }
+
+    #[test]
+    fn cgroup_v2_limit_and_usage_give_the_headroom() {
+        let files = reader(&[
+            ("/sys/fs/cgroup/app/job/memory.max", "max\n"),
+            ("/sys/fs/cgroup/app/job/memory.current", "100\n"),
+            ("/sys/fs/cgroup/app/memory.max", "4096\n"),
+            ("/sys/fs/cgroup/app/memory.current", "1000\n"),
+        ]);
+        assert_eq!(cgroup_headroom("0::/app/job\n", &files), Some(3096));
+        assert_eq!(cgroup_headroom("0::/\n", reader(&[])), None);
+    }
+
+    #[test]
+    fn cgroup_v1_memory_controller_is_read_and_unlimited_ignored() {
+        let files = reader(&[
+            ("/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes", "2147483648"),
+            ("/sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes", "1073741824"),
+            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712"),
+        ]);
+        let text = "12:cpu,cpuacct:/docker/abc\n11:memory:/docker/abc\n";
+        assert_eq!(cgroup_headroom(text, &files), Some(1 << 30));
+        // usage above the limit leaves nothing, it does not wrap
+        let files = reader(&[
+            ("/sys/fs/cgroup/memory/x/memory.limit_in_bytes", "10"),
+            ("/sys/fs/cgroup/memory/x/memory.usage_in_bytes", "20"),
+        ]);
+        assert_eq!(cgroup_headroom("3:memory:/x", &files), Some(0));
+    }
+
+    #[test]
+    fn meminfo_available_is_parsed_in_bytes() {
+        let text = "MemTotal:       24000000 kB\nMemAvailable:    1000 kB\n";
+        assert_eq!(parse_meminfo_available(text), Some(1_024_000));
+        assert_eq!(parse_meminfo_available("MemTotal: 1 kB"), None);
+        assert_eq!(
+            parse_meminfo_available("MemAvailable: 99999999999999999999 kB"),
+            None
+        );
+    }
 }

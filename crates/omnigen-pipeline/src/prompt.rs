@@ -15,7 +15,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use image::{DynamicImage, RgbImage};
-use omnigen_core::{Error, Result};
+use omnigen_core::{Error, Result, MAX_IMAGE_FILE_BYTES};
 
 /// Where a condition image comes from. Decoding is deferred until the processor needs the
 /// pixels, so building a prompt never fails on the image itself.
@@ -89,8 +89,12 @@ impl ConditionImage {
         };
         let rgb = match &self.source {
             ImageSource::Path(path) => {
-                let reader = image::ImageReader::open(path)
-                    .map_err(|e| invalid(format!("cannot open: {e}")))?
+                let file = omnigen_core::open_regular(path, Some(MAX_IMAGE_FILE_BYTES))
+                    .map_err(|e| match e {
+                        Error::Io { source, .. } => invalid(source.to_string()),
+                        other => other,
+                    })?;
+                let reader = image::ImageReader::new(std::io::BufReader::new(file))
                     .with_guessed_format()
                     .map_err(|e| invalid(format!("cannot read: {e}")))?;
                 reader

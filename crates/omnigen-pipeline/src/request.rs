@@ -4,6 +4,15 @@ use omnigen_core::{Error, Result};
 
 use crate::prompt::Prompt;
 
+/// The most denoising steps a request may ask for: the official schedule is a grid on [0, 1]
+/// and beyond a thousand steps no sampler gains anything (diffusers' training schedules have
+/// 1000 timesteps).
+pub const MAX_INFERENCE_STEPS: usize = 1000;
+
+/// The most images one request may generate (prompts × images per prompt): each is a batch row
+/// of every transformer call.
+pub const MAX_IMAGES: usize = 64;
+
 /// How the condition tokens' keys and values are reused across denoising steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum KvCache {
@@ -82,7 +91,9 @@ pub struct GenerationRequest {
     pub max_input_image_size: usize,
     /// Images generated per prompt. Default 1.
     pub num_images_per_prompt: usize,
-    /// Seed of the initial noise and of the input-image posterior samples; `None` draws one.
+    /// Seed of the initial noise and of the input-image posterior samples; `None` draws one
+    /// (reported as [`GenerationStats::seed`](crate::GenerationStats::seed)), or, with
+    /// [`latents`](Self::latents) given, uses [`DEFAULT_SEED`](crate::DEFAULT_SEED).
     pub seed: Option<u64>,
     /// Initial noise given by the caller (overrides the seed for the initial latents).
     pub latents: Option<InitialLatents>,
@@ -245,10 +256,13 @@ impl GenerationRequest {
                 }
             }
         }
-        if self.num_inference_steps == 0 {
+        if !(1..=MAX_INFERENCE_STEPS).contains(&self.num_inference_steps) {
             return Err(Error::invalid_argument(
                 "num_inference_steps",
-                "must be at least 1",
+                format!(
+                    "{} is not between 1 and {MAX_INFERENCE_STEPS}",
+                    self.num_inference_steps
+                ),
             ));
         }
         for (name, v) in [
@@ -262,16 +276,34 @@ impl GenerationRequest {
                 ));
             }
         }
-        if self.num_images_per_prompt == 0 {
+        if !(1..=MAX_IMAGES).contains(&self.num_images_per_prompt) {
             return Err(Error::invalid_argument(
                 "num_images_per_prompt",
-                "must be at least 1",
+                format!(
+                    "{} is not between 1 and {MAX_IMAGES}",
+                    self.num_images_per_prompt
+                ),
             ));
         }
-        if self.max_input_image_size < 16 {
+        let images = self.prompts.len().saturating_mul(self.num_images_per_prompt);
+        if images > MAX_IMAGES {
+            return Err(Error::invalid_argument(
+                "prompts",
+                format!(
+                    "{} prompts x {} images per prompt is {images} images; at most {MAX_IMAGES} \
+                     per request",
+                    self.prompts.len(),
+                    self.num_images_per_prompt
+                ),
+            ));
+        }
+        if !(16..=3072).contains(&self.max_input_image_size) {
             return Err(Error::invalid_argument(
                 "max_input_image_size",
-                format!("{} is below 16 pixels", self.max_input_image_size),
+                format!(
+                    "{} is not between 16 and 3072 pixels (the position table's extent)",
+                    self.max_input_image_size
+                ),
             ));
         }
         for l in self.latents.iter().chain(self.input_noise.iter().flatten()) {

@@ -182,6 +182,41 @@ fn mask_to_bias<B: Backend>(mask: Tensor<B, 3>, dtype: DType) -> Tensor<B, 4> {
         .unsqueeze_dim(1)
 }
 
+/// Strict loading: a layer the config does not have is an error (the config does not describe
+/// the checkpoint, and the model would silently be a truncated one); any other tensor the model
+/// did not read is a warning listing them.
+fn check_unused(unread: &[String], config: &TransformerConfig, config_path: &Path) -> Result<()> {
+    let layer_of = |key: &str| -> Option<usize> {
+        let rest = key
+            .strip_prefix("llm.layers.")
+            .or_else(|| key.strip_prefix("layers."))?;
+        rest.split('.').next()?.parse().ok()
+    };
+    let extra_layer = unread
+        .iter()
+        .filter_map(|k| layer_of(k).map(|i| (i, k)))
+        .filter(|&(i, _)| i >= config.num_hidden_layers)
+        .min();
+    if let Some((layer, key)) = extra_layer {
+        return Err(Error::Config {
+            path: config_path.to_path_buf(),
+            reason: format!(
+                "num_hidden_layers is {} but the checkpoint also holds layer {layer} \
+                 (`{key}`): the config does not describe these weights",
+                config.num_hidden_layers
+            ),
+        });
+    }
+    if !unread.is_empty() {
+        tracing::warn!(
+            count = unread.len(),
+            tensors = %unread.join(", "),
+            "the checkpoint holds tensors the model does not use"
+        );
+    }
+    Ok(())
+}
+
 fn shape_error(name: &'static str, expected: String, found: &[usize]) -> Error {
     Error::invalid_argument(name, format!("expected shape {expected}, got {found:?}"))
 }
@@ -290,10 +325,13 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         dtype: DType,
         options: &LoadOptions,
     ) -> Result<Self> {
-        let config = TransformerConfig::from_file(folder.transformer_config()?)?;
+        let config_path = folder.transformer_config()?;
+        let config = TransformerConfig::from_file(&config_path)?;
         let weights =
             TransformerWeights::new(WeightSource::open_files(&folder.transformer_weights()?)?)?;
-        Self::load_with(&weights, &config, device, dtype, options)
+        let model = Self::load_with(&weights, &config, device, dtype, options)?;
+        check_unused(&weights.source().unread_keys(), &config, &config_path)?;
+        Ok(model)
     }
 
     /// The parameter dtype.

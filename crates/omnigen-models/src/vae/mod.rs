@@ -145,7 +145,16 @@ impl<B: KernelBackend> AutoencoderKL<B> {
     pub fn from_dir(vae_dir: &Path, device: &B::Device, dtype: DType) -> Result<Self> {
         let config = VaeConfig::from_file(vae_dir.join("config.json"))?;
         let weights = WeightSource::open_in_dir(vae_dir, WEIGHTS_STEM)?;
-        Self::load(&weights, &config, device, dtype)
+        let vae = Self::load(&weights, &config, device, dtype)?;
+        let unread = weights.unread_keys();
+        if !unread.is_empty() {
+            tracing::warn!(
+                count = unread.len(),
+                tensors = %unread.join(", "),
+                "the VAE checkpoint holds tensors the model does not use"
+            );
+        }
+        Ok(vae)
     }
 
     /// The configuration the module was built from.

@@ -17,9 +17,17 @@ use crate::processor::{GuidanceInputs, ProcessedBatch};
 use crate::request::{GenerationRequest, InitialLatents, InputLatents};
 
 /// One transformer call per step: a guidance branch, or the joint batch of all of them.
+///
+/// The condition's dense attention mask is the largest tensor of a long request, so it is built
+/// only when the branch first runs: with a KV cache it lives for step 0 only, and the branches'
+/// masks are never all alive at once.
 pub(super) struct BranchState<B: Backend> {
-    /// What the branch conditions on, the same at every step.
-    cond: TransformerCondition<B>,
+    /// The collated input, kept by its structure until the condition is built.
+    input: ModelInput,
+    /// The input images' latents, moved into the condition when it is built.
+    latents: Vec<Tensor<B, 4>>,
+    /// What the branch conditions on, the same at every step (kept only without a KV cache).
+    cond: Option<TransformerCondition<B>>,
     /// Rows of the call: the number of prompts, times the branches for the joint batch.
     rows: usize,
     /// Filled by the first step when a KV cache is used.
@@ -85,13 +93,54 @@ impl<B: KernelBackend> BranchState<B> {
         let out = match (cache_mode, &self.cache) {
             (Some(_), Some(cache)) => transformer.forward_cached(cache, x, timestep)?,
             (Some(mode), None) if step == 0 => {
-                let (out, cache) = transformer.prefill(&self.cond, x, timestep, mode)?;
+                let cond = self.take_condition(dtype, &x.device())?;
+                let (out, cache) = transformer.prefill(&cond, x, timestep, mode)?;
                 self.cache = Some(cache);
                 out
             }
-            _ => transformer.forward(&self.cond, x, timestep)?,
+            _ => {
+                if self.cond.is_none() {
+                    self.cond = Some(self.take_condition(dtype, &x.device())?);
+                }
+                match &self.cond {
+                    Some(cond) => transformer.forward(cond, x, timestep)?,
+                    None => unreachable!("the condition was built above"),
+                }
+            }
         };
         Ok(out.cast(DType::F32))
+    }
+
+    /// The branch's condition on `device` in `dtype` (the VAE latents move into it).
+    fn take_condition(
+        &mut self,
+        dtype: DType,
+        device: &B::Device,
+    ) -> Result<TransformerCondition<B>> {
+        if let Some(cond) = self.cond.take() {
+            return Ok(cond);
+        }
+        let m = &self.input;
+        Ok(TransformerCondition {
+            input_ids: Some(Tensor::<B, 2, Int>::from_data(
+                TensorData::new(m.input_ids.clone(), m.input_ids_shape()),
+                device,
+            )),
+            input_img_latents: std::mem::take(&mut self.latents)
+                .into_iter()
+                .map(|t| t.cast(dtype))
+                .collect(),
+            image_spans: m.image_spans.clone(),
+            attention_mask: Tensor::<B, 3>::from_data(
+                TensorData::new(m.attention_mask()?, m.attention_mask_shape()),
+                device,
+            )
+            .cast(dtype),
+            position_ids: Tensor::from_data(
+                TensorData::new(m.position_ids.clone(), m.position_ids_shape()),
+                device,
+            ),
+        })
     }
 }
 
@@ -127,11 +176,24 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
                         ];
                         let choice =
                             self.latent_choice(request, injected.as_mut(), noise, shape)?;
-                        self.vae.encode_latents(pixels, choice)
+                        let latents = self.vae.encode_latents(pixels, choice)?;
+                        super::check_finite(&latents, "input-image encoding", None)?;
+                        Ok(latents)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(BranchState {
-                    cond: self.condition(m, latents),
+                    // the images are encoded already: keep everything but their pixels
+                    input: ModelInput {
+                        input_ids: m.input_ids.clone(),
+                        masks: m.masks.clone(),
+                        position_ids: m.position_ids.clone(),
+                        images: Vec::new(),
+                        image_spans: m.image_spans.clone(),
+                        num_output_tokens: m.num_output_tokens.clone(),
+                        ..*m
+                    },
+                    latents,
+                    cond: None,
                     rows: m.batch_size,
                     cache: None,
                 })
@@ -176,36 +238,5 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
                 ))
             }
         })
-    }
-
-    /// A collated model input as a transformer condition on this device, in the transformer's
-    /// dtype (the VAE runs in f32).
-    fn condition(
-        &self,
-        m: &ModelInput,
-        input_img_latents: Vec<Tensor<B, 4>>,
-    ) -> TransformerCondition<B> {
-        let d = &self.device;
-        let dtype = self.transformer.dtype();
-        TransformerCondition {
-            input_ids: Some(Tensor::<B, 2, Int>::from_data(
-                TensorData::new(m.input_ids.clone(), m.input_ids_shape()),
-                d,
-            )),
-            input_img_latents: input_img_latents
-                .into_iter()
-                .map(|t| t.cast(dtype))
-                .collect(),
-            image_spans: m.image_spans.clone(),
-            attention_mask: Tensor::<B, 3>::from_data(
-                TensorData::new(m.attention_mask.clone(), m.attention_mask_shape()),
-                d,
-            )
-            .cast(dtype),
-            position_ids: Tensor::from_data(
-                TensorData::new(m.position_ids.clone(), m.position_ids_shape()),
-                d,
-            ),
-        }
     }
 }

@@ -38,6 +38,7 @@ pub fn tensor_to_rgb8<B: Backend>(img: Tensor<B, 4>) -> Result<RgbImage> {
             format!("expected 3 channels, got {c}"),
         ));
     }
+    super::check_finite(&img, "VAE decode", None)?;
     let scaled = ((img * 0.5 + 0.5).clamp(0.0, 1.0) * 255.0).permute([0, 2, 3, 1]); // [1, H, W, 3]
     let values: Vec<f32> = scaled
         .into_data()

@@ -30,6 +30,23 @@ pub use builder::PipelineBuilder;
 pub use decode::tensor_to_rgb8;
 pub use hooks::{CancellationToken, Hooks, Progress};
 
+/// Refuses a tensor holding NaN or infinity: one sum on the device and one scalar read back, so
+/// it runs after every step. A sum of finite values too large for f32 also counts (latents and
+/// pixels that large are as broken).
+pub(crate) fn check_finite<B: Backend, const D: usize>(
+    t: &Tensor<B, D>,
+    stage: &'static str,
+    step: Option<usize>,
+) -> omnigen_core::Result<()> {
+    use burn::tensor::ElementConversion;
+    let sum: f32 = t.clone().sum().into_scalar().elem();
+    if sum.is_finite() {
+        Ok(())
+    } else {
+        Err(omnigen_core::Error::NonFinite { stage, step })
+    }
+}
+
 /// Time and size figures of one generation.
 #[derive(Debug, Clone, Default)]
 pub struct GenerationStats {
@@ -45,6 +62,9 @@ pub struct GenerationStats {
     pub decode: Duration,
     /// Peak resident memory of the process so far (`VmHWM`), where the system reports it.
     pub peak_memory_bytes: Option<u64>,
+    /// The seed every random draw came from: the request's, or the one drawn for it (record it
+    /// to reproduce an unseeded run).
+    pub seed: u64,
 }
 
 /// The result of [`OmniGenPipeline::generate`].

@@ -19,7 +19,11 @@ use super::{Generation, GenerationStats, Hooks, OmniGenPipeline, Progress};
 use crate::guidance::Guidance;
 use crate::noise::NoiseSource;
 use crate::processor::{ProcessedBatch, ProcessorOptions};
-use crate::request::{GenerationRequest, InitialLatents, KvCache};
+use crate::request::{GenerationRequest, InitialLatents, InputLatents, KvCache};
+
+/// The seed of the input images' posterior noise when the caller gives initial latents but no
+/// seed.
+pub const DEFAULT_SEED: u64 = 0;
 
 impl<B: KernelBackend> OmniGenPipeline<B> {
     /// Generates with the official flow-matching Euler scheduler.
@@ -71,10 +75,8 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
         self.guard_memory(&batch, request)?;
 
         // 4. Prepare latents
-        let mut noise = match request.seed {
-            Some(seed) => NoiseSource::from_seed(seed),
-            None => NoiseSource::from_entropy(),
-        };
+        stats.seed = self.seed(request, &batch);
+        let mut noise = NoiseSource::from_seed(stats.seed);
         let mut z = self.prepare_latents(&batch, request.latents.as_ref(), &mut noise)?;
 
         // 5. Encode input images
@@ -97,6 +99,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
             let _s = info_span!("step", i, t).entered();
             let outs = branches.velocities(&self.transformer, &z, t, i)?;
             z = scheduler.step(i, z, guidance.combine(&outs));
+            super::check_finite(&z, "denoising", Some(i))?;
             hooks.report(Progress {
                 step: i + 1,
                 total: times.len(),
@@ -129,6 +132,29 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
             latents: z,
             stats,
         })
+    }
+
+    /// The seed of the generation's random draws: the request's; with caller-given initial latents
+    /// and input images to sample, [`DEFAULT_SEED`] (so the run is still reproducible); otherwise
+    /// one drawn from the operating system, reported in the stats.
+    fn seed(&self, request: &GenerationRequest, batch: &ProcessedBatch) -> u64 {
+        if let Some(seed) = request.seed {
+            return seed;
+        }
+        let samples_images = request.input_latents == InputLatents::Sample
+            && request.input_noise.is_none()
+            && batch.model_inputs().iter().any(|m| !m.images.is_empty());
+        if request.latents.is_some() {
+            if samples_images {
+                warn!(
+                    seed = DEFAULT_SEED,
+                    "initial latents given without a seed: the input images' posterior noise \
+                     uses the default seed"
+                );
+            }
+            return DEFAULT_SEED;
+        }
+        rand::random()
     }
 
     /// Estimates the request's memory and refuses it when it cannot fit.

@@ -42,7 +42,11 @@ pub fn assert_model_input_matches(
     }
     // 0/1 masks: exact.
     let mask = name("attention_mask");
-    assert_eq!(input.attention_mask, tensors.f32(&mask), "{mask}");
+    assert_eq!(
+        input.attention_mask().expect("dense mask"),
+        tensors.f32(&mask),
+        "{mask}"
+    );
     for (j, image) in input.images.iter().enumerate() {
         let float_name = name(&format!("pixel_values.{j}"));
         let u8_name = name(&format!("pixel_u8.{j}"));
