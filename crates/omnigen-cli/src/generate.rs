@@ -291,10 +291,18 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
             .context("progress bar template")?,
     );
     let mut on_progress = |p: Progress| bar.set_position(p.step as u64);
+    // Ctrl-C or SIGTERM stops the loop before its next step; no output is written then.
+    let cancel = CancellationToken::new();
+    let on_signal = cancel.clone();
+    if let Err(e) = ctrlc::set_handler(move || on_signal.cancel()) {
+        eprintln!("warning: cannot catch Ctrl-C ({e}); an interrupted run ends at once");
+    }
     let hooks = Hooks {
         on_progress: Some(&mut on_progress),
-        cancel: None,
+        cancel: Some(cancel),
     };
+    omnigen::pipeline::memory::reset_peak_resident_memory();
+    let baseline = omnigen::pipeline::memory::resident_memory();
     let generation =
         pipeline.generate_with(&request, &mut FlowMatchEulerScheduler::new(), hooks)?;
     bar.finish_and_clear();
@@ -309,21 +317,29 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let metadata = if args.no_metadata {
         Vec::new()
     } else {
-        omnigen::io::generation_metadata(&request, &pipeline, image.dimensions())
+        // the seed actually used, also when the library drew it
+        let mut recorded = request.clone();
+        recorded.seed = Some(generation.stats.seed);
+        omnigen::io::generation_metadata(&recorded, &pipeline, image.dimensions())
     };
     save_png(&args.output, image, &metadata)?;
     let s = &generation.stats;
+    let mib = |b: Option<u64>| b.map_or("?".to_string(), |b| (b >> 20).to_string());
+    let measured = s.peak_memory_bytes.zip(baseline).map(|(p, b)| p.saturating_sub(b));
     eprintln!(
-        "wrote {} ({}x{}); tokens per branch {:?}; process {:.2?}, encode {:.2?}, denoise {:.2?}, decode {:.2?}; peak memory {} MiB",
+        "wrote {} ({}x{}); seed {}; tokens per branch {:?}; process {:.2?}, encode {:.2?}, denoise {:.2?}, decode {:.2?}; peak memory {} MiB; generation memory: estimated {} MiB, measured {} MiB",
         args.output.display(),
         image.width(),
         image.height(),
+        s.seed,
         s.tokens_per_branch,
         s.process,
         s.encode,
         s.denoise,
         s.decode,
-        s.peak_memory_bytes.map_or("?".to_string(), |b| (b >> 20).to_string())
+        mib(s.peak_memory_bytes),
+        mib(s.memory_estimate),
+        mib(measured),
     );
     Ok(())
 }

@@ -6,25 +6,42 @@ use omnigen_core::{Error, Result, TransformerConfig, VaeConfig};
 use crate::processor::{GuidanceInputs, ProcessedBatch};
 
 /// Bytes a generation needs beyond the loaded weights, by cause.
+///
+/// The model is the live set of each phase of the run, whose largest is the peak; its
+/// coefficients were fitted to and are checked against measured peaks (see
+/// `docs/robustness.md` and the sweep in the CLI tests).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemoryEstimate {
     /// Largest transformer call's live activations (one layer at a time, attention scores
     /// included when the backend materialises them).
     pub activations: u64,
+    /// Dense attention masks and their additive biases alive at that call (the official mask is
+    /// `[B, S, S]`: quadratic in the tokens, the largest term of a long request).
+    pub masks: u64,
     /// Keys and values of the condition tokens, all branches and layers.
     pub kv_cache: u64,
-    /// Input-image tokens' share of the two above.
+    /// Input-image tokens' share of the transformer phase.
     pub input_image_share: u64,
-    /// VAE decode (or encode) feature maps at full resolution (or per tile).
+    /// VAE decode (or input-image encode) feature maps at full resolution (or per tile).
     pub vae: u64,
+    /// What every run holds whatever its size: thread stacks, allocator arenas, tokenizer state.
+    pub fixed: u64,
 }
 
 impl MemoryEstimate {
-    /// Peak bytes: the transformer phase and the VAE phase do not overlap.
+    /// Peak bytes: the transformer phase and the VAE phases do not overlap.
     pub fn peak(&self) -> u64 {
-        (self.activations + self.kv_cache).max(self.vae + self.kv_cache)
+        self.fixed + self.transformer_phase().max(self.vae)
+    }
+
+    /// Live bytes of the denoising phase.
+    pub fn transformer_phase(&self) -> u64 {
+        self.activations + self.masks + self.kv_cache
     }
 }
+
+/// Bytes every run holds beyond the loaded model, whatever its size.
+const FIXED_BYTES: u64 = 4 << 20;
 
 /// Estimates the memory of a processed request.
 #[allow(clippy::too_many_arguments)]
@@ -44,51 +61,76 @@ pub fn estimate(
         cfg.num_attention_heads as u64,
     );
     let layers = cfg.num_hidden_layers as u64;
-    // Live bytes of one call with `rows` rows of `s` tokens, `cond` of them condition tokens.
-    let call = |rows: u64, s: u64, cond: u64| -> (u64, u64) {
-        // residual + normed input + fused qkv + attention output + fused gate/up + its product,
-        // plus the call's additive mask
-        let per_layer = rows * s * (6 * d + 3 * i) * f32b + rows * s * s * f32b;
-        let scores = if scores_materialised {
-            rows * heads * s * s * f32b
-        } else {
-            0
-        };
-        let kv = if kv_cache {
-            2 * layers * rows * cond * d * weight_bytes
-        } else {
-            0
-        };
-        (per_layer + scores, kv)
-    };
-    let mut est = MemoryEstimate::default();
-    let mut act_share = 0;
-    for m in batch.model_inputs() {
-        let (rows, s, cond) = (m.batch_size as u64, m.seq_len as u64, m.text_len as u64);
-        let (act, kv) = call(rows, s, cond);
-        est.kv_cache += kv;
-        // the same call had the input images taken no tokens: their share of the cost
-        let image_tokens: u64 = m
-            .images
-            .iter()
-            .map(|im| (im.height * im.width / 256) as u64)
-            .sum();
-        let per_row = image_tokens / rows.max(1);
-        let (act0, kv0) = call(rows, s - per_row.min(s), cond - per_row.min(cond));
-        est.input_image_share += kv - kv0;
-        if act > est.activations {
-            est.activations = act;
-            act_share = act - act0;
+    let m = |a: u64, b: u64| a.saturating_mul(b);
+    // One call with `rows` rows of `s` tokens, `cond` of them condition tokens, `n` output
+    // tokens: (activations, masks while it runs, kv cache it leaves, mask tail it leaves).
+    let call = |rows: u64, s: u64, cond: u64, n: u64| -> (u64, u64, u64, u64) {
+        // residual + normed input + fused qkv + attention output + fused gate/up + its product
+        let mut act = m(m(rows, s), 6 * d + 3 * i) * f32b;
+        if scores_materialised {
+            act = act.saturating_add(m(m(rows, heads), m(s, s)) * f32b);
         }
+        let dense = m(rows, m(s, s)) * f32b;
+        if kv_cache {
+            // The 0/1 mask as host data and as a tensor, the step-0 mask with the image block
+            // cut out, its bias and the bias's temporary: five masks at once (measured).
+            let tail = m(rows, m(n + 1, s)) * weight_bytes;
+            let kv = m(2 * layers, m(rows, m(cond, d))) * weight_bytes;
+            (act, m(dense, 5), kv, tail)
+        } else {
+            // the 0/1 mask as host data and tensor (kept for every step), the running call's
+            // bias and its temporary (measured)
+            (act, m(dense, 4), 0, dense)
+        }
+    };
+    let mut est = MemoryEstimate {
+        fixed: FIXED_BYTES,
+        ..Default::default()
+    };
+    // Branches run one after another; each leaves its cache (or, uncached, its mask) behind.
+    let mut left_behind = 0u64;
+    let mut largest = 0u64;
+    for mi in batch.model_inputs() {
+        let rows = mi.batch_size as u64;
+        let s = mi.seq_len as u64;
+        let cond = mi.text_len as u64;
+        let n = mi.output_tokens() as u64;
+        let (act, masks, kv, tail) = call(rows, s, cond, n);
+        let live = left_behind + act + masks + kv;
+        if live > largest {
+            largest = live;
+            est.activations = act;
+            est.masks = masks + left_behind;
+            est.kv_cache = kv;
+            let image_tokens: u64 = mi
+                .images
+                .iter()
+                .map(|im| (im.height * im.width / 256) as u64)
+                .sum::<u64>()
+                / rows.max(1);
+            let (a0, m0, k0, _) = call(rows, s - image_tokens.min(s), cond - image_tokens.min(cond), n);
+            est.input_image_share = (act + masks + kv).saturating_sub(a0 + m0 + k0);
+        }
+        // a cached branch keeps its cache and mask tail, an uncached one its 0/1 mask
+        left_behind = left_behind.saturating_add(kv + tail);
     }
-    est.input_image_share += act_share;
     let (h, w) = match vae_tile {
         Some(t) => (t.min(batch.height) as u64, t.min(batch.width) as u64),
         None => (batch.height as u64, batch.width as u64),
     };
     let c0 = vae.block_out_channels.first().copied().unwrap_or(128) as u64;
-    // a full-resolution feature map, its GroupNorm output, its conv output and a residual
-    est.vae = 4 * c0 * h * w * f32b;
+    // Eight full-resolution feature maps at once (measured): the block input, its GroupNorm +
+    // SiLU output, the convolution's padded input and output, the residual, the upsampled map.
+    let decode = m(8 * c0, m(h, w)) * f32b;
+    // input images are encoded whole (no tiling) before the loop
+    let encode = batch
+        .model_inputs()
+        .iter()
+        .flat_map(|mi| mi.images.iter())
+        .map(|im| m(8 * c0, (im.height * im.width) as u64) * f32b)
+        .max()
+        .unwrap_or(0);
+    est.vae = decode.max(encode);
     est
 }
 
@@ -166,10 +208,27 @@ pub fn cgroup_headroom(self_cgroup: &str, read: impl Fn(&str) -> Option<String>)
 
 /// Peak resident memory of this process (`VmHWM` of `/proc/self/status`), when the system tells.
 pub fn peak_resident_memory() -> Option<u64> {
+    status_field("VmHWM:")
+}
+
+/// Resident memory of this process now (`VmRSS`), when the system tells.
+pub fn resident_memory() -> Option<u64> {
+    status_field("VmRSS:")
+}
+
+/// Starts a new peak: the next [`peak_resident_memory`] reports the peak since this call
+/// (Linux: `5` written to `/proc/self/clear_refs`); a no-op where the system cannot. Process-wide:
+/// meant for a program that measures one generation at a time.
+pub fn reset_peak_resident_memory() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// A `kB` field of `/proc/self/status`, in bytes.
+fn status_field(name: &str) -> Option<u64> {
     let text = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = text.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let line = text.lines().find(|l| l.starts_with(name))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
+    kib.checked_mul(1024)
 }
 
 /// Refuses `est` when it exceeds `available`, naming the option that would help most.
@@ -184,7 +243,7 @@ pub fn check(
         return Ok(());
     }
     let joint = matches!(batch.inputs, GuidanceInputs::Joint(_));
-    let hint = if est.vae + est.kv_cache > est.activations + est.kv_cache {
+    let hint = if est.vae > est.transformer_phase() {
         "decode with a tiled VAE (PipelineBuilder::vae_tiling) or request a smaller output size"
             .to_string()
     } else if est.input_image_share * 2 > needed {

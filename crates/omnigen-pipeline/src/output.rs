@@ -50,13 +50,63 @@ pub fn write_atomically(
     let mut tmp = builder
         .tempfile_in(dir)
         .map_err(|e| Error::io("create a file in", dir, e))?;
+    // Held until this process ends or the file is renamed: a `.partial` nobody holds is the
+    // leftover of a killed run, which the sweep below may remove.
+    lock_exclusive(tmp.as_file());
     write(tmp.as_file_mut())
         .and_then(|()| tmp.as_file_mut().flush())
         .and_then(|()| tmp.as_file().sync_all())
         .map_err(|e| Error::io("write", path, e))?;
     tmp.persist(path)
         .map_err(|e| Error::io("write", path, e.error))?;
+    remove_stale_partials(dir);
     Ok(())
+}
+
+/// Takes an exclusive advisory lock on `file` without waiting; whether it got it.
+fn lock_exclusive(file: &std::fs::File) -> bool {
+    #[cfg(unix)]
+    {
+        use std::os::unix::io::AsRawFd;
+        // SAFETY: flock on a file descriptor this function's caller owns.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = file;
+        false
+    }
+}
+
+/// Removes the `.omnigen-*.partial` files in `dir` left by killed runs: files no live writer
+/// holds the lock of, a few seconds old (a file just created by another writer may not be
+/// locked yet). Best effort: what cannot be removed stays.
+fn remove_stale_partials(dir: &Path) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with(".omnigen-") && name.ends_with(".partial")) {
+            continue;
+        }
+        let path = entry.path();
+        let old = std::fs::symlink_metadata(&path)
+            .ok()
+            .filter(|m| m.is_file())
+            .and_then(|m| m.modified().ok())
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age.as_secs() >= 2);
+        if !old {
+            continue;
+        }
+        if let Ok(file) = std::fs::File::open(&path) {
+            if lock_exclusive(&file) {
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+    }
 }
 
 /// Checks before any work that [`write_atomically`] (and so [`save_png`]) can write `path`: an
@@ -226,6 +276,33 @@ mod tests {
         save_png(&path, &RgbImage::new(2, 2), &vec![]).unwrap();
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o666 & !umask, "mode {mode:o} with umask {umask:o}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn a_killed_runs_partial_is_removed_by_the_next_write_and_a_live_one_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = dir.path().join(".omnigen-dead.partial");
+        std::fs::write(&stale, b"half a png").unwrap();
+        let live = dir.path().join(".omnigen-live.partial");
+        let held = std::fs::File::create(&live).unwrap();
+        assert!(lock_exclusive(&held));
+        let two_seconds_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(5);
+        for p in [&stale, &live] {
+            std::fs::File::options()
+                .write(true)
+                .open(p)
+                .unwrap()
+                .set_modified(two_seconds_ago)
+                .unwrap();
+        }
+        let other = dir.path().join("keep.partial");
+        std::fs::write(&other, b"not ours").unwrap();
+        save_png(&dir.path().join("out.png"), &RgbImage::new(2, 2), &vec![]).unwrap();
+        assert!(!stale.exists(), "the killed run's partial survived");
+        assert!(live.exists(), "a partial a live writer holds was removed");
+        assert!(other.exists());
+        drop(held);
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub struct GenerationStats {
     pub decode: Duration,
     /// Peak resident memory of the process so far (`VmHWM`), where the system reports it.
     pub peak_memory_bytes: Option<u64>,
+    /// The memory guard's estimate of what the generation needs beyond the loaded model, in
+    /// bytes, when it was computed (backends whose memory the guard knows).
+    pub memory_estimate: Option<u64>,
     /// The seed every random draw came from: the request's, or the one drawn for it (record it
     /// to reproduce an unseeded run).
     pub seed: u64,

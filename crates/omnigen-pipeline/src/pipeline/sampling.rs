@@ -72,7 +72,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
         stats.process = started.elapsed();
         stats.tokens_per_branch = batch.model_inputs().iter().map(|m| m.seq_len).collect();
         info!(tokens_per_branch = ?stats.tokens_per_branch, height = batch.height, width = batch.width, "processed");
-        self.guard_memory(&batch, request)?;
+        stats.memory_estimate = self.guard_memory(&batch, request)?;
 
         // 4. Prepare latents
         stats.seed = self.seed(request, &batch);
@@ -157,8 +157,13 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
         rand::random()
     }
 
-    /// Estimates the request's memory and refuses it when it cannot fit.
-    fn guard_memory(&self, batch: &ProcessedBatch, request: &GenerationRequest) -> Result<()> {
+    /// Estimates the request's memory beyond the loaded model and refuses it when it cannot
+    /// fit; the estimate (for backends whose memory is host memory, or with a set limit).
+    fn guard_memory(
+        &self,
+        batch: &ProcessedBatch,
+        request: &GenerationRequest,
+    ) -> Result<Option<u64>> {
         let output_tokens = (batch.height / 16) * (batch.width / 16);
         if request.use_input_image_size_as_output && output_tokens > 4096 {
             warn!(
@@ -169,14 +174,9 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
                  will be slow; lower max_input_image_size to bound it"
             );
         }
-        let available = match self.memory_limit {
-            Some(limit) => limit,
-            None if B::HOST_MEMORY => match crate::memory::available_memory() {
-                Some(a) => a,
-                None => return Ok(()),
-            },
-            None => return Ok(()),
-        };
+        if self.memory_limit.is_none() && !B::HOST_MEMORY {
+            return Ok(None);
+        }
         let weight_bytes = match self.transformer.dtype() {
             DType::F32 => 4,
             _ => 2,
@@ -191,8 +191,12 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
             request.kv_cache != KvCache::Off,
             ops::attention_materialises_scores::<B>(self.transformer.dtype()),
         );
-        debug!(?est, available, "memory estimate");
-        crate::memory::check(&est, available, batch, request.max_input_image_size)
+        let available = self.memory_limit.or_else(crate::memory::available_memory);
+        debug!(?est, ?available, "memory estimate");
+        if let Some(available) = available {
+            crate::memory::check(&est, available, batch, request.max_input_image_size)?;
+        }
+        Ok(Some(est.peak()))
     }
 
     /// The initial latents `[n, C, H/8, W/8]`: the caller's (one row repeated, or one per
