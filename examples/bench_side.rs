@@ -172,7 +172,7 @@ fn main() -> anyhow::Result<()> {
             input_img_latents: Vec::new(),
             image_spans: m.image_spans.clone(),
             attention_mask: Tensor::from_data(
-                TensorData::new(m.attention_mask.clone(), m.attention_mask_shape()),
+                TensorData::new(m.attention_mask()?, m.attention_mask_shape()),
                 &device,
             ),
             position_ids: Tensor::from_data(

@@ -82,7 +82,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt; reference input images as <img><|image_1|></img>, <img><|image_2|></img>, ...
-    #[arg(long, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
+    #[arg(
+        long,
+        required_unless_present = "prompt_file",
+        conflicts_with = "prompt_file"
+    )]
     pub prompt: Option<String>,
     /// Read the prompt from a file (`-`: standard input) instead of --prompt, for prompts of any
     /// length; one trailing line break is dropped.
@@ -139,6 +143,10 @@ pub struct GenerateArgs {
     /// Scale of the LoRA adapters (multiplies alpha / r).
     #[arg(long, default_value_t = 1.0)]
     pub lora_scale: f32,
+    /// Refuse requests whose estimated memory beyond the loaded model exceeds this many MiB
+    /// (default: the memory available to the process, container limits included).
+    #[arg(long, value_name = "MIB")]
+    pub memory_limit: Option<u64>,
     /// Output PNG.
     #[arg(long)]
     pub output: PathBuf,
@@ -273,6 +281,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
 
     let mut builder = OmniGenPipeline::<DefaultBackend>::builder(&args.model)
         .dtype(args.dtype.into())
+        .memory_limit(args.memory_limit.map(|mib| mib.saturating_mul(1 << 20)))
         .download_progress(true);
     for lora in &args.loras {
         builder = builder.lora(lora, args.lora_scale);
@@ -325,7 +334,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     save_png(&args.output, image, &metadata)?;
     let s = &generation.stats;
     let mib = |b: Option<u64>| b.map_or("?".to_string(), |b| (b >> 20).to_string());
-    let measured = s.peak_memory_bytes.zip(baseline).map(|(p, b)| p.saturating_sub(b));
+    let measured = s
+        .peak_memory_bytes
+        .zip(baseline)
+        .map(|(p, b)| p.saturating_sub(b));
     eprintln!(
         "wrote {} ({}x{}); seed {}; tokens per branch {:?}; process {:.2?}, encode {:.2?}, denoise {:.2?}, decode {:.2?}; peak memory {} MiB; generation memory: estimated {} MiB, measured {} MiB",
         args.output.display(),

@@ -4,6 +4,9 @@
 //! injecting the VAE's noise), and the final latents come back through `--save-latents`.
 //! `omnigen inspect` on both committed checkpoint layouts, and clean failures.
 
+#[path = "cli/robustness.rs"]
+mod robustness;
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 

@@ -108,7 +108,12 @@ pub fn estimate(
                 .map(|im| (im.height * im.width / 256) as u64)
                 .sum::<u64>()
                 / rows.max(1);
-            let (a0, m0, k0, _) = call(rows, s - image_tokens.min(s), cond - image_tokens.min(cond), n);
+            let (a0, m0, k0, _) = call(
+                rows,
+                s - image_tokens.min(s),
+                cond - image_tokens.min(cond),
+                n,
+            );
             est.input_image_share = (act + masks + kv).saturating_sub(a0 + m0 + k0);
         }
         // a cached branch keeps its cache and mask tail, an uncached one its 0/1 mask
@@ -243,9 +248,18 @@ pub fn check(
         return Ok(());
     }
     let joint = matches!(batch.inputs, GuidanceInputs::Joint(_));
+    let text_tokens = batch
+        .model_inputs()
+        .iter()
+        .map(|m| m.text_len)
+        .max()
+        .unwrap_or(0);
+    let output_tokens = (batch.height / 16) * (batch.width / 16);
     let hint = if est.vae > est.transformer_phase() {
         "decode with a tiled VAE (PipelineBuilder::vae_tiling) or request a smaller output size"
             .to_string()
+    } else if text_tokens > output_tokens.max(1024) {
+        format!("shorten the prompt (its longest branch has {text_tokens} tokens)")
     } else if est.input_image_share * 2 > needed {
         format!(
             "lower max_input_image_size (now {max_input_image_size}) so input images take fewer tokens"
@@ -294,9 +308,18 @@ mod tests {
     #[test]
     fn cgroup_v1_memory_controller_is_read_and_unlimited_ignored() {
         let files = reader(&[
-            ("/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes", "2147483648"),
-            ("/sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes", "1073741824"),
-            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712"),
+            (
+                "/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes",
+                "2147483648",
+            ),
+            (
+                "/sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes",
+                "1073741824",
+            ),
+            (
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                "9223372036854771712",
+            ),
         ]);
         let text = "12:cpu,cpuacct:/docker/abc\n11:memory:/docker/abc\n";
         assert_eq!(cgroup_headroom(text, &files), Some(1 << 30));
