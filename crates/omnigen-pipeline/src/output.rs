@@ -201,7 +201,10 @@ fn write_webp(
         encoder.set_xmp_metadata(packet.into_bytes());
     }
     if let Some(generation) = &metadata.generation {
-        encoder.set_exif_metadata(exif_user_comment(&generation.parameters()));
+        encoder.set_exif_metadata(exif_user_comment(
+            &generation.parameters(),
+            image.dimensions(),
+        ));
     }
     encoder
         .encode(
@@ -232,7 +235,7 @@ fn encode_jpeg(
             image::ExtendedColorType::Rgb8,
         )
         .map_err(|e| std::io::Error::other(e.to_string()))?;
-    let (exif, xmp) = jpeg_segments(metadata);
+    let (exif, xmp) = jpeg_segments(metadata, image.dimensions());
     // SOI is 2 bytes; the encoder writes an APP0 (JFIF) segment right after it.
     let at = match stream.get(2..6) {
         Some(&[0xFF, 0xE0, hi, lo]) => {
@@ -263,7 +266,10 @@ fn encode_jpeg(
 /// The EXIF and XMP payloads of a JPEG, each fitting one segment: a prompt or negative prompt
 /// too long for that is shortened, the longer first (a JPEG cannot hold more without the
 /// rarely-read ExtendedXMP).
-fn jpeg_segments(metadata: &OutputMetadata) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
+fn jpeg_segments(
+    metadata: &OutputMetadata,
+    size: (u32, u32),
+) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
     let fits = |sig: &[u8], body: &[u8]| sig.len() + body.len() <= JPEG_SEGMENT_MAX;
     let mut meta = metadata.clone();
     let mut shortened = false;
@@ -271,7 +277,7 @@ fn jpeg_segments(metadata: &OutputMetadata) -> (Option<Vec<u8>>, Option<Vec<u8>>
         let exif = meta
             .generation
             .as_ref()
-            .map(|g| exif_user_comment(&g.parameters()));
+            .map(|g| exif_user_comment(&g.parameters(), size));
         let xmp = meta.xmp_packet().map(String::into_bytes);
         let ok = exif.as_deref().is_none_or(|b| fits(JPEG_EXIF_SIGNATURE, b))
             && xmp.as_deref().is_none_or(|b| fits(JPEG_XMP_SIGNATURE, b));

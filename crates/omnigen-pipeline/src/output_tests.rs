@@ -195,18 +195,8 @@ fn check_parameters(text: &str, prompt: &str) {
     assert_eq!(get("Model"), Some("OmniGen-v1"));
 }
 
-/// The UserComment text of an EXIF block written by `exif_user_comment`.
 fn exif_comment(tiff: &[u8]) -> String {
-    assert_eq!(&tiff[..4], b"MM\0\x2a");
-    let exif_ifd = be32(&tiff[18..]);
-    assert_eq!(&tiff[exif_ifd + 2..exif_ifd + 4], &[0x92, 0x86]);
-    let (count, at) = (be32(&tiff[exif_ifd + 6..]), be32(&tiff[exif_ifd + 10..]));
-    let data = tiff[at..at + count].strip_prefix(b"UNICODE\0").unwrap();
-    let units: Vec<u16> = data
-        .chunks(2)
-        .map(|c| u16::from_be_bytes([c[0], c[1]]))
-        .collect();
-    String::from_utf16(&units).unwrap()
+    crate::provenance::read_exif_user_comment(tiff).expect("no UserComment")
 }
 
 fn write(format: ImageFormat, meta: &OutputMetadata) -> (tempfile::TempDir, Vec<u8>) {

@@ -223,32 +223,123 @@ pub fn xml_escape(text: &str) -> String {
     out
 }
 
-/// A big-endian TIFF/EXIF block holding only `UserComment` (tag 0x9286) = `text`, in the
-/// `UNICODE` (UCS-2, here the big-endian byte order the TIFF header declares) encoding A1111
-/// writes and reads.
-pub(crate) fn exif_user_comment(text: &str) -> Vec<u8> {
+/// One EXIF field value.
+enum ExifValue {
+    Short(u16),
+    Long(u32),
+    Rational(u32, u32),
+    Undefined(Vec<u8>),
+}
+
+impl ExifValue {
+    /// `(TIFF type, count, big-endian bytes)`.
+    fn encode(&self) -> (u16, u32, Vec<u8>) {
+        match self {
+            Self::Short(v) => (3, 1, v.to_be_bytes().to_vec()),
+            Self::Long(v) => (4, 1, v.to_be_bytes().to_vec()),
+            Self::Rational(n, d) => (5, 1, [n.to_be_bytes(), d.to_be_bytes()].concat()),
+            Self::Undefined(bytes) => {
+                let count = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+                (7, count, bytes.clone())
+            }
+        }
+    }
+}
+
+/// One IFD at byte offset `at` of the TIFF block: its directory (entries sorted by tag, as TIFF
+/// requires), then the values longer than 4 bytes, each at an even offset.
+fn exif_ifd(at: u32, entries: &[(u16, ExifValue)]) -> Vec<u8> {
+    let dir_len = 2 + 12 * entries.len() as u32 + 4;
+    let (mut dir, mut data) = (Vec::new(), Vec::new());
+    dir.extend_from_slice(&(entries.len() as u16).to_be_bytes());
+    for (tag, value) in entries {
+        let (kind, count, bytes) = value.encode();
+        dir.extend_from_slice(&tag.to_be_bytes());
+        dir.extend_from_slice(&kind.to_be_bytes());
+        dir.extend_from_slice(&count.to_be_bytes());
+        if bytes.len() <= 4 {
+            // Inline values are left-justified in the 4-byte field.
+            let mut field = [0u8; 4];
+            field[..bytes.len()].copy_from_slice(&bytes);
+            dir.extend_from_slice(&field);
+        } else {
+            let offset = at.saturating_add(dir_len).saturating_add(data.len() as u32);
+            dir.extend_from_slice(&offset.to_be_bytes());
+            data.extend_from_slice(&bytes);
+            if data.len() % 2 == 1 {
+                data.push(0);
+            }
+        }
+    }
+    dir.extend_from_slice(&0u32.to_be_bytes());
+    dir.extend_from_slice(&data);
+    dir
+}
+
+/// A big-endian TIFF/EXIF block with `UserComment` (tag 0x9286) = `text` in the `UNICODE`
+/// encoding A1111 writes and reads (UCS-2 in the byte order the TIFF header declares), plus the
+/// fields EXIF 2.3 requires of a JPEG (versions, colour space, resolution, pixel size), so that
+/// validators accept it.
+pub(crate) fn exif_user_comment(text: &str, size: (u32, u32)) -> Vec<u8> {
+    use ExifValue::*;
     let mut comment = b"UNICODE\0".to_vec();
     comment.extend(text.encode_utf16().flat_map(u16::to_be_bytes));
-    // Layout: header (8) | IFD0: 1 entry (2 + 12 + 4) | Exif IFD: 1 entry (2 + 12 + 4) | data.
-    const EXIF_IFD: u32 = 8 + 18;
-    const DATA: u32 = EXIF_IFD + 18;
-    let mut tiff = Vec::with_capacity(DATA as usize + comment.len());
-    tiff.extend_from_slice(b"MM\0\x2a");
-    tiff.extend_from_slice(&8u32.to_be_bytes());
-    let mut ifd = |tag: u16, kind: u16, count: u32, value: u32| {
-        tiff.extend_from_slice(&1u16.to_be_bytes());
-        tiff.extend_from_slice(&tag.to_be_bytes());
-        tiff.extend_from_slice(&kind.to_be_bytes());
-        tiff.extend_from_slice(&count.to_be_bytes());
-        tiff.extend_from_slice(&value.to_be_bytes());
-        tiff.extend_from_slice(&0u32.to_be_bytes());
+    let ifd0 = |exif_at: u32| {
+        vec![
+            (0x011a, Rational(72, 1)), // XResolution
+            (0x011b, Rational(72, 1)), // YResolution
+            (0x0128, Short(2)),        // ResolutionUnit: inches
+            (0x0213, Short(1)),        // YCbCrPositioning: centred
+            (0x8769, Long(exif_at)),   // ExifIFDPointer
+        ]
     };
-    // ExifIFDPointer (LONG) in IFD0, then UserComment (UNDEFINED) in the Exif IFD.
-    ifd(0x8769, 4, 1, EXIF_IFD);
-    let len = u32::try_from(comment.len()).unwrap_or(u32::MAX);
-    ifd(0x9286, 7, len, DATA);
-    tiff.extend_from_slice(&comment);
+    // IFD0's length does not depend on the pointer's value, so lay it out once to learn it.
+    let ifd0_len = exif_ifd(8, &ifd0(0)).len() as u32;
+    let exif_at = 8 + ifd0_len;
+    let exif = [
+        (0x9000, Undefined(b"0232".to_vec())), // ExifVersion
+        (0x9101, Undefined(vec![1, 2, 3, 0])), // ComponentsConfiguration: Y Cb Cr
+        (0x9286, Undefined(comment)),          // UserComment
+        (0xa000, Undefined(b"0100".to_vec())), // FlashpixVersion
+        (0xa001, Short(1)),                    // ColorSpace: sRGB
+        (0xa002, Long(size.0)),                // PixelXDimension
+        (0xa003, Long(size.1)),                // PixelYDimension
+    ];
+    let mut tiff = b"MM\0\x2a".to_vec();
+    tiff.extend_from_slice(&8u32.to_be_bytes());
+    tiff.extend(exif_ifd(8, &ifd0(exif_at)));
+    tiff.extend(exif_ifd(exif_at, &exif));
     tiff
+}
+
+/// The `UserComment` text of an EXIF block as [`save_image`](crate::output::save_image) writes it (for tests and tools
+/// tracing an output); `None` if `tiff` is not such a block.
+pub fn read_exif_user_comment(tiff: &[u8]) -> Option<String> {
+    let u16_at = |at: usize| Some(u16::from_be_bytes(tiff.get(at..at + 2)?.try_into().ok()?));
+    let u32_at = |at: usize| Some(u32::from_be_bytes(tiff.get(at..at + 4)?.try_into().ok()?));
+    if tiff.get(..4)? != b"MM\0\x2a" {
+        return None;
+    }
+    // Entries of the IFD at `at`: (tag, count, value-or-offset).
+    let entries = |at: usize| -> Option<Vec<(u16, u32, u32)>> {
+        let n = u16_at(at)? as usize;
+        (0..n)
+            .map(|i| {
+                let e = at + 2 + 12 * i;
+                Some((u16_at(e)?, u32_at(e + 4)?, u32_at(e + 8)?))
+            })
+            .collect()
+    };
+    let ifd0 = entries(u32_at(4)? as usize)?;
+    let exif_at = ifd0.iter().find(|e| e.0 == 0x8769)?.2 as usize;
+    let (_, count, at) = *entries(exif_at)?.iter().find(|e| e.0 == 0x9286)?;
+    let data = tiff.get(at as usize..(at as usize).checked_add(count as usize)?)?;
+    let units: Vec<u16> = data
+        .strip_prefix(b"UNICODE\0")?
+        .chunks_exact(2)
+        .map(|c| u16::from_be_bytes([c[0], c[1]]))
+        .collect();
+    String::from_utf16(&units).ok()
 }
 
 #[cfg(test)]
@@ -312,21 +403,37 @@ mod tests {
 
     #[test]
     fn user_comment_is_a_valid_big_endian_exif_block() {
-        let exif = exif_user_comment("é,\n");
+        let exif = exif_user_comment("é,\n", (48, 32));
         assert_eq!(&exif[..8], b"MM\0\x2a\0\0\0\x08");
-        // IFD0's one entry points at the Exif IFD, whose one entry is UserComment.
-        assert_eq!(&exif[10..12], &0x8769u16.to_be_bytes());
-        let exif_ifd = u32::from_be_bytes(exif[18..22].try_into().unwrap()) as usize;
-        assert_eq!(&exif[exif_ifd + 2..exif_ifd + 4], &0x9286u16.to_be_bytes());
-        let count = u32::from_be_bytes(exif[exif_ifd + 6..exif_ifd + 10].try_into().unwrap());
-        let at = u32::from_be_bytes(exif[exif_ifd + 10..exif_ifd + 14].try_into().unwrap());
-        let data = &exif[at as usize..at as usize + count as usize];
-        assert_eq!(&data[..8], b"UNICODE\0");
-        let units: Vec<u16> = data[8..]
-            .chunks(2)
-            .map(|c| u16::from_be_bytes([c[0], c[1]]))
-            .collect();
-        assert_eq!(String::from_utf16(&units).unwrap(), "é,\n");
-        assert_eq!(at as usize + count as usize, exif.len());
+        assert_eq!(read_exif_user_comment(&exif).as_deref(), Some("é,\n"));
+        // Tags ascend within each IFD, and every out-of-line value lies inside the block.
+        let be16 = |at: usize| u16::from_be_bytes([exif[at], exif[at + 1]]) as usize;
+        let be32 = |at: usize| u32::from_be_bytes(exif[at..at + 4].try_into().unwrap()) as usize;
+        let mut ifd = be32(4);
+        for _ in 0..2 {
+            let n = be16(ifd);
+            let tags: Vec<usize> = (0..n).map(|i| be16(ifd + 2 + 12 * i)).collect();
+            assert!(tags.windows(2).all(|w| w[0] < w[1]), "{tags:x?}");
+            for i in 0..n {
+                let e = ifd + 2 + 12 * i;
+                let bytes = match be16(e + 2) {
+                    3 => 2,
+                    4 => 4,
+                    5 => 8,
+                    _ => 1,
+                } * be32(e + 4);
+                if bytes > 4 {
+                    assert!(be32(e + 8) % 2 == 0 && be32(e + 8) + bytes <= exif.len());
+                }
+            }
+            // the second IFD is the Exif IFD that IFD0 points at
+            let pointer = (0..n)
+                .map(|i| ifd + 2 + 12 * i)
+                .find(|&e| be16(e) == 0x8769);
+            if let Some(e) = pointer {
+                ifd = be32(e + 8);
+            }
+        }
+        assert_eq!(read_exif_user_comment(b"II*\0"), None);
     }
 }
