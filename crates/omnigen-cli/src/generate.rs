@@ -94,7 +94,11 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt; reference input images as <img><|image_1|></img>, <img><|image_2|></img>, ...
-    #[arg(long, required_unless_present = "prompt_file", conflicts_with = "prompt_file")]
+    #[arg(
+        long,
+        required_unless_present = "prompt_file",
+        conflicts_with = "prompt_file"
+    )]
     pub prompt: Option<String>,
     /// Read the prompt from a file (`-`: standard input) instead of --prompt, for prompts of any
     /// length; one trailing line break is dropped.
@@ -374,7 +378,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let metadata = if args.no_metadata {
         OutputMetadata::default()
     } else {
-        omnigen::io::output_metadata(&request, &pipeline, 0, image.dimensions())
+        omnigen::io::output_metadata(&request, &pipeline, &generation, 0)?
     };
     save_image(&args.output, image, format, &metadata)?;
     let s = &generation.stats;

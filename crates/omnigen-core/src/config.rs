@@ -270,7 +270,11 @@ impl TransformerConfig {
         bounded("intermediate_size", self.intermediate_size, 1 << 20)?;
         bounded("num_hidden_layers", self.num_hidden_layers, 1 << 10)?;
         bounded("vocab_size", self.vocab_size, 1 << 24)?;
-        bounded("max_position_embeddings", self.max_position_embeddings, 1 << 30)?;
+        bounded(
+            "max_position_embeddings",
+            self.max_position_embeddings,
+            1 << 30,
+        )?;
         bounded(
             "original_max_position_embeddings",
             self.original_max_position_embeddings,

@@ -181,10 +181,14 @@ fn offset_past_the_end(file: &[u8]) -> Option<String> {
     let header: serde_json::Value = serde_json::from_slice(&file[8..header_end]).ok()?;
     header.as_object()?.iter().find_map(|(name, info)| {
         let offsets = info.get("data_offsets")?.as_array()?;
-        let past = offsets.iter().filter_map(|o| o.as_u64()).any(|o| o > data_len);
+        let past = offsets
+            .iter()
+            .filter_map(|o| o.as_u64())
+            .any(|o| o > data_len);
         past.then(|| {
             format!(
-                "tensor `{name}` has data_offsets {} past the end of the {data_len}-byte data section",
+                "tensor `{name}` has data_offsets {} past the end of the {data_len}-byte data \
+                 section: the file is truncated, or its header is corrupt",
                 info["data_offsets"]
             )
         })

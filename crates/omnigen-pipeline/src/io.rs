@@ -3,10 +3,11 @@
 
 use std::path::Path;
 
+use omnigen_core::{Error, Result};
 use omnigen_models::KernelBackend;
 
 use crate::output::PngMetadata;
-use crate::pipeline::OmniGenPipeline;
+use crate::pipeline::{Generation, OmniGenPipeline};
 use crate::processor::DEFAULT_NEGATIVE_PROMPT;
 use crate::provenance::{GenerationParameters, OutputMetadata, CREATOR_TOOL};
 use crate::request::GenerationRequest;
@@ -91,10 +92,13 @@ pub fn generation_metadata<B: KernelBackend>(
     m
 }
 
-/// Everything [`save_image`](crate::output::save_image) writes for image `image_index` of a
-/// generation: the text chunks of [`generation_metadata`], the IPTC "trained algorithmic
-/// media" marker and the A1111 `parameters` of that image's prompt. `size` is the image's
-/// `(width, height)`.
+/// Everything [`save_image`](crate::output::save_image) writes for image `image_index` of
+/// `generation` (made from `request` by `pipeline`): the text chunks of
+/// [`generation_metadata`], the IPTC "trained algorithmic media" marker and the A1111
+/// `parameters` of that image's prompt, with the seed the run actually used
+/// ([`GenerationStats::seed`](crate::pipeline::GenerationStats::seed), drawn when the request
+/// had none). Fails with [`Error::InvalidArgument`] when `generation` has no image
+/// `image_index`.
 ///
 /// `Model hash` is the first 10 hex digits of the pipeline's
 /// [`weights_fingerprint`](OmniGenPipeline::weights_fingerprint) — a sampled SHA-256 (see
@@ -103,9 +107,20 @@ pub fn generation_metadata<B: KernelBackend>(
 pub fn output_metadata<B: KernelBackend>(
     request: &GenerationRequest,
     pipeline: &OmniGenPipeline<B>,
+    generation: &Generation<B>,
     image_index: usize,
-    size: (u32, u32),
-) -> OutputMetadata {
+) -> Result<OutputMetadata> {
+    let image = generation.images.get(image_index).ok_or_else(|| {
+        Error::invalid_argument(
+            "image_index",
+            format!(
+                "is {image_index}, but the generation has {} image(s)",
+                generation.images.len()
+            ),
+        )
+    })?;
+    let size = image.dimensions();
+    let seed = generation.stats.seed;
     let per_prompt = request.num_images_per_prompt.max(1);
     let prompt = request
         .prompts
@@ -128,7 +143,7 @@ pub fn output_metadata<B: KernelBackend>(
             format!("{} (scale {scale})", name.to_string_lossy()),
         ));
     }
-    let generation = GenerationParameters {
+    let parameters = GenerationParameters {
         prompt: prompt.map_or(String::new(), |p| p.as_text().to_string()),
         negative_prompt: Some(
             request
@@ -140,7 +155,7 @@ pub fn output_metadata<B: KernelBackend>(
         sampler: "Euler".to_string(),
         guidance_scale: request.guidance_scale,
         img_guidance_scale: has_images.then_some(request.img_guidance_scale),
-        seed: request.seed,
+        seed: Some(seed),
         size,
         model_hash: pipeline
             .weights_fingerprint()
@@ -149,9 +164,15 @@ pub fn output_metadata<B: KernelBackend>(
         version: Some(CREATOR_TOOL.to_string()),
         extra,
     };
-    OutputMetadata {
-        text: generation_metadata(request, pipeline, size),
-        generation: Some(generation),
-        ..OutputMetadata::default()
+    let mut text = generation_metadata(request, pipeline, size);
+    for (key, value) in &mut text {
+        if key == "seed" {
+            *value = seed.to_string();
+        }
     }
+    Ok(OutputMetadata {
+        text,
+        generation: Some(parameters),
+        ..OutputMetadata::default()
+    })
 }

@@ -29,11 +29,11 @@ pub use image_preprocess::{
 };
 pub use noise::NoiseSource;
 pub use output::{check_output, read_png_text, save_image, save_png, ImageFormat, PngMetadata};
+pub use pipeline::sampling::DEFAULT_SEED;
 pub use pipeline::{
     tensor_to_rgb8, CancellationToken, Generation, GenerationStats, Hooks, OmniGenPipeline,
     PipelineBuilder, Progress,
 };
-pub use pipeline::sampling::DEFAULT_SEED;
 pub use processor::{
     add_prefix_instruction, Branch, GuidanceInputs, OmniGenProcessor, ProcessedBatch,
     ProcessorOptions, DEFAULT_NEGATIVE_PROMPT,

@@ -235,9 +235,18 @@ mod tests {
     #[test]
     fn cgroup_v1_memory_controller_is_read_and_unlimited_ignored() {
         let files = reader(&[
-            ("/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes", "2147483648"),
-            ("/sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes", "1073741824"),
-            ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "9223372036854771712"),
+            (
+                "/sys/fs/cgroup/memory/docker/abc/memory.limit_in_bytes",
+                "2147483648",
+            ),
+            (
+                "/sys/fs/cgroup/memory/docker/abc/memory.usage_in_bytes",
+                "1073741824",
+            ),
+            (
+                "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                "9223372036854771712",
+            ),
         ]);
         let text = "12:cpu,cpuacct:/docker/abc\n11:memory:/docker/abc\n";
         assert_eq!(cgroup_headroom(text, &files), Some(1 << 30));

@@ -87,38 +87,39 @@ impl ConditionImage {
             source_name: self.describe(),
             reason,
         };
-        let rgb = match &self.source {
-            ImageSource::Path(path) => {
-                let file = omnigen_core::open_regular(path, Some(MAX_IMAGE_FILE_BYTES))
-                    .map_err(|e| match e {
-                        Error::Io { source, .. } => invalid(source.to_string()),
-                        other => other,
-                    })?;
-                let reader = image::ImageReader::new(std::io::BufReader::new(file))
-                    .with_guessed_format()
-                    .map_err(|e| invalid(format!("cannot read: {e}")))?;
-                reader
-                    .decode()
-                    .map_err(|e| invalid(format!("cannot decode: {e}")))?
-                    .to_rgb8()
-            }
-            ImageSource::Dynamic(img) => img.to_rgb8(),
-            ImageSource::Rgb {
-                width,
-                height,
-                data,
-            } => {
-                let expected = (*width as u64) * (*height as u64) * 3;
-                if data.len() as u64 != expected {
-                    return Err(invalid(format!(
-                        "buffer holds {} bytes, {width}x{height} RGB needs {expected}",
-                        data.len()
-                    )));
+        let rgb =
+            match &self.source {
+                ImageSource::Path(path) => {
+                    let file = omnigen_core::open_regular(path, Some(MAX_IMAGE_FILE_BYTES))
+                        .map_err(|e| match e {
+                            Error::Io { source, .. } => invalid(source.to_string()),
+                            other => other,
+                        })?;
+                    let reader = image::ImageReader::new(std::io::BufReader::new(file))
+                        .with_guessed_format()
+                        .map_err(|e| invalid(format!("cannot read: {e}")))?;
+                    reader
+                        .decode()
+                        .map_err(|e| invalid(format!("cannot decode: {e}")))?
+                        .to_rgb8()
                 }
-                RgbImage::from_raw(*width, *height, data.clone())
-                    .ok_or_else(|| invalid("buffer does not match its size".to_string()))?
-            }
-        };
+                ImageSource::Dynamic(img) => img.to_rgb8(),
+                ImageSource::Rgb {
+                    width,
+                    height,
+                    data,
+                } => {
+                    let expected = (*width as u64) * (*height as u64) * 3;
+                    if data.len() as u64 != expected {
+                        return Err(invalid(format!(
+                            "buffer holds {} bytes, {width}x{height} RGB needs {expected}",
+                            data.len()
+                        )));
+                    }
+                    RgbImage::from_raw(*width, *height, data.clone())
+                        .ok_or_else(|| invalid("buffer does not match its size".to_string()))?
+                }
+            };
         if rgb.width() == 0 || rgb.height() == 0 {
             return Err(invalid(format!(
                 "image is empty ({}x{})",

@@ -132,7 +132,8 @@ pub struct GenerationParameters {
     /// Image guidance scale (`Image CFG scale`, as A1111 writes it for instruct-pix2pix);
     /// `None` when the prompt has no input image, since it is then unused.
     pub img_guidance_scale: Option<f32>,
-    /// Seed; `None` (an unseeded run, not reproducible) writes no `Seed`.
+    /// Seed of the run; `None` writes no `Seed` (only for images whose seed is unknown: the
+    /// pipeline always has one, see [`crate::io::output_metadata`]).
     pub seed: Option<u64>,
     /// Output `(width, height)` in pixels.
     pub size: (u32, u32),

@@ -285,7 +285,10 @@ impl GenerationRequest {
                 ),
             ));
         }
-        let images = self.prompts.len().saturating_mul(self.num_images_per_prompt);
+        let images = self
+            .prompts
+            .len()
+            .saturating_mul(self.num_images_per_prompt);
         if images > MAX_IMAGES {
             return Err(Error::invalid_argument(
                 "prompts",
