@@ -11,6 +11,15 @@ use omnigen_core::{Error, TransformerConfig, VaeConfig, WeightSource};
 use proptest::prelude::*;
 use serde_json::{json, Map, Value};
 
+/// `default` cases, or `PROPTEST_CASES` for a longer campaign (`with_cases` alone would
+/// ignore the variable).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Opens `bytes` as a safetensors file and reads every tensor it declares, as stored and
 /// converted; every failure must be a typed error about the weights.
 fn open_and_read_all(dir: &Path, bytes: &[u8]) -> Result<(), TestCaseError> {
@@ -138,7 +147,7 @@ fn consistent_file() -> impl Strategy<Value = Vec<u8>> {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(256))]
+    #![proptest_config(ProptestConfig::with_cases(cases(256)))]
 
     #[test]
     fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..96)) {
@@ -282,7 +291,7 @@ fn use_transformer(c: &TransformerConfig) {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(512))]
+    #![proptest_config(ProptestConfig::with_cases(cases(512)))]
 
     #[test]
     fn transformer_config_is_ok_or_a_config_error(value in transformer_json()) {

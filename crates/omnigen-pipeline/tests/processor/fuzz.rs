@@ -10,6 +10,15 @@ use proptest::prelude::*;
 use crate::prompt::tricky_text;
 use crate::support::fixture_a;
 
+/// `default` cases, or `PROPTEST_CASES` for a longer campaign (`with_cases` alone would
+/// ignore the variable).
+fn cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
 /// Text with placeholders whose numbers are near or past `u64::MAX`.
 fn huge_placeholders() -> impl Strategy<Value = String> {
     let number = prop_oneof![
@@ -42,7 +51,7 @@ fn is_prompt_error(e: &Error) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig::with_cases(96))]
+    #![proptest_config(ProptestConfig::with_cases(cases(96)))]
 
     #[test]
     fn processing_any_prompt_is_ok_or_a_typed_error(
