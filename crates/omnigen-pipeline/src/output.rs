@@ -1,6 +1,6 @@
 //! Writing generated images: atomically (temp file + rename, so a failure never leaves a partial
 //! file), as PNG, JPEG or lossless WebP, with the provenance metadata
-//! ([`OutputMetadata`](crate::provenance::OutputMetadata)) in the place each format's readers
+//! ([`OutputMetadata`]) in the place each format's readers
 //! look for it:
 //!
 //! | format | XMP packet | A1111 `parameters` text | text pairs |
