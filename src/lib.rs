@@ -43,7 +43,8 @@ pub mod prelude {
     #[cfg(any(feature = "flex", feature = "ndarray", feature = "cuda"))]
     pub use omnigen_models::{default_device, DefaultBackend};
     pub use omnigen_pipeline::{
-        save_png, CancellationToken, ConditionImage, Generation, GenerationRequest, Hooks,
-        InitialLatents, InputLatents, KvCache, OmniGenPipeline, Progress, Prompt,
+        save_image, save_png, CancellationToken, ConditionImage, Generation, GenerationRequest,
+        Hooks, ImageFormat, InitialLatents, InputLatents, KvCache, OmniGenPipeline, OutputMetadata,
+        Progress, Prompt,
     };
 }

@@ -20,6 +20,8 @@ pub fn flag_of(name: &str) -> Option<&'static str> {
         "latents" => "--latents",
         "dtype" => "--dtype",
         "lora_scale" => "--lora-scale",
+        "format" => "--format",
+        "jpeg_quality" => "--jpeg-quality",
         _ => return None,
     })
 }

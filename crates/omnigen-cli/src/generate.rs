@@ -75,6 +75,18 @@ impl From<DtypeArg> for DType {
     }
 }
 
+/// Output file format (`--format`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FormatArg {
+    /// PNG (lossless).
+    Png,
+    /// JPEG (lossy; see --jpeg-quality).
+    #[value(alias = "jpg")]
+    Jpeg,
+    /// WebP (lossless).
+    Webp,
+}
+
 /// The flags of `omnigen generate`.
 #[derive(Args, Debug)]
 pub struct GenerateArgs {
@@ -147,15 +159,64 @@ pub struct GenerateArgs {
     /// (default: the memory available to the process, container limits included).
     #[arg(long, value_name = "MIB")]
     pub memory_limit: Option<u64>,
-    /// Output PNG.
+    /// Output image.
     #[arg(long)]
     pub output: PathBuf,
+    /// Output format [default: the --output extension's (.png, .jpg/.jpeg, .webp), PNG for any
+    /// other]. An explicit format wins over the extension (with a note when they differ).
+    #[arg(long, value_enum)]
+    pub format: Option<FormatArg>,
+    /// JPEG quality, 1-100 [default: 90]; only for JPEG output.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=100))]
+    pub jpeg_quality: Option<u8>,
     /// Also write the final latents (before VAE decoding) as tensor `latents`.
     #[arg(long)]
     pub save_latents: Option<PathBuf>,
-    /// Leave the generation parameters out of the PNG.
+    /// Leave the generation parameters (prompt, seed, model, ...) out of the output; the XMP
+    /// mark "made by a trained model" (IPTC DigitalSourceType) stays.
     #[arg(long)]
     pub no_metadata: bool,
+}
+
+impl GenerateArgs {
+    /// The output's format — `--format`, else the extension's, else PNG — and, when that
+    /// differs from what the extension names, a note saying so (nothing is silently renamed).
+    pub fn output_format(&self) -> anyhow::Result<(ImageFormat, Option<String>)> {
+        let by_extension = ImageFormat::from_extension(&self.output);
+        let mut format = match self.format {
+            Some(FormatArg::Png) => ImageFormat::Png,
+            Some(FormatArg::Jpeg) => ImageFormat::Jpeg {
+                quality: ImageFormat::DEFAULT_JPEG_QUALITY,
+            },
+            Some(FormatArg::Webp) => ImageFormat::WebP,
+            None => by_extension.unwrap_or(ImageFormat::Png),
+        };
+        match (&mut format, self.jpeg_quality) {
+            (ImageFormat::Jpeg { quality }, Some(q)) => *quality = q,
+            (_, None) => {}
+            (other, Some(_)) => {
+                return Err(Error::invalid_argument(
+                    "jpeg_quality",
+                    format!("applies to JPEG output only; the output is {other}"),
+                )
+                .into())
+            }
+        }
+        let same = |a: ImageFormat, b: ImageFormat| a.name() == b.name();
+        let note = match by_extension {
+            Some(ext) if same(ext, format) => None,
+            Some(ext) => Some(format!(
+                "note: writing {format} to {} as --format says, although its extension names {ext}",
+                self.output.display()
+            )),
+            None if self.format.is_some() => None,
+            None => Some(format!(
+                "note: {} has no .png/.jpg/.jpeg/.webp extension: writing png (see --format)",
+                self.output.display()
+            )),
+        };
+        Ok((format, note))
+    }
 }
 
 impl GenerateArgs {
@@ -271,6 +332,10 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .init();
 
     let request = args.request()?;
+    let (format, note) = args.output_format()?;
+    if let Some(note) = note {
+        eprintln!("{note}");
+    }
     // Unreadable inputs and an unwritable destination fail before the (slow) model load.
     for image in request.prompts.iter().flat_map(|p| p.images()) {
         image.load_rgb8()?;
@@ -324,14 +389,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .first()
         .context("the pipeline returned no image")?;
     let metadata = if args.no_metadata {
-        Vec::new()
+        OutputMetadata::default()
     } else {
-        // the seed actually used, also when the library drew it
-        let mut recorded = request.clone();
-        recorded.seed = Some(generation.stats.seed);
-        omnigen::io::generation_metadata(&recorded, &pipeline, image.dimensions())
+        omnigen::io::output_metadata(&request, &pipeline, &generation, 0)?
     };
-    save_png(&args.output, image, &metadata)?;
+    save_image(&args.output, image, format, &metadata)?;
     let s = &generation.stats;
     let mib = |b: Option<u64>| b.map_or("?".to_string(), |b| (b >> 20).to_string());
     let measured = s
@@ -430,6 +492,30 @@ mod tests {
         assert!(err.contains("f32, f16, bf16"), "{err}");
         let err = parse(&["--input-latents", "mode"]).unwrap_err().to_string();
         assert!(err.contains("sample, mean"), "{err}");
+    }
+
+    #[test]
+    fn the_format_comes_from_the_flag_then_the_extension_then_png() {
+        let format_of = |output: &str, extra: &[&str]| {
+            let mut args = parse(extra).unwrap();
+            args.output = PathBuf::from(output);
+            args.output_format()
+        };
+        let (f, note) = format_of("a.JPG", &[]).unwrap();
+        assert_eq!((f, note), (ImageFormat::Jpeg { quality: 90 }, None));
+        assert_eq!(format_of("a.webp", &[]).unwrap(), (ImageFormat::WebP, None));
+        let (f, note) = format_of("a.out", &[]).unwrap();
+        assert_eq!(f, ImageFormat::Png);
+        assert!(note.unwrap().contains("writing png"));
+        let (f, note) = format_of("a.png", &["--format", "webp"]).unwrap();
+        assert_eq!(f, ImageFormat::WebP);
+        assert!(note.unwrap().contains("writing webp to a.png"));
+        let (f, note) = format_of("a", &["--format", "jpg", "--jpeg-quality", "70"]).unwrap();
+        assert_eq!((f, note), (ImageFormat::Jpeg { quality: 70 }, None));
+        let err = format_of("a.png", &["--jpeg-quality", "70"]).unwrap_err();
+        assert!(format!("{err:#}").contains("JPEG output only"), "{err:#}");
+        assert!(parse(&["--jpeg-quality", "0"]).is_err());
+        assert!(parse(&["--format", "gif"]).is_err());
     }
 
     #[test]

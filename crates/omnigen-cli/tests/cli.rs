@@ -250,3 +250,80 @@ fn generate_fails_cleanly_before_loading() {
     assert!(!dir.path().join("x.png").exists());
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 }
+
+/// `omnigen generate` on the tiny checkpoint writing `output` with `extra` flags; its stderr.
+fn generate_to(output: &Path, prompt: &str, extra: &[&str]) -> String {
+    let out = omnigen()
+        .arg("generate")
+        .args(["--model", "tests/fixtures/A/model", "--prompt", prompt])
+        .args([
+            "--height", "32", "--width", "48", "--steps", "2", "--seed", "7",
+        ])
+        .arg("--output")
+        .arg(output)
+        .args(extra)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "{stderr}");
+    stderr
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+#[test]
+fn generate_marks_every_format_as_ai_made_and_records_its_parameters() {
+    const TRAINED: &str = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia";
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "a <red> cat & dog";
+    // (file name, extra flags, magic bytes at the start of the file)
+    let cases: [(&str, &[&str], &[u8]); 4] = [
+        ("a.png", &[], b"\x89PNG"),
+        ("a.jpg", &["--jpeg-quality", "80"], b"\xFF\xD8\xFF"),
+        ("a.webp", &[], b"RIFF"),
+        ("b.png", &["--format", "webp"], b"RIFF"),
+    ];
+    for (name, extra, magic) in cases {
+        let path = dir.path().join(name);
+        let stderr = generate_to(&path, prompt, extra);
+        let bytes = std::fs::read(&path).unwrap();
+        assert!(bytes.starts_with(magic), "{name}: wrong format");
+        assert!(contains(&bytes, TRAINED), "{name}: no DigitalSourceType");
+        // The prompt is in the XMP escaped, never raw markup.
+        assert!(contains(&bytes, "a &lt;red&gt; cat &amp; dog"), "{name}");
+        assert_eq!(
+            stderr.contains("note: writing webp to"),
+            name == "b.png",
+            "{name}: {stderr}"
+        );
+    }
+    let text = omnigen::pipeline::read_png_text(&dir.path().join("a.png")).unwrap();
+    let parameters = &text.iter().find(|(k, _)| k == "parameters").unwrap().1;
+    let (head, last) = parameters.rsplit_once('\n').unwrap();
+    assert!(head.starts_with(&format!("{prompt}\nNegative prompt: low quality")));
+    for want in [
+        "Steps: 2",
+        "Sampler: Euler",
+        "CFG scale: 3",
+        "Seed: 7",
+        "Size: 48x32",
+    ] {
+        assert!(last.contains(want), "{want} missing from {last}");
+    }
+    assert!(
+        last.contains("Model hash: ") && last.contains("Model: model"),
+        "{last}"
+    );
+    assert!(!last.contains("Image CFG scale"), "no input image: {last}");
+
+    // --no-metadata keeps the AI mark only.
+    let path = dir.path().join("bare.webp");
+    generate_to(&path, prompt, &["--no-metadata"]);
+    let bytes = std::fs::read(&path).unwrap();
+    assert!(contains(&bytes, TRAINED));
+    assert!(!contains(&bytes, "cat") && !contains(&bytes, "Steps"));
+}

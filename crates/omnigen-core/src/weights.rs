@@ -140,10 +140,16 @@ impl MappedFile {
         // SAFETY: the map is read-only; we never hand out references that outlive `self`, and
         // checkpoint files are not expected to be modified while a model is being loaded.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|e| Error::io("memory-map", path, e))?;
+        if let Some(reason) = offset_past_the_end(&mmap) {
+            return Err(Error::CorruptWeights {
+                path: path.into(),
+                reason,
+            });
+        }
         let (header_len, metadata) =
             SafeTensors::read_metadata(&mmap).map_err(|e| Error::CorruptWeights {
                 path: path.into(),
-                reason: describe_st_error(&e, mmap.len()),
+                reason: describe_st_error(&e, &mmap),
             })?;
         Ok(Self {
             path: path.into(),
@@ -161,19 +167,64 @@ impl MappedFile {
     }
 }
 
-fn describe_st_error(e: &safetensors::SafeTensorError, file_len: usize) -> String {
+/// A tensor whose `data_offsets` point past the end of the file's data section, described;
+/// `None` when there is none or the header is unreadable (the `safetensors` crate then reports
+/// it). Checked first because the crate adds the last offset to the header size unchecked: with
+/// offsets near 2^64 that overflows (a panic in debug builds).
+fn offset_past_the_end(file: &[u8]) -> Option<String> {
+    let n = u64::from_le_bytes(file.get(..8)?.try_into().ok()?);
+    let header_end = usize::try_from(n).ok()?.checked_add(8)?;
+    if n > MAX_HEADER_BYTES || header_end > file.len() {
+        return None;
+    }
+    let data_len = (file.len() - header_end) as u64;
+    let header: serde_json::Value = serde_json::from_slice(&file[8..header_end]).ok()?;
+    header.as_object()?.iter().find_map(|(name, info)| {
+        let offsets = info.get("data_offsets")?.as_array()?;
+        let past = offsets
+            .iter()
+            .filter_map(|o| o.as_u64())
+            .any(|o| o > data_len);
+        past.then(|| {
+            format!(
+                "tensor `{name}` has data_offsets {} past the end of the {data_len}-byte data \
+                 section: the file is truncated, or its header is corrupt",
+                info["data_offsets"]
+            )
+        })
+    })
+}
+
+/// The largest header the `safetensors` crate reads (its `MAX_HEADER_SIZE`); a real checkpoint's
+/// header is a few hundred KiB.
+const MAX_HEADER_BYTES: u64 = 100_000_000;
+
+fn describe_st_error(e: &safetensors::SafeTensorError, file: &[u8]) -> String {
     use safetensors::SafeTensorError as E;
-    match e {
-        E::HeaderTooSmall => {
+    let file_len = file.len();
+    let declared = file
+        .get(..8)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_le_bytes);
+    match (e, declared) {
+        (E::HeaderTooSmall, _) => {
             format!("file is {file_len} bytes, too short for a safetensors header")
         }
-        E::HeaderTooLarge | E::InvalidHeaderLength => {
-            format!("header length field points past the end of the {file_len}-byte file (truncated or not safetensors)")
+        (E::HeaderTooLarge | E::InvalidHeaderLength, Some(n)) if n > MAX_HEADER_BYTES => format!(
+            "header length field declares {n} bytes, more than the {MAX_HEADER_BYTES} a \
+             safetensors header may have (corrupt, or not safetensors)"
+        ),
+        (E::HeaderTooLarge | E::InvalidHeaderLength, Some(n)) => format!(
+            "header length field declares {n} bytes, past the end of the {file_len}-byte file \
+             (truncated, or not safetensors)"
+        ),
+        (E::HeaderTooLarge | E::InvalidHeaderLength, None) => {
+            format!("header length field points past the end of the {file_len}-byte file")
         }
-        E::MetadataIncompleteBuffer => {
+        (E::MetadataIncompleteBuffer, _) => {
             format!("tensor data does not match the file size ({file_len} bytes): the file is truncated or padded")
         }
-        other => format!("invalid header: {other}"),
+        (other, _) => format!("invalid header: {other}"),
     }
 }
 

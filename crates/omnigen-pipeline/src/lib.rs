@@ -19,6 +19,7 @@ pub mod output;
 pub mod pipeline;
 pub mod processor;
 pub mod prompt;
+pub mod provenance;
 pub mod request;
 
 pub use collator::{collate, ModelInput, RowMask, TokenizedRow, PAD_TOKEN_ID};
@@ -27,7 +28,7 @@ pub use image_preprocess::{
     crop_arr, pillow_resize, preprocess_image, PreprocessedImage, ResampleFilter,
 };
 pub use noise::NoiseSource;
-pub use output::{check_output, read_png_text, save_png, PngMetadata};
+pub use output::{check_output, read_png_text, save_image, save_png, ImageFormat, PngMetadata};
 pub use pipeline::sampling::DEFAULT_SEED;
 pub use pipeline::{
     tensor_to_rgb8, CancellationToken, Generation, GenerationStats, Hooks, OmniGenPipeline,
@@ -41,6 +42,7 @@ pub use prompt::{
     check_placeholders, image_placeholder, parse_segments, ConditionImage, Prompt, PromptError,
     PromptSegment,
 };
+pub use provenance::{GenerationParameters, OutputMetadata};
 pub use request::{
     GenerationRequest, InitialLatents, InputLatents, KvCache, MAX_IMAGES, MAX_INFERENCE_STEPS,
 };

@@ -176,6 +176,13 @@ pub enum PromptError {
         /// How many images were given.
         images_given: usize,
     },
+    /// A placeholder's number is too large to be any image (beyond `u64`).
+    NumberOutOfRange {
+        /// The digits as written (the middle elided past 40 digits).
+        digits: String,
+        /// How many images were given.
+        images_given: usize,
+    },
     /// The placeholder numbers are not 1..=n (a gap, or a `0`).
     BadNumbering {
         /// The distinct numbers found, sorted.
@@ -202,6 +209,14 @@ impl fmt::Display for PromptError {
                 "placeholder <|image_{placeholder}|> names an image that was not given \
                  ({images_given} image(s) given)"
             ),
+            PromptError::NumberOutOfRange {
+                digits,
+                images_given,
+            } => write!(
+                f,
+                "placeholder <|image_{digits}|> names an image that was not given \
+                 ({images_given} image(s) given)"
+            ),
             PromptError::BadNumbering { found } => write!(
                 f,
                 "image placeholders must be numbered 1..n without gaps, found {found:?}"
@@ -223,40 +238,68 @@ impl From<PromptError> for Error {
     }
 }
 
-/// Splits a prompt text on `<|image_N|>` placeholders, exactly where the official regex
-/// `<\|image_\d+\|>` splits (ASCII digits). The result alternates text and placeholders and
-/// always starts and ends with a text segment (possibly empty), so there is one more text
-/// segment than placeholders — the official `re.split` chunk list.
-pub fn parse_segments(text: &str) -> Vec<PromptSegment> {
+/// One `<|image_N|>` tag of a prompt text: its byte range and its digits as written.
+struct Tag<'a> {
+    start: usize,
+    end: usize,
+    digits: &'a str,
+}
+
+/// The `<|image_N|>` tags of `text`, in order, exactly where the official regex
+/// `<\|image_\d+\|>` finds them (ASCII digits).
+fn tags(text: &str) -> Vec<Tag<'_>> {
     const OPEN: &str = "<|image_";
-    let mut segments = Vec::new();
-    let mut chunk_start = 0;
+    let mut out = Vec::new();
     let mut search_from = 0;
     while let Some(rel) = text[search_from..].find(OPEN) {
-        let tag_start = search_from + rel;
-        let digits_start = tag_start + OPEN.len();
+        let start = search_from + rel;
+        let digits_start = start + OPEN.len();
         let digits_len = text[digits_start..]
             .bytes()
             .take_while(u8::is_ascii_digit)
             .count();
         let digits_end = digits_start + digits_len;
         if digits_len > 0 && text[digits_end..].starts_with("|>") {
-            let number = text[digits_start..digits_end]
-                .parse::<u64>()
-                .unwrap_or(u64::MAX);
-            segments.push(PromptSegment::Text(
-                text[chunk_start..tag_start].to_string(),
-            ));
-            segments.push(PromptSegment::Image(number));
-            chunk_start = digits_end + 2;
-            search_from = chunk_start;
+            out.push(Tag {
+                start,
+                end: digits_end + 2,
+                digits: &text[digits_start..digits_end],
+            });
+            search_from = digits_end + 2;
         } else {
             // Not a placeholder: resume right after this '<' (a later '<|image_' may overlap).
-            search_from = tag_start + 1;
+            search_from = start + 1;
         }
+    }
+    out
+}
+
+/// Splits a prompt text on `<|image_N|>` placeholders, exactly where the official regex
+/// `<\|image_\d+\|>` splits (ASCII digits). The result alternates text and placeholders and
+/// always starts and ends with a text segment (possibly empty), so there is one more text
+/// segment than placeholders — the official `re.split` chunk list.
+pub fn parse_segments(text: &str) -> Vec<PromptSegment> {
+    let mut segments = Vec::new();
+    let mut chunk_start = 0;
+    for tag in tags(text) {
+        segments.push(PromptSegment::Text(
+            text[chunk_start..tag.start].to_string(),
+        ));
+        segments.push(PromptSegment::Image(tag.digits.parse().unwrap_or(u64::MAX)));
+        chunk_start = tag.end;
     }
     segments.push(PromptSegment::Text(text[chunk_start..].to_string()));
     segments
+}
+
+/// `digits` for a message: whole up to 40 digits, else the first and last 10 with the count.
+fn abbreviate_digits(digits: &str) -> String {
+    // ASCII digits only, so byte slicing is on character boundaries.
+    if digits.len() <= 40 {
+        return digits.to_string();
+    }
+    let n = digits.len();
+    format!("{}…{} ({n} digits)", &digits[..10], &digits[n - 10..])
 }
 
 /// The official text form of image placeholder `k` (1-based): `<img><|image_k|></img>`.
@@ -271,15 +314,19 @@ pub fn check_placeholders(
     text: &str,
     num_images: usize,
 ) -> std::result::Result<Vec<u64>, PromptError> {
-    let used: Vec<u64> = parse_segments(text)
-        .into_iter()
-        .filter_map(|s| match s {
-            PromptSegment::Image(k) => Some(k),
-            PromptSegment::Text(_) => None,
-        })
-        .collect();
     if text.trim().is_empty() && num_images == 0 {
         return Err(PromptError::Empty);
+    }
+    let mut used = Vec::new();
+    for tag in tags(text) {
+        let Ok(k) = tag.digits.parse::<u64>() else {
+            // Past u64: report the number as written, not a saturated stand-in.
+            return Err(PromptError::NumberOutOfRange {
+                digits: abbreviate_digits(tag.digits),
+                images_given: num_images,
+            });
+        };
+        used.push(k);
     }
     if let Some(&k) = used.iter().find(|&&k| k != 0 && k > num_images as u64) {
         return Err(PromptError::MissingImage {

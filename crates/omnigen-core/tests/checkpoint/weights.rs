@@ -192,11 +192,34 @@ fn header_length_larger_than_the_file() {
     assert!(matches!(err, Error::CorruptWeights { .. }), "{err}");
     assert!(err.to_string().contains("bad.safetensors"));
 
+    assert!(err
+        .to_string()
+        .contains("declares 1000000 bytes, past the end of the 10-byte file"));
+
     std::fs::write(&path, [1u8, 2, 3]).unwrap();
     assert!(matches!(
         WeightSource::open(&path).unwrap_err(),
         Error::CorruptWeights { .. }
     ));
+}
+
+#[test]
+fn an_implausibly_large_header_is_named_as_such() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.safetensors");
+    for declared in [101_000_000u64, u64::MAX] {
+        let mut bytes = declared.to_le_bytes().to_vec();
+        bytes.extend_from_slice(b"{}");
+        std::fs::write(&path, bytes).unwrap();
+        let err = WeightSource::open(&path).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!(
+                "declares {declared} bytes, more than the 100000000"
+            )),
+            "{err}"
+        );
+        assert!(!err.contains("past the end"), "{err}");
+    }
 }
 
 #[test]

@@ -10,7 +10,7 @@ fn image() -> ConditionImage {
 }
 
 /// Strings rich in placeholder-like fragments.
-fn tricky_text() -> impl Strategy<Value = String> {
+pub(crate) fn tricky_text() -> impl Strategy<Value = String> {
     let piece = prop_oneof![
         Just("<|image_".to_string()),
         Just("|>".to_string()),
