@@ -20,6 +20,10 @@ pub fn flag_of(name: &str) -> Option<&'static str> {
         "latents" => "--latents",
         "dtype" => "--dtype",
         "lora_scale" => "--lora-scale",
+        "scheduler" => "--scheduler",
+        "time_shift" => "--time-shift",
+        "sigmas" => "--sigmas",
+        "cfg_range" => "--cfg-range",
         _ => return None,
     })
 }

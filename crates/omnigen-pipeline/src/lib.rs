@@ -40,4 +40,6 @@ pub use prompt::{
     check_placeholders, image_placeholder, parse_segments, ConditionImage, Prompt, PromptError,
     PromptSegment,
 };
-pub use request::{GenerationRequest, InitialLatents, InputLatents, KvCache};
+pub use request::{
+    parse_sigmas, CfgRange, GenerationRequest, InitialLatents, InputLatents, KvCache, SchedulerKind,
+};

@@ -1,5 +1,5 @@
 //! Per-branch state of the denoising loop: each guidance branch's condition (built once, with its
-//! input images encoded) and, with a KV cache, the cache filled at step 0.
+//! input images encoded) and, with a KV cache, the cache filled by the branch's first call.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -22,7 +22,7 @@ pub(super) struct BranchState<B: Backend> {
     cond: TransformerCondition<B>,
     /// Rows of the call: the number of prompts, times the branches for the joint batch.
     rows: usize,
-    /// Filled by the first step when a KV cache is used.
+    /// Filled by the branch's first call when a KV cache is used.
     cache: Option<TransformerKvCache<B>>,
 }
 
@@ -33,11 +33,16 @@ pub(super) struct Branches<B: Backend> {
     joint: bool,
     num_branches: usize,
     cache_mode: Option<KvCacheMode>,
+    /// Joint form, steps outside the CFG range: the conditional rows of the joint batch (still
+    /// padded to its length, so they compute what those rows compute inside it), built when
+    /// first needed.
+    cond_rows: Option<BranchState<B>>,
 }
 
 impl<B: KernelBackend> Branches<B> {
     /// The velocity of every branch at flow time `t` of step `step`, in branch order (the
-    /// joint batch split back into its branches), in f32.
+    /// joint batch split back into its branches), in f32; unguided steps run the conditional
+    /// branch alone and return only its velocity.
     ///
     /// # Shapes
     /// `z`: `[n, C, h, w]` for `n` prompts; returns one `[n, C, h, w]` tensor per branch.
@@ -47,8 +52,25 @@ impl<B: KernelBackend> Branches<B> {
         z: &Tensor<B, 4>,
         t: f32,
         step: usize,
+        guided: bool,
     ) -> Result<Vec<Tensor<B, 4>>> {
         let n = z.dims()[0];
+        if !guided && self.num_branches > 1 {
+            let timestep = Tensor::<B, 1>::full([n], t, &z.device());
+            let state = if self.joint {
+                let joint = &self.states[0];
+                self.cond_rows.get_or_insert_with(|| joint.cond_rows(n))
+            } else {
+                &mut self.states[0]
+            };
+            return Ok(vec![state.forward(
+                transformer,
+                z.clone(),
+                timestep,
+                step,
+                self.cache_mode,
+            )?]);
+        }
         let mut outs = Vec::with_capacity(self.num_branches);
         for state in &mut self.states {
             let reps = state.rows / n;
@@ -84,14 +106,41 @@ impl<B: KernelBackend> BranchState<B> {
         let (x, timestep) = (x.cast(dtype), timestep.cast(dtype));
         let out = match (cache_mode, &self.cache) {
             (Some(_), Some(cache)) => transformer.forward_cached(cache, x, timestep)?,
-            (Some(mode), None) if step == 0 => {
+            (Some(mode), None) => {
+                // The official cache's step-0 attention is a property of step 0: a branch first
+                // run later (outside a CFG range before it) computes what the official cache
+                // computes at that step, the full forward.
+                let mode = if step == 0 { mode } else { KvCacheMode::Exact };
                 let (out, cache) = transformer.prefill(&self.cond, x, timestep, mode)?;
                 self.cache = Some(cache);
                 out
             }
-            _ => transformer.forward(&self.cond, x, timestep)?,
+            (None, _) => transformer.forward(&self.cond, x, timestep)?,
         };
         Ok(out.cast(DType::F32))
+    }
+
+    /// The first `n` rows of this (joint) call, the conditional branch, as a call of its own
+    /// with an empty cache.
+    fn cond_rows(&self, n: usize) -> BranchState<B> {
+        let c = &self.cond;
+        let spans = c
+            .image_spans
+            .get(..n)
+            .map(<[_]>::to_vec)
+            .unwrap_or_default();
+        let images: usize = spans.iter().map(Vec::len).sum();
+        BranchState {
+            cond: TransformerCondition {
+                input_ids: c.input_ids.clone().map(|ids| ids.narrow(0, 0, n)),
+                input_img_latents: c.input_img_latents[..images].to_vec(),
+                image_spans: spans,
+                attention_mask: c.attention_mask.clone().narrow(0, 0, n),
+                position_ids: c.position_ids.clone().narrow(0, 0, n),
+            },
+            rows: n,
+            cache: None,
+        }
     }
 }
 
@@ -142,6 +191,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
             joint: matches!(batch.inputs, GuidanceInputs::Joint(_)),
             num_branches: batch.branches.len(),
             cache_mode,
+            cond_rows: None,
         })
     }
 

@@ -6,7 +6,7 @@
 //! - `branch` (private): per-guidance-branch state (condition, KV cache) and the per-step transformer
 //!   calls;
 //! - [`decode`]: latents to 8-bit images ([`tensor_to_rgb8`]);
-//! - [`hooks`]: progress reports and cancellation.
+//! - [`hooks`]: progress reports, cancellation and the step callback.
 
 mod branch;
 pub mod builder;
@@ -28,7 +28,7 @@ use crate::processor::OmniGenProcessor;
 
 pub use builder::PipelineBuilder;
 pub use decode::tensor_to_rgb8;
-pub use hooks::{CancellationToken, Hooks, Progress};
+pub use hooks::{CancellationToken, Hooks, Progress, StepEndFn};
 
 /// Time and size figures of one generation.
 #[derive(Debug, Clone, Default)]
