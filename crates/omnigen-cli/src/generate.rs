@@ -260,17 +260,16 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         load_start.elapsed()
     );
 
-    // Heun evaluates the model about twice per step: the bar counts evaluations
-    let evaluations = match request.scheduler {
-        SchedulerKind::Heun => 2 * request.num_inference_steps - 1,
-        _ => request.num_inference_steps,
-    };
-    let bar = ProgressBar::new(evaluations as u64);
+    let bar = ProgressBar::new(request.num_inference_steps as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta}")
             .context("progress bar template")?,
     );
-    let mut on_progress = |p: Progress| bar.set_position(p.step as u64);
+    // the bar counts model evaluations, which Heun makes about twice per step
+    let mut on_progress = |p: Progress| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+    };
     let hooks = Hooks {
         on_progress: Some(&mut on_progress),
         ..Hooks::default()

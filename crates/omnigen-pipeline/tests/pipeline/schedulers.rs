@@ -399,7 +399,6 @@ fn a_scheduler_is_reusable_after_a_cancelled_run() {
         .generate_with(&req, &mut scheduler, Hooks::default())
         .unwrap();
     assert_eq!(to_vec(again.latents), fresh);
-    let _: &dyn Scheduler<B> = &scheduler;
 }
 
 #[test]
