@@ -25,9 +25,18 @@ omnigen generate --model $M --prompt "a red cat sitting on a blue mat" --height 
   --steps 2 --seed 0 --lora tests/fixtures/A/lora --lora-scale 0.5 --dtype bf16 --output "$OUT/lora.png"
 omnigen generate --model $M --prompt "a red cat" --height 64 --width 64 --steps 2 --seed 0 \
   --no-metadata --output "$OUT/plain.png"
+# every scheduler, a time shift, custom sigmas, a CFG range
+for s in heun dpmpp-2m unipc euler-shifted; do
+  omnigen generate --model $M --prompt "a red cat" --height 64 --width 64 --steps 3 --seed 0 \
+    --scheduler $s --time-shift 2 --cfg-range 0,0.6 --output "$OUT/sched_$s.png"
+done
+omnigen generate --model $M --prompt "a red cat" --height 64 --width 64 --seed 0 \
+  --sigmas 1,0.6,0.3 --output "$OUT/sigmas.png"
 run embed -- $M "$OUT"
 run custom_scheduler -- $M "$OUT/heun.png"
-for f in t2i edit two from_latents lora plain embed_cat embed_green heun; do
+run step_preview -- $M "$OUT" 2
+for f in t2i edit two from_latents lora plain embed_cat embed_green heun sched_heun sched_dpmpp-2m \
+  sched_unipc sched_euler-shifted sigmas preview_02 preview_04 preview_06 preview_final; do
   test -s "$OUT/$f.png" || { echo "missing $OUT/$f.png"; exit 1; }
 done
 
@@ -49,6 +58,10 @@ expect_fail bad_kv_cache --model $M --prompt "x" --height 64 --width 64 --kv-cac
 expect_fail bad_dtype --model $M --prompt "x" --height 64 --width 64 --dtype f64
 expect_fail zero_steps --model $M --prompt "x" --height 64 --width 64 --steps 0
 expect_fail nan_scale --model $M --prompt "x" --height 64 --width 64 --guidance-scale NaN
+expect_fail bad_scheduler --model $M --prompt "x" --height 64 --width 64 --scheduler ddim
+expect_fail bad_cfg_range --model $M --prompt "x" --height 64 --width 64 --cfg-range 0.8,0.2
+expect_fail bad_sigmas --model $M --prompt "x" --height 64 --width 64 --sigmas 1,1.5
+expect_fail sigmas_unipc --model $M --prompt "x" --height 64 --width 64 --scheduler unipc --sigmas 1,0.5
 expect_fail missing_image --model $M --prompt "<img><|image_1|></img>" --image "$OUT/none.png"
 echo "not a png" > "$OUT/garbage.png"
 expect_fail corrupt_image --model $M --prompt "<img><|image_1|></img>" --image "$OUT/garbage.png"

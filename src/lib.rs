@@ -38,13 +38,13 @@ pub use omnigen_pipeline::io;
 /// Everything a program generating images needs, in one import.
 pub mod prelude {
     pub use omnigen_core::{Error, Result};
-    pub use omnigen_models::scheduler::{FlowMatchEulerScheduler, Scheduler};
+    pub use omnigen_models::scheduler::{FlowMatchEulerScheduler, Scheduler, SchedulerKind};
     pub use omnigen_models::KernelBackend;
     #[cfg(any(feature = "flex", feature = "ndarray", feature = "cuda"))]
     pub use omnigen_models::{default_device, DefaultBackend};
     pub use omnigen_pipeline::{
-        save_image, save_png, CancellationToken, ConditionImage, Generation, GenerationRequest,
-        Hooks, ImageFormat, InitialLatents, InputLatents, KvCache, OmniGenPipeline, OutputMetadata,
-        Progress, Prompt,
+        parse_sigmas, save_image, save_png, CancellationToken, CfgRange, ConditionImage,
+        Generation, GenerationRequest, Hooks, ImageFormat, InitialLatents, InputLatents, KvCache,
+        OmniGenPipeline, OutputMetadata, Progress, Prompt,
     };
 }

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Regenerate every reference fixture of the project into <repo>/tests/fixtures (run from anywhere).
-#   bash tools/reference/regen.sh            # all configs (A, B), LoRA, diffusers copy, checks, FIXTURES.md
+#   bash tools/reference/regen.sh            # all configs (A, B), schedulers, LoRA, diffusers copy, checks, FIXTURES.md
 #   bash tools/reference/regen.sh --bench    # additionally the CPU benchmark (config M, ~8 min) -> bench_result.json
 # Needs the venv of setup.sh (PY overrides the interpreter). Deterministic: with the AVX2 settings below the
 # committed files are reproduced byte for byte (except timing fields "wall_s" in the JSON files).
@@ -23,12 +23,13 @@ export PYTHONHASHSEED=0   # PEFT writes target_modules from a set into adapter_c
 cd "$HERE"
 mkdir -p "$FIX"
 # generated content only (tests/fixtures/README.md is hand-written and kept)
-rm -rf "$FIX/A" "$FIX/B" "$FIX/proc" "$FIX/FIXTURES.md" "$FIX/check_report.txt"
+rm -rf "$FIX/A" "$FIX/B" "$FIX/proc" "$FIX/sched" "$FIX/FIXTURES.md" "$FIX/check_report.txt"
 for c in A B; do
   "$PY" make_tiny.py --config $c --out "$FIX/$c/model"
   "$PY" dump_ref.py --model "$FIX/$c/model" --out "$FIX/$c"
 done
 "$PY" dump_proc.py --model "$FIX/A/model" --out "$FIX/proc"
+"$PY" dump_sched.py --fixtures "$FIX"
 "$PY" make_diffusers_copy.py --fixtures "$FIX/A"
 "$PY" make_lora.py --fixtures "$FIX/A"
 "$PY" check_fixtures.py "$FIX/A" "$FIX/B" | tee "$FIX/check_report.txt"

@@ -22,6 +22,10 @@ pub fn flag_of(name: &str) -> Option<&'static str> {
         "lora_scale" => "--lora-scale",
         "format" => "--format",
         "jpeg_quality" => "--jpeg-quality",
+        "scheduler" => "--scheduler",
+        "time_shift" => "--time-shift",
+        "sigmas" => "--sigmas",
+        "cfg_range" => "--cfg-range",
         _ => return None,
     })
 }

@@ -122,6 +122,20 @@ pub struct GenerateArgs {
     /// Image guidance scale.
     #[arg(long, default_value_t = 1.6)]
     pub img_guidance_scale: f32,
+    /// Scheduler: euler (official), heun, dpmpp-2m, unipc or euler-shifted (docs/schedulers.md).
+    #[arg(long, default_value = "euler", value_parser = parse_scheduler)]
+    pub scheduler: SchedulerKind,
+    /// Time shift of the scheduler (euler's time_shifting_factor, diffusers' shift / flow_shift).
+    #[arg(long, default_value_t = 1.0)]
+    pub time_shift: f32,
+    /// Custom sigmas a,b,c,... (diffusers' sigma = 1 - t, strictly decreasing in [0, 1], one per
+    /// step) for euler and euler-shifted; sets the step count.
+    #[arg(long, conflicts_with = "steps", allow_hyphen_values = true)]
+    pub sigmas: Option<String>,
+    /// Part of the run with guidance, START,END as fractions of it; other steps run only the
+    /// conditional branch.
+    #[arg(long, default_value = "0,1")]
+    pub cfg_range: String,
     /// Seed of every random draw.
     #[arg(long, conflicts_with = "latents")]
     pub seed: Option<u64>,
@@ -238,7 +252,13 @@ impl GenerateArgs {
             .kv_cache(self.kv_cache.into())
             .input_latents(self.input_latents.into())
             .use_input_image_size_as_output(self.use_input_image_size_as_output)
-            .max_input_image_size(self.max_input_image_size);
+            .max_input_image_size(self.max_input_image_size)
+            .scheduler(self.scheduler)
+            .time_shift(self.time_shift)
+            .cfg_range(self.cfg_range.parse()?);
+        if let Some(sigmas) = &self.sigmas {
+            request = request.sigmas(parse_sigmas(sigmas)?);
+        }
         if let Some(seed) = self.seed {
             request = request.seed(seed);
         }
@@ -299,6 +319,11 @@ fn read_prompt_file(path: &Path) -> anyhow::Result<String> {
         }
     }
     Ok(text)
+}
+
+/// `--scheduler`: the library's names and its message for an unknown one.
+fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+    s.parse().map_err(|e: Error| e.to_string())
 }
 
 /// The folder `out` is written into must exist and accept a file, and an existing `out` must
@@ -364,7 +389,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         ProgressStyle::with_template("{bar:30} {pos}/{len} steps {elapsed_precise} eta {eta}")
             .context("progress bar template")?,
     );
-    let mut on_progress = |p: Progress| bar.set_position(p.step as u64);
+    // the bar counts model evaluations, which Heun makes about twice per step
+    let mut on_progress = |p: Progress| {
+        bar.set_length(p.total as u64);
+        bar.set_position(p.step as u64);
+    };
     // Ctrl-C or SIGTERM stops the loop before its next step; no output is written then.
     let cancel = CancellationToken::new();
     let on_signal = cancel.clone();
@@ -374,11 +403,11 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     let hooks = Hooks {
         on_progress: Some(&mut on_progress),
         cancel: Some(cancel),
+        ..Hooks::default()
     };
     omnigen::pipeline::memory::reset_peak_resident_memory();
     let baseline = omnigen::pipeline::memory::resident_memory();
-    let generation =
-        pipeline.generate_with(&request, &mut FlowMatchEulerScheduler::new(), hooks)?;
+    let generation = pipeline.generate_with_hooks(&request, hooks)?;
     bar.finish_and_clear();
 
     if let Some(path) = &args.save_latents {
@@ -516,6 +545,51 @@ mod tests {
         assert!(format!("{err:#}").contains("JPEG output only"), "{err:#}");
         assert!(parse(&["--jpeg-quality", "0"]).is_err());
         assert!(parse(&["--format", "gif"]).is_err());
+    }
+
+    #[test]
+    fn scheduler_flags_reach_the_request() {
+        let request = parse(&[
+            "--scheduler",
+            "dpmpp-2m",
+            "--time-shift",
+            "3",
+            "--cfg-range",
+            "0,0.6",
+        ])
+        .unwrap()
+        .request()
+        .unwrap();
+        assert_eq!(request.scheduler, SchedulerKind::DpmPp2m);
+        assert_eq!(request.time_shift, 3.0);
+        assert_eq!((request.cfg_range.start, request.cfg_range.end), (0.0, 0.6));
+        let request = parse(&["--scheduler", "euler-shifted", "--sigmas", "1,0.6,0.2"])
+            .unwrap()
+            .request()
+            .unwrap();
+        assert_eq!(request.sigmas.as_deref(), Some(&[1.0, 0.6, 0.2][..]));
+        assert_eq!(request.num_inference_steps, 3);
+        let defaults = parse(&[]).unwrap().request().unwrap();
+        assert_eq!(defaults.scheduler, SchedulerKind::Euler);
+        assert_eq!(defaults.cfg_range, CfgRange::default());
+    }
+
+    #[test]
+    fn bad_scheduler_values_are_named() {
+        let err = parse(&["--scheduler", "ddim"]).unwrap_err().to_string();
+        assert!(
+            err.contains("--scheduler") && err.contains("unknown scheduler `ddim`"),
+            "{err}"
+        );
+        let msg = |extra: &[&str]| format!("{:#}", parse(extra).unwrap().request().unwrap_err());
+        assert!(msg(&["--cfg-range", "0.8,0.2"]).contains("END 0.2 is below START 0.8"));
+        assert!(msg(&["--cfg-range", "0.5"]).contains("cfg_range"));
+        assert!(msg(&["--sigmas", "1,1.5"]).contains("outside [0, 1]"));
+        assert!(msg(&["--sigmas", "0.2,0.8"]).contains("strictly decreasing"));
+        assert!(msg(&["--sigmas", "1,x"]).contains("`x`"));
+        assert!(msg(&["--scheduler", "unipc", "--sigmas", "1,0.5"]).contains("no custom sigmas"));
+        assert!(msg(&["--time-shift", "0"]).contains("time_shift"));
+        assert!(parse(&["--sigmas", "1,0.5", "--steps", "4"]).is_err());
     }
 
     #[test]

@@ -69,11 +69,21 @@ pub fn generation_metadata<B: KernelBackend>(
             "input_latents".to_string(),
             format!("{:?}", request.input_latents).to_lowercase(),
         ),
+        ("scheduler".to_string(), request.scheduler.to_string()),
+        ("time_shift".to_string(), request.time_shift.to_string()),
+        (
+            "cfg_range".to_string(),
+            format!("{},{}", request.cfg_range.start, request.cfg_range.end),
+        ),
         (
             "model".to_string(),
             pipeline.model_dir().display().to_string(),
         ),
     ];
+    if let Some(sigmas) = &request.sigmas {
+        let list: Vec<String> = sigmas.iter().map(f32::to_string).collect();
+        m.push(("sigmas".to_string(), list.join(",")));
+    }
     for (path, scale) in pipeline.loras() {
         m.push((
             "lora".to_string(),

@@ -44,5 +44,6 @@ pub use prompt::{
 };
 pub use provenance::{GenerationParameters, OutputMetadata};
 pub use request::{
-    GenerationRequest, InitialLatents, InputLatents, KvCache, MAX_IMAGES, MAX_INFERENCE_STEPS,
+    parse_sigmas, CfgRange, GenerationRequest, InitialLatents, InputLatents, KvCache,
+    SchedulerKind, MAX_IMAGES, MAX_INFERENCE_STEPS,
 };

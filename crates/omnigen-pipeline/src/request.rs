@@ -1,6 +1,7 @@
 //! What to generate: [`GenerationRequest`], with the official pipeline's parameters and defaults.
 
 use omnigen_core::{Error, Result};
+use serde::{Deserialize, Serialize};
 
 use crate::prompt::Prompt;
 
@@ -12,6 +13,99 @@ pub const MAX_INFERENCE_STEPS: usize = 1000;
 /// The most images one request may generate (prompts × images per prompt): each is a batch row
 /// of every transformer call.
 pub const MAX_IMAGES: usize = 64;
+pub use omnigen_models::scheduler::SchedulerKind;
+
+/// The part of the run that applies guidance, as fractions of it: evaluation `i` of `N` runs
+/// every guidance branch when `start ≤ i/N < end` (in f32) and only the conditional branch
+/// otherwise, whose output is then the velocity. The default `0,1` guides every step.
+///
+/// ```
+/// use omnigen_pipeline::request::CfgRange;
+/// let range: CfgRange = "0,0.5".parse()?;
+/// assert!(range.guides(0, 4) && range.guides(1, 4) && !range.guides(2, 4));
+/// assert!("0.8,0.2".parse::<CfgRange>().unwrap_err().to_string().contains("below START"));
+/// # Ok::<(), omnigen_core::Error>(())
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct CfgRange {
+    /// First guided fraction of the run (inclusive).
+    pub start: f32,
+    /// End of the guided part (exclusive).
+    pub end: f32,
+}
+
+impl Default for CfgRange {
+    fn default() -> Self {
+        Self {
+            start: 0.0,
+            end: 1.0,
+        }
+    }
+}
+
+impl CfgRange {
+    /// A checked range: both ends in `[0, 1]`, `end ≥ start`.
+    pub fn new(start: f32, end: f32) -> Result<Self> {
+        let range = Self { start, end };
+        range.validate()?;
+        Ok(range)
+    }
+
+    /// Whether evaluation `index` of `total` applies guidance.
+    pub fn guides(&self, index: usize, total: usize) -> bool {
+        let f = index as f32 / total as f32;
+        self.start <= f && f < self.end
+    }
+
+    /// Checks both ends, naming the one at fault.
+    pub fn validate(&self) -> Result<()> {
+        for (end, v) in [("START", self.start), ("END", self.end)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(Error::invalid_argument(
+                    "cfg_range",
+                    format!("{end} {v} is outside [0, 1]"),
+                ));
+            }
+        }
+        if self.end < self.start {
+            return Err(Error::invalid_argument(
+                "cfg_range",
+                format!("END {} is below START {}", self.end, self.start),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl std::str::FromStr for CfgRange {
+    type Err = Error;
+
+    /// `START,END`, e.g. `0,0.6`.
+    fn from_str(s: &str) -> Result<Self> {
+        let bad = || {
+            Error::invalid_argument(
+                "cfg_range",
+                format!("`{s}` is not START,END (two fractions, e.g. 0,0.6)"),
+            )
+        };
+        let (a, b) = s.split_once(',').ok_or_else(bad)?;
+        let a: f32 = a.trim().parse().map_err(|_| bad())?;
+        let b: f32 = b.trim().parse().map_err(|_| bad())?;
+        Self::new(a, b)
+    }
+}
+
+/// Parses `a,b,c,...` (custom sigmas on a command line or in a form); the values are checked
+/// when the request is.
+pub fn parse_sigmas(s: &str) -> Result<Vec<f32>> {
+    s.split(',')
+        .map(|v| {
+            v.trim().parse::<f32>().map_err(|_| {
+                Error::invalid_argument("sigmas", format!("`{v}` in `{s}` is not a number"))
+            })
+        })
+        .collect()
+}
 
 /// How the condition tokens' keys and values are reused across denoising steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -103,6 +197,17 @@ pub struct GenerationRequest {
     /// image), instead of drawing it from the seed: reproduces a reference run whose VAE noise
     /// was recorded. Used only with [`InputLatents::Sample`].
     pub input_noise: Option<Vec<InitialLatents>>,
+    /// The scheduler [`generate`](crate::OmniGenPipeline::generate) builds. Default
+    /// [`SchedulerKind::Euler`], the official one.
+    pub scheduler: SchedulerKind,
+    /// The scheduler's time shift (`time_shifting_factor` of `euler`, diffusers' `shift` /
+    /// `flow_shift` of the others). Default 1: none.
+    pub time_shift: f32,
+    /// Custom sigmas (diffusers' σ = 1 − t, strictly decreasing in `[0, 1]`, one per step) for
+    /// the schedulers that accept them; [`sigmas`](Self::sigmas) also sets the step count.
+    pub sigmas: Option<Vec<f32>>,
+    /// The part of the run that applies guidance. Default all of it.
+    pub cfg_range: CfgRange,
 }
 
 impl GenerationRequest {
@@ -132,6 +237,10 @@ impl GenerationRequest {
             latents: None,
             input_latents: InputLatents::Sample,
             input_noise: None,
+            scheduler: SchedulerKind::Euler,
+            time_shift: 1.0,
+            sigmas: None,
+            cfg_range: CfgRange::default(),
         }
     }
 
@@ -232,6 +341,31 @@ impl GenerationRequest {
         self
     }
 
+    /// The scheduler [`generate`](crate::OmniGenPipeline::generate) builds.
+    pub fn scheduler(mut self, kind: SchedulerKind) -> Self {
+        self.scheduler = kind;
+        self
+    }
+
+    /// The scheduler's time shift (1 = none).
+    pub fn time_shift(mut self, shift: f32) -> Self {
+        self.time_shift = shift;
+        self
+    }
+
+    /// Custom sigmas, one per step (the step count becomes their number).
+    pub fn sigmas(mut self, sigmas: Vec<f32>) -> Self {
+        self.num_inference_steps = sigmas.len();
+        self.sigmas = Some(sigmas);
+        self
+    }
+
+    /// The part of the run that applies guidance.
+    pub fn cfg_range(mut self, range: CfgRange) -> Self {
+        self.cfg_range = range;
+        self
+    }
+
     /// Checks every option, naming the first one at fault.
     pub fn validate(&self) -> Result<()> {
         if self.prompts.is_empty() {
@@ -309,6 +443,21 @@ impl GenerationRequest {
                 ),
             ));
         }
+        self.cfg_range.validate()?;
+        if let Some(sigmas) = &self.sigmas {
+            if sigmas.len() != self.num_inference_steps {
+                return Err(Error::invalid_argument(
+                    "sigmas",
+                    format!(
+                        "{} values given for {} steps (one per step)",
+                        sigmas.len(),
+                        self.num_inference_steps
+                    ),
+                ));
+            }
+        }
+        self.scheduler
+            .check(self.time_shift, self.sigmas.as_deref())?;
         for l in self.latents.iter().chain(self.input_noise.iter().flatten()) {
             if l.values.len() != l.shape.iter().product::<usize>() {
                 return Err(Error::invalid_argument(

@@ -1,5 +1,5 @@
 //! Per-branch state of the denoising loop: each guidance branch's condition (built once, with its
-//! input images encoded) and, with a KV cache, the cache filled at step 0.
+//! input images encoded) and, with a KV cache, the cache filled by the branch's first call.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Int, Tensor, TensorData};
@@ -19,18 +19,18 @@ use crate::request::{GenerationRequest, InitialLatents, InputLatents};
 /// One transformer call per step: a guidance branch, or the joint batch of all of them.
 ///
 /// The condition's dense attention mask is the largest tensor of a long request, so it is built
-/// only when the branch first runs: with a KV cache it lives for step 0 only, and the branches'
-/// masks are never all alive at once.
+/// only when the branch first runs: with a KV cache it lives for that call only, and the
+/// branches' masks are never all alive at once.
 pub(super) struct BranchState<B: Backend> {
-    /// The collated input, kept by its structure until the condition is built.
+    /// The collated input (without pixels), kept by its structure until the condition is built.
     input: ModelInput,
-    /// The input images' latents, moved into the condition when it is built.
+    /// The input images' latents (shared handles, no copy).
     latents: Vec<Tensor<B, 4>>,
     /// What the branch conditions on, the same at every step (kept only without a KV cache).
     cond: Option<TransformerCondition<B>>,
     /// Rows of the call: the number of prompts, times the branches for the joint batch.
     rows: usize,
-    /// Filled by the first step when a KV cache is used.
+    /// Filled by the branch's first call when a KV cache is used.
     cache: Option<TransformerKvCache<B>>,
 }
 
@@ -41,11 +41,16 @@ pub(super) struct Branches<B: Backend> {
     joint: bool,
     num_branches: usize,
     cache_mode: Option<KvCacheMode>,
+    /// Joint form, steps outside the CFG range: the conditional rows of the joint batch (still
+    /// padded to its length, so they compute what those rows compute inside it), built when
+    /// first needed.
+    cond_rows: Option<BranchState<B>>,
 }
 
 impl<B: KernelBackend> Branches<B> {
     /// The velocity of every branch at flow time `t` of step `step`, in branch order (the
-    /// joint batch split back into its branches), in f32.
+    /// joint batch split back into its branches), in f32; unguided steps run the conditional
+    /// branch alone and return only its velocity.
     ///
     /// # Shapes
     /// `z`: `[n, C, h, w]` for `n` prompts; returns one `[n, C, h, w]` tensor per branch.
@@ -55,8 +60,25 @@ impl<B: KernelBackend> Branches<B> {
         z: &Tensor<B, 4>,
         t: f32,
         step: usize,
+        guided: bool,
     ) -> Result<Vec<Tensor<B, 4>>> {
         let n = z.dims()[0];
+        if !guided && self.num_branches > 1 {
+            let timestep = Tensor::<B, 1>::full([n], t, &z.device());
+            let state = if self.joint {
+                let joint = &self.states[0];
+                self.cond_rows.get_or_insert_with(|| joint.cond_rows(n))
+            } else {
+                &mut self.states[0]
+            };
+            return Ok(vec![state.forward(
+                transformer,
+                z.clone(),
+                timestep,
+                step,
+                self.cache_mode,
+            )?]);
+        }
         let mut outs = Vec::with_capacity(self.num_branches);
         for state in &mut self.states {
             let reps = state.rows / n;
@@ -92,15 +114,19 @@ impl<B: KernelBackend> BranchState<B> {
         let (x, timestep) = (x.cast(dtype), timestep.cast(dtype));
         let out = match (cache_mode, &self.cache) {
             (Some(_), Some(cache)) => transformer.forward_cached(cache, x, timestep)?,
-            (Some(mode), None) if step == 0 => {
-                let cond = self.take_condition(dtype, &x.device())?;
+            (Some(mode), None) => {
+                // The official cache's step-0 attention is a property of step 0: a branch first
+                // run later (outside a CFG range before it) computes what the official cache
+                // computes at that step, the full forward.
+                let mode = if step == 0 { mode } else { KvCacheMode::Exact };
+                let cond = self.condition(dtype, &x.device())?;
                 let (out, cache) = transformer.prefill(&cond, x, timestep, mode)?;
                 self.cache = Some(cache);
                 out
             }
-            _ => {
+            (None, _) => {
                 if self.cond.is_none() {
-                    self.cond = Some(self.take_condition(dtype, &x.device())?);
+                    self.cond = Some(self.condition(dtype, &x.device())?);
                 }
                 match &self.cond {
                     Some(cond) => transformer.forward(cond, x, timestep)?,
@@ -111,12 +137,9 @@ impl<B: KernelBackend> BranchState<B> {
         Ok(out.cast(DType::F32))
     }
 
-    /// The branch's condition on `device` in `dtype` (the VAE latents move into it).
-    fn take_condition(
-        &mut self,
-        dtype: DType,
-        device: &B::Device,
-    ) -> Result<TransformerCondition<B>> {
+    /// The branch's condition on `device` in `dtype`: the one kept, or a new one whose dense
+    /// mask is expanded from the rows' structure now.
+    fn condition(&mut self, dtype: DType, device: &B::Device) -> Result<TransformerCondition<B>> {
         if let Some(cond) = self.cond.take() {
             return Ok(cond);
         }
@@ -126,10 +149,7 @@ impl<B: KernelBackend> BranchState<B> {
                 TensorData::new(m.input_ids.clone(), m.input_ids_shape()),
                 device,
             )),
-            input_img_latents: std::mem::take(&mut self.latents)
-                .into_iter()
-                .map(|t| t.cast(dtype))
-                .collect(),
+            input_img_latents: self.latents.iter().map(|t| t.clone().cast(dtype)).collect(),
             image_spans: m.image_spans.clone(),
             attention_mask: Tensor::<B, 3>::from_data(
                 TensorData::new(m.attention_mask()?, m.attention_mask_shape()),
@@ -141,6 +161,32 @@ impl<B: KernelBackend> BranchState<B> {
                 device,
             ),
         })
+    }
+
+    /// The first `n` rows of this (joint) call, the conditional branch, as a call of its own
+    /// with an empty cache (still padded to the joint length, so its rows compute what they
+    /// compute inside the joint batch).
+    fn cond_rows(&self, n: usize) -> BranchState<B> {
+        let m = &self.input;
+        let n = n.min(m.batch_size);
+        let spans: Vec<Vec<(usize, usize)>> = m.image_spans.iter().take(n).cloned().collect();
+        let images: usize = spans.iter().map(Vec::len).sum();
+        BranchState {
+            input: ModelInput {
+                batch_size: n,
+                input_ids: m.input_ids[..n * m.text_len].to_vec(),
+                masks: m.masks[..n].to_vec(),
+                position_ids: m.position_ids[..n * m.seq_len].to_vec(),
+                images: Vec::new(),
+                image_spans: spans,
+                num_output_tokens: m.num_output_tokens.iter().take(n).copied().collect(),
+                ..*m
+            },
+            latents: self.latents[..images.min(self.latents.len())].to_vec(),
+            cond: None,
+            rows: n,
+            cache: None,
+        }
     }
 }
 
@@ -204,6 +250,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
             joint: matches!(batch.inputs, GuidanceInputs::Joint(_)),
             num_branches: batch.branches.len(),
             cache_mode,
+            cond_rows: None,
         })
     }
 

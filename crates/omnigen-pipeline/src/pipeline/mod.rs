@@ -6,7 +6,7 @@
 //! - `branch` (private): per-guidance-branch state (condition, KV cache) and the per-step transformer
 //!   calls;
 //! - [`decode`]: latents to 8-bit images ([`tensor_to_rgb8`]);
-//! - [`hooks`]: progress reports and cancellation.
+//! - [`hooks`]: progress reports, cancellation and the step callback.
 
 mod branch;
 pub mod builder;
@@ -28,7 +28,7 @@ use crate::processor::OmniGenProcessor;
 
 pub use builder::PipelineBuilder;
 pub use decode::tensor_to_rgb8;
-pub use hooks::{CancellationToken, Hooks, Progress};
+pub use hooks::{CancellationToken, Hooks, Progress, StepEndFn};
 
 /// Refuses a tensor holding NaN or infinity: one sum on the device and one scalar read back, so
 /// it runs after every step. A sum of finite values too large for f32 also counts (latents and

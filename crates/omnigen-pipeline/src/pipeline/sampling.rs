@@ -11,7 +11,7 @@ use std::time::Instant;
 use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::{Error, Result};
 use omnigen_models::ops::{self, KernelBackend};
-use omnigen_models::scheduler::{FlowMatchEulerScheduler, Scheduler};
+use omnigen_models::scheduler::Scheduler;
 use omnigen_models::transformer::KvCacheMode;
 use tracing::{debug, info, info_span, warn};
 
@@ -26,21 +26,32 @@ use crate::request::{GenerationRequest, InitialLatents, InputLatents, KvCache};
 pub const DEFAULT_SEED: u64 = 0;
 
 impl<B: KernelBackend> OmniGenPipeline<B> {
-    /// Generates with the official flow-matching Euler scheduler.
+    /// Generates with the request's scheduler (the official flow-matching Euler by default).
     pub fn generate(&self, request: &GenerationRequest) -> Result<Generation<B>> {
-        self.generate_with(
-            request,
-            &mut FlowMatchEulerScheduler::new(),
-            Hooks::default(),
-        )
+        self.generate_with_hooks(request, Hooks::default())
     }
 
-    /// Generates with any [`Scheduler`], reporting progress and honouring cancellation.
+    /// Generates with the request's scheduler, reporting progress, honouring cancellation and
+    /// calling the step callback.
+    pub fn generate_with_hooks(
+        &self,
+        request: &GenerationRequest,
+        hooks: Hooks<'_, B>,
+    ) -> Result<Generation<B>> {
+        request.validate()?;
+        let mut scheduler = request
+            .scheduler
+            .build::<B>(request.time_shift, request.sigmas.as_deref())?;
+        self.generate_with(request, scheduler.as_mut(), hooks)
+    }
+
+    /// Generates with any [`Scheduler`] (the request's `scheduler`, `time_shift` and `sigmas`
+    /// are not used), reporting progress, honouring cancellation and calling the step callback.
     pub fn generate_with(
         &self,
         request: &GenerationRequest,
         scheduler: &mut dyn Scheduler<B>,
-        mut hooks: Hooks<'_>,
+        mut hooks: Hooks<'_, B>,
     ) -> Result<Generation<B>> {
         // 1. Check inputs
         request.validate()?;
@@ -96,10 +107,12 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
             if hooks.cancelled() {
                 return Err(Error::Cancelled { step: i });
             }
-            let _s = info_span!("step", i, t).entered();
-            let outs = branches.velocities(&self.transformer, &z, t, i)?;
+            let guided = request.cfg_range.guides(i, times.len());
+            let _s = info_span!("step", i, t, guided).entered();
+            let outs = branches.velocities(&self.transformer, &z, t, i, guided)?;
             z = scheduler.step(i, z, guidance.combine(&outs));
             super::check_finite(&z, "denoising", Some(i))?;
+            hooks.step_end(i, t, &mut z);
             hooks.report(Progress {
                 step: i + 1,
                 total: times.len(),

@@ -43,7 +43,7 @@ fn progress_is_reported_every_step() {
     let mut cb = |p: Progress| seen.push((p.step, p.total));
     let hooks = Hooks {
         on_progress: Some(&mut cb),
-        cancel: None,
+        ..Hooks::default()
     };
     pipe.generate_with(&t2i(), &mut FlowMatchEulerScheduler::new(), hooks)
         .unwrap();
@@ -63,6 +63,7 @@ fn cancellation_stops_at_the_next_step() {
     let hooks = Hooks {
         on_progress: Some(&mut cb),
         cancel: Some(token),
+        ..Hooks::default()
     };
     let err = pipe
         .generate_with(&t2i(), &mut FlowMatchEulerScheduler::new(), hooks)

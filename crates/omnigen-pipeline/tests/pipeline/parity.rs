@@ -20,15 +20,15 @@ fn fixtures() -> PathBuf {
     omnigen_test_support::fixtures_root()
 }
 
-struct Case {
+pub(crate) struct Case {
     dir: PathBuf,
-    name: String,
-    json: Value,
-    tensors: SafetensorsFile,
+    pub(crate) name: String,
+    pub(crate) json: Value,
+    pub(crate) tensors: SafetensorsFile,
 }
 
 impl Case {
-    fn load(set: &str, name: &str) -> Self {
+    pub(crate) fn load(set: &str, name: &str) -> Self {
         let dir = fixtures().join(set);
         let json = read_json(dir.join(format!("{name}.json")));
         let tensors = SafetensorsFile::open(dir.join(format!("{name}.safetensors")));
@@ -40,11 +40,11 @@ impl Case {
         }
     }
 
-    fn has(&self, key: &str) -> bool {
+    pub(crate) fn has(&self, key: &str) -> bool {
         self.tensors.has(key)
     }
 
-    fn latents(&self, key: &str) -> InitialLatents {
+    pub(crate) fn latents(&self, key: &str) -> InitialLatents {
         self.tensors
             .expect_dtype(key, omnigen_test_support::Dtype::F32);
         InitialLatents {
@@ -53,7 +53,7 @@ impl Case {
         }
     }
 
-    fn bytes(&self, key: &str) -> Vec<u8> {
+    pub(crate) fn bytes(&self, key: &str) -> Vec<u8> {
         self.tensors.bytes(key)
     }
 
@@ -61,7 +61,7 @@ impl Case {
         &self.json["pipeline_call_args"]
     }
 
-    fn request(&self, kv: KvCache) -> GenerationRequest {
+    pub(crate) fn request(&self, kv: KvCache) -> GenerationRequest {
         let a = self.args();
         let as_list = |v: &Value| -> Vec<Value> {
             match v {
@@ -121,7 +121,7 @@ impl Case {
     }
 }
 
-fn pipeline(set: &str) -> OmniGenPipeline<B> {
+pub(crate) fn pipeline(set: &str) -> OmniGenPipeline<B> {
     OmniGenPipeline::from_dir(fixtures().join(set).join("model"), &Default::default()).unwrap()
 }
 
