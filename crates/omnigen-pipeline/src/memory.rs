@@ -22,8 +22,10 @@ pub struct MemoryEstimate {
     pub kv_cache: u64,
     /// Input-image tokens' share of the transformer phase.
     pub input_image_share: u64,
-    /// VAE decode (or input-image encode) feature maps at full resolution (or per tile).
+    /// VAE decode feature maps at full resolution (or per tile).
     pub vae: u64,
+    /// The largest input image's VAE encode (before the loop, never tiled).
+    pub vae_encode: u64,
     /// What every run holds whatever its size: thread stacks, allocator arenas, tokenizer state.
     pub fixed: u64,
 }
@@ -31,7 +33,7 @@ pub struct MemoryEstimate {
 impl MemoryEstimate {
     /// Peak bytes: the transformer phase and the VAE phases do not overlap.
     pub fn peak(&self) -> u64 {
-        self.fixed + self.transformer_phase().max(self.vae)
+        self.fixed + self.transformer_phase().max(self.vae).max(self.vae_encode)
     }
 
     /// Live bytes of the denoising phase.
@@ -135,7 +137,8 @@ pub fn estimate(
         .map(|im| m(8 * c0, (im.height * im.width) as u64) * f32b)
         .max()
         .unwrap_or(0);
-    est.vae = decode.max(encode);
+    est.vae = decode;
+    est.vae_encode = encode;
     est
 }
 
@@ -255,7 +258,12 @@ pub fn check(
         .max()
         .unwrap_or(0);
     let output_tokens = (batch.height / 16) * (batch.width / 16);
-    let hint = if est.vae > est.transformer_phase() {
+    let hint = if est.vae_encode > est.transformer_phase().max(est.vae) {
+        format!(
+            "lower max_input_image_size (now {max_input_image_size}): encoding the input images \
+             at that size is the largest step"
+        )
+    } else if est.vae > est.transformer_phase() {
         "decode with a tiled VAE (PipelineBuilder::vae_tiling) or request a smaller output size"
             .to_string()
     } else if text_tokens > output_tokens.max(1024) {
