@@ -13,25 +13,38 @@ pub type PngMetadata = Vec<(String, String)>;
 
 /// Writes `image` as a PNG at `path`, atomically; `metadata` goes into text chunks.
 pub fn save_png(path: &Path, image: &RgbImage, metadata: &PngMetadata) -> Result<()> {
-    write_atomically(path, |file| {
-        let mut encoder = png::Encoder::new(file, image.width(), image.height());
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        for (key, text) in metadata {
-            encoder
-                .add_itxt_chunk(key.clone(), text.clone())
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-        }
-        let mut writer = encoder
-            .write_header()
+    write_atomically(path, |file| write_png(file, image, metadata))
+}
+
+/// `image` as PNG bytes with `metadata` in text chunks, the same file [`save_png`] writes: for
+/// callers that send images elsewhere than a file (a server's response).
+pub fn encode_png(image: &RgbImage, metadata: &PngMetadata) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    write_png(&mut bytes, image, metadata).map_err(|e| Error::InvalidImage {
+        source_name: format!("generated image {}x{}", image.width(), image.height()),
+        reason: format!("cannot encode as PNG: {e}"),
+    })?;
+    Ok(bytes)
+}
+
+fn write_png(out: impl Write, image: &RgbImage, metadata: &PngMetadata) -> std::io::Result<()> {
+    let mut encoder = png::Encoder::new(out, image.width(), image.height());
+    encoder.set_color(png::ColorType::Rgb);
+    encoder.set_depth(png::BitDepth::Eight);
+    for (key, text) in metadata {
+        encoder
+            .add_itxt_chunk(key.clone(), text.clone())
             .map_err(|e| std::io::Error::other(e.to_string()))?;
-        writer
-            .write_image_data(image.as_raw())
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        writer
-            .finish()
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    })
+    }
+    let mut writer = encoder
+        .write_header()
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    writer
+        .write_image_data(image.as_raw())
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    writer
+        .finish()
+        .map_err(|e| std::io::Error::other(e.to_string()))
 }
 
 /// Runs `write` against a temporary file beside `path` and renames it into place only when the
@@ -156,6 +169,7 @@ mod tests {
         let back = image::open(&path).unwrap().to_rgb8();
         assert_eq!(back, img);
         assert_eq!(read_png_text(&path).unwrap(), meta);
+        assert_eq!(encode_png(&img, &meta).unwrap(), std::fs::read(&path).unwrap());
         // nothing but the PNG is left behind
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
