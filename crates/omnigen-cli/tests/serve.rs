@@ -356,7 +356,7 @@ const EDIT_PROMPT: &str = "make the cat green";
 
 impl Case {
     fn of(i: usize) -> Case {
-        let seed = (i % 2) as u64;
+        let seed = ((i / 10) % 2) as u64;
         match i % 10 {
             0..=4 => Case::Generate {
                 prompt: PROMPTS[i % PROMPTS.len()],
@@ -502,9 +502,17 @@ fn load_and_faults() {
                 }
                 let t = Instant::now();
                 let r = cases[i].send(&client);
+                let took = t.elapsed();
+                // A refused client waits a little, as clients do (not the whole Retry-After,
+                // which would only make the test slower), so that the queue is refilled by
+                // several clients at once rather than by whoever retries fastest.
+                let refused = r.status == 429;
                 let slot = &mut answers.lock().unwrap()[i];
                 assert!(slot.is_none(), "request {i} answered twice");
-                *slot = Some((r, t.elapsed()));
+                *slot = Some((r, took));
+                if refused {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
             });
         }
     });
@@ -557,7 +565,7 @@ fn load_and_faults() {
     assert_eq!(completed as usize, ok, "jobs completed vs images answered");
     assert_eq!(rejected as usize, busy, "queue refusals vs 429 answered");
     assert_eq!(ok + busy + invalid, cases.len());
-    assert!(ok >= 16, "only {ok} generations got through");
+    assert!(ok >= 30, "only {ok} generations got through");
     let rss_after = server.rss_mib();
     println!(
         "load: {} requests in {wall:.2?} ({:.1} req/s; {:.1} images/s): {ok} images, {busy} × 429, \
@@ -622,9 +630,17 @@ fn faults(server: &Server) {
     assert_eq!(server.call("GET", "/health", &[], &[]).status, 200);
 
     // oversized bodies: announced, and sent chunked without a length
-    let big = vec![b'x'; 2_000_000];
     let auth = format!("Bearer {KEY}");
-    let r = server.call("POST", "/v1/images/generations", &[("Authorization", &auth)], &big);
+    let mut s = server.connect().unwrap();
+    write!(
+        s,
+        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Authorization: {auth}\r\nContent-Length: 2000000\r\n\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let r = Resp::parse(&raw);
     assert_eq!(r.status, 413, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "request_too_large");
     let mut s = server.connect().unwrap();
