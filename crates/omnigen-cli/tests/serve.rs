@@ -51,6 +51,9 @@ impl std::ops::Deref for Server {
 #[derive(Clone, Copy)]
 struct Client {
     port: u16,
+    /// Whether the peer keeps connections open despite `Connection: close` (chromedriver):
+    /// then a response ends with its body, not with the connection.
+    keeps_alive: bool,
 }
 
 impl Server {
@@ -86,7 +89,10 @@ impl Server {
         let port = addr.rsplit(':').next().unwrap().parse().unwrap();
         let server = Server {
             child,
-            client: Client { port },
+            client: Client {
+                port,
+                keeps_alive: false,
+            },
             log,
         };
         let deadline = Instant::now() + Duration::from_secs(60);
@@ -156,8 +162,30 @@ impl Client {
         head.push_str("\r\n");
         s.write_all(head.as_bytes())?;
         s.write_all(body)?;
+        if !self.keeps_alive {
+            let mut raw = Vec::new();
+            s.read_to_end(&mut raw)?;
+            return Ok(Resp::parse(&raw));
+        }
         let mut raw = Vec::new();
-        s.read_to_end(&mut raw)?;
+        let mut buf = [0u8; 65536];
+        loop {
+            let n = s.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            raw.extend_from_slice(&buf[..n]);
+            if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&raw[..end]).to_ascii_lowercase();
+                let length = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse::<usize>().ok());
+                if length.is_some_and(|n| raw.len() >= end + 4 + n) {
+                    break;
+                }
+            }
+        }
         Ok(Resp::parse(&raw))
     }
 
@@ -589,7 +617,10 @@ fn load_and_faults() {
     let running = {
         let port = server.port;
         std::thread::spawn(move || {
-            let s = Client { port };
+            let s = Client {
+                port,
+                keeps_alive: false,
+            };
             let r = s.post_json(
                 "/v1/images/generations",
                 &json!({"prompt": "a dog", "steps": 100, "size": "256x256", "seed": 1}),
@@ -823,7 +854,10 @@ fn web_page_in_headless_chromium() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap_or_else(|e| panic!("cannot start {driver_bin}: {e}"));
-    let wd = Client { port: driver_port };
+    let wd = Client {
+        port: driver_port,
+        keeps_alive: true,
+    };
     let deadline = Instant::now() + Duration::from_secs(30);
     while wd.try_call("GET", "/status", &[], &[]).is_err() {
         assert!(Instant::now() < deadline, "chromedriver did not start");
