@@ -110,7 +110,7 @@ def main():
                 extra_body={"steps": 2, "seed": 0},
             )
         size = png_size(base64.b64decode(edit.data[0].b64_json))
-        # `size` defaults to the input image's: 72x56 stays 72x56 (multiples of 16 after cropping: 64x48)
+        # `size` defaults to the input image's: 72x56, centre-cropped to multiples of 16
         check("images.edit, one image, output at the input's size", size == (64, 48), size)
 
         with open(os.path.join(FIXTURES, "edit_in.png"), "rb") as a, \

@@ -62,7 +62,14 @@ impl Server {
             .arg("serve")
             .arg("--model")
             .arg(model_dir())
-            .args(["--port", "0", "--default-size", "32x32", "--max-steps", "100"])
+            .args([
+                "--port",
+                "0",
+                "--default-size",
+                "32x32",
+                "--max-steps",
+                "100",
+            ])
             .args(extra)
             .env("RUST_LOG", "warn")
             .env_remove("OMNIGEN_API_KEY")
@@ -131,7 +138,11 @@ impl Server {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "no exit after SIGTERM: {:?}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "no exit after SIGTERM: {:?}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -199,7 +210,10 @@ impl Client {
         self.call(
             "POST",
             path,
-            &[("Authorization", &auth), ("Content-Type", "application/json")],
+            &[
+                ("Authorization", &auth),
+                ("Content-Type", "application/json"),
+            ],
             body.to_string().as_bytes(),
         )
     }
@@ -226,7 +240,6 @@ impl Client {
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or_else(|| panic!("no metric {name} in\n{text}"))
     }
-
 }
 
 impl Drop for Server {
@@ -253,7 +266,14 @@ impl Resp {
             .unwrap_or_else(|| panic!("no header end in {:?}", String::from_utf8_lossy(raw)));
         let head = String::from_utf8_lossy(&raw[..end]).to_string();
         let mut lines = head.split("\r\n");
-        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+        let status = lines
+            .next()
+            .unwrap()
+            .split(' ')
+            .nth(1)
+            .unwrap()
+            .parse()
+            .unwrap();
         let headers: HashMap<String, String> = lines
             .filter_map(|l| l.split_once(':'))
             .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
@@ -263,7 +283,10 @@ impl Resp {
             let n: usize = n.parse().unwrap();
             assert!(rest.len() >= n, "body cut short: {} of {n}", rest.len());
             (rest[..n].to_vec(), rest.len() - n)
-        } else if headers.get("transfer-encoding").is_some_and(|t| t == "chunked") {
+        } else if headers
+            .get("transfer-encoding")
+            .is_some_and(|t| t == "chunked")
+        {
             dechunk(rest)
         } else {
             (rest.to_vec(), 0)
@@ -329,7 +352,8 @@ struct Form {
 
 impl Form {
     fn text(mut self, name: &str, value: &str) -> Self {
-        self.parts.push((name.into(), None, value.as_bytes().to_vec()));
+        self.parts
+            .push((name.into(), None, value.as_bytes().to_vec()));
         self
     }
 
@@ -402,7 +426,10 @@ impl Case {
                     (json!({"prompt": "a", "sizes": "32x32"}), "sizes"),
                     (json!({"prompt": "a", "n": 0}), "n"),
                     (json!({"steps": 2}), "prompt"),
-                    (json!({"prompt": "a", "guidance_scale": "high"}), "guidance_scale"),
+                    (
+                        json!({"prompt": "a", "guidance_scale": "high"}),
+                        "guidance_scale",
+                    ),
                 ];
                 let (body, field) = bad[(i / 10) % bad.len()].clone();
                 Case::Invalid { body, field }
@@ -476,6 +503,9 @@ fn references(cases: &[Case]) -> BTreeMap<String, RgbImage> {
     out
 }
 
+/// A response and how long it took.
+type Answer = (Resp, Duration);
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -517,12 +547,12 @@ fn load_and_faults() {
 
     // 200 requests from 16 clients, a queue of 4.
     let next = Arc::new(AtomicUsize::new(0));
-    let answers: Arc<Mutex<Vec<Option<(Resp, Duration)>>>> =
-        Arc::new(Mutex::new(vec![None; cases.len()]));
+    let answers: Arc<Mutex<Vec<Option<Answer>>>> = Arc::new(Mutex::new(vec![None; cases.len()]));
     let started = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..16 {
-            let (next, answers, cases, client) = (next.clone(), answers.clone(), &cases, server.client);
+            let (next, answers, cases, client) =
+                (next.clone(), answers.clone(), &cases, server.client);
             scope.spawn(move || loop {
                 let i = next.fetch_add(1, Ordering::SeqCst);
                 if i >= cases.len() {
@@ -545,7 +575,7 @@ fn load_and_faults() {
         }
     });
     let wall = started.elapsed();
-    let answers: Vec<(Resp, Duration)> = Arc::try_unwrap(answers)
+    let answers: Vec<Answer> = Arc::try_unwrap(answers)
         .unwrap()
         .into_inner()
         .unwrap()
@@ -681,7 +711,9 @@ fn faults(server: &Server) {
          Content-Type: multipart/form-data; boundary=b\r\nTransfer-Encoding: chunked\r\n\r\n"
     )
     .unwrap();
-    let mut part = b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n".to_vec();
+    let mut part =
+        b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\n"
+            .to_vec();
     part.extend(vec![b'x'; 1_500_000]);
     let _ = write!(s, "{:x}\r\n", part.len()).and_then(|_| s.write_all(&part));
     let _ = s.write_all(b"\r\n0\r\n\r\n");
@@ -703,9 +735,16 @@ fn faults(server: &Server) {
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         let n = s.read(&mut buf).unwrap_or(0);
         let text = String::from_utf8_lossy(&buf[..n]);
-        assert!(n == 0 || text.starts_with("HTTP/1.1 408"), "slow client got {text}");
+        assert!(
+            n == 0 || text.starts_with("HTTP/1.1 408"),
+            "slow client got {text}"
+        );
     }
-    assert!(t.elapsed() < Duration::from_secs(8), "slow clients held for {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "slow clients held for {:?}",
+        t.elapsed()
+    );
 
     // a client that disconnects mid-generation: its job is cancelled
     let cancelled = server.metric("omnigen_jobs_cancelled_total");
@@ -721,7 +760,9 @@ fn faults(server: &Server) {
     wait_until(server, |s| s.metric("omnigen_jobs_running") >= 1.0);
     s.shutdown(Shutdown::Both).unwrap();
     drop(s);
-    wait_until(server, |s| s.metric("omnigen_jobs_cancelled_total") > cancelled);
+    wait_until(server, |s| {
+        s.metric("omnigen_jobs_cancelled_total") > cancelled
+    });
     wait_until(server, |s| s.metric("omnigen_jobs_running") == 0.0);
 
     // bodies that are not what the endpoint reads
@@ -731,14 +772,20 @@ fn faults(server: &Server) {
         &[("Authorization", &auth)],
         b"{not json",
     );
-    assert_eq!((r.status, r.json()["error"]["code"].clone()), (400, json!("invalid_body")));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (400, json!("invalid_body"))
+    );
     let r = server.post_form(
         "/v1/images/edits",
         &Form::default()
             .file("image", "a.png", b"not an image".to_vec())
             .text("prompt", "x"),
     );
-    assert_eq!((r.status, r.json()["error"]["param"].clone()), (400, json!("image")));
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("image"))
+    );
 
     let r = Case::of(1).send(server);
     assert!(matches!(r.status, 200 | 429), "still serving: {}", r.text());
@@ -763,7 +810,10 @@ fn follow(server: &Server, id: &str, mid_run: impl FnOnce()) -> (Vec<Value>, Val
     let mut mid_run = Some(mid_run);
     loop {
         line.clear();
-        assert!(reader.read_line(&mut line).unwrap() > 0, "stream ended before `done`");
+        assert!(
+            reader.read_line(&mut line).unwrap() > 0,
+            "stream ended before `done`"
+        );
         let l = line.trim_end();
         if let Some(name) = l.strip_prefix("event: ") {
             event = name.to_string();
@@ -813,7 +863,7 @@ fn jobs_api(server: &Server, refs: &BTreeMap<String, RgbImage>) {
     assert_eq!(r.status, 202, "{}", r.text());
     let id = r.json()["id"].as_str().unwrap().to_string();
     let (_, done) = follow(server, &id, || {});
-    assert!(&images_of(&done["result"])[0] == &refs["edit edit_in.png 0"]);
+    assert!(images_of(&done["result"])[0] == refs["edit edit_in.png 0"]);
 
     // DELETE stops a running job through its cancellation token.
     let r = server.post_json(
@@ -823,7 +873,12 @@ fn jobs_api(server: &Server, refs: &BTreeMap<String, RgbImage>) {
     let id = r.json()["id"].as_str().unwrap().to_string();
     let auth = format!("Bearer {KEY}");
     let (_, done) = follow(server, &id, || {
-        let r = server.call("DELETE", &format!("/v1/jobs/{id}"), &[("Authorization", &auth)], &[]);
+        let r = server.call(
+            "DELETE",
+            &format!("/v1/jobs/{id}"),
+            &[("Authorization", &auth)],
+            &[],
+        );
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.json()["cancel_requested"], true);
     });
@@ -832,9 +887,15 @@ fn jobs_api(server: &Server, refs: &BTreeMap<String, RgbImage>) {
     assert_eq!(done["error"]["code"], "cancelled");
 
     let r = server.get("/v1/jobs/job_0123");
-    assert_eq!((r.status, r.json()["error"]["code"].clone()), (404, json!("not_found")));
+    assert_eq!(
+        (r.status, r.json()["error"]["code"].clone()),
+        (404, json!("not_found"))
+    );
     let r = server.post_json("/v1/jobs", &json!({"prompt": "a", "steps": 101}));
-    assert_eq!((r.status, r.json()["error"]["param"].clone()), (400, json!("steps")));
+    assert_eq!(
+        (r.status, r.json()["error"]["param"].clone()),
+        (400, json!("steps"))
+    );
 }
 
 /// The page at `/` in headless Chromium: type a prompt, generate, see the image.
@@ -873,7 +934,12 @@ fn web_page_in_headless_chromium() {
         assert_eq!(r.status, 200, "{path}: {}", r.text());
         r.json()["value"].clone()
     };
-    let mut args = vec!["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"];
+    let mut args = vec![
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+    ];
     args.push("--window-size=1200,900");
     let mut options = json!({ "args": args });
     if let Ok(bin) = std::env::var("CHROMIUM") {
@@ -886,10 +952,23 @@ fn web_page_in_headless_chromium() {
     let sid = session["sessionId"].as_str().unwrap().to_string();
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let at = |p: &str| format!("/session/{sid}{p}");
-        post(&at("/url"), json!({"url": format!("http://127.0.0.1:{}/", server.port)}));
+        post(
+            &at("/url"),
+            json!({"url": format!("http://127.0.0.1:{}/", server.port)}),
+        );
         let element = |css: &str| {
-            let v = post(&at("/element"), json!({"using": "css selector", "value": css}));
-            v.as_object().unwrap().values().next().unwrap().as_str().unwrap().to_string()
+            let v = post(
+                &at("/element"),
+                json!({"using": "css selector", "value": css}),
+            );
+            v.as_object()
+                .unwrap()
+                .values()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
         };
         let fill = |css: &str, text: &str| {
             let id = element(css);
@@ -920,11 +999,23 @@ fn web_page_in_headless_chromium() {
             std::thread::sleep(Duration::from_millis(100));
         }
         let src = script("return document.getElementById('image').src;");
-        let b64 = src.as_str().unwrap().strip_prefix("data:image/png;base64,").unwrap();
-        let png = base64::engine::general_purpose::STANDARD.decode(b64).unwrap();
+        let b64 = src
+            .as_str()
+            .unwrap()
+            .strip_prefix("data:image/png;base64,")
+            .unwrap();
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
         let shown = image::load_from_memory(&png).unwrap().to_rgb8();
-        let refs = references(&[Case::Generate { prompt: PROMPTS[0], seed: 1 }]);
-        assert!(&shown == refs.values().next().unwrap(), "the page shows another image");
+        let refs = references(&[Case::Generate {
+            prompt: PROMPTS[0],
+            seed: 1,
+        }]);
+        assert!(
+            &shown == refs.values().next().unwrap(),
+            "the page shows another image"
+        );
         let link = script("return document.getElementById('download').download;");
         assert_eq!(link, "omnigen-1.png");
         let params = script("return document.getElementById('params').textContent;");

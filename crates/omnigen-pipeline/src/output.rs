@@ -169,7 +169,10 @@ mod tests {
         let back = image::open(&path).unwrap().to_rgb8();
         assert_eq!(back, img);
         assert_eq!(read_png_text(&path).unwrap(), meta);
-        assert_eq!(encode_png(&img, &meta).unwrap(), std::fs::read(&path).unwrap());
+        assert_eq!(
+            encode_png(&img, &meta).unwrap(),
+            std::fs::read(&path).unwrap()
+        );
         // nothing but the PNG is left behind
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }

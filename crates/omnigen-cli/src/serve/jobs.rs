@@ -429,7 +429,10 @@ mod tests {
     use super::*;
 
     fn job() -> Arc<Job> {
-        Job::new(GenerationRequest::new(Prompt::from("x")).steps(3), json!({}))
+        Job::new(
+            GenerationRequest::new(Prompt::from("x")).steps(3),
+            json!({}),
+        )
     }
 
     #[test]
@@ -458,7 +461,10 @@ mod tests {
         cancel_unstarted(&a, &Metrics::default());
         store.expire();
         assert!(store.get(&a.id).is_none());
-        assert!(store.get(&b.id).is_some(), "an unfinished job never expires");
+        assert!(
+            store.get(&b.id).is_some(),
+            "an unfinished job never expires"
+        );
         assert_eq!(a.state().status, Status::Cancelled);
     }
 

@@ -70,7 +70,10 @@ impl Metrics {
     pub fn render(&self, g: Gauges) -> String {
         let mut out = String::new();
         let mut metric = |name: &str, kind: &str, help: &str, value: String| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
         };
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed).to_string();
         metric(

@@ -142,8 +142,9 @@ impl ApiError {
         Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", message)
     }
 
-    /// 499-style outcome of a cancelled job, reported in its status (never sent as a status
-    /// line: the client that cancelled is the one that asked).
+    /// The outcome of a cancelled job, as its status reports it (409 should a waiting client
+    /// ever be answered with it: shutdown answers those with 503, and a client that went
+    /// away is not answered at all).
     pub fn cancelled(step: usize) -> Self {
         Self::new(
             StatusCode::CONFLICT,
@@ -395,9 +396,7 @@ pub fn parse(
                     "exact" => KvCache::Exact,
                     "off" | "none" => KvCache::Off,
                     other => {
-                        return Err(f.error(format!(
-                            "`{other}` is not one of official, exact, off"
-                        )))
+                        return Err(f.error(format!("`{other}` is not one of official, exact, off")))
                     }
                 }
             }
@@ -423,7 +422,10 @@ pub fn parse(
 
     let prompt = prompt.ok_or_else(|| ApiError::invalid("prompt", "is required"))?;
     if kind == Kind::Edit && images.is_empty() {
-        return Err(ApiError::invalid("image", "an edit needs at least one image"));
+        return Err(ApiError::invalid(
+            "image",
+            "an edit needs at least one image",
+        ));
     }
     if images.len() > MAX_IMAGES {
         return Err(ApiError::invalid(
@@ -601,15 +603,23 @@ mod tests {
     }
 
     fn gen(v: Value) -> Result<Parsed, ApiError> {
-        parse(json_fields(v), vec![], Kind::Generation, Source::Json, &limits())
+        parse(
+            json_fields(v),
+            vec![],
+            Kind::Generation,
+            Source::Json,
+            &limits(),
+        )
     }
 
     #[test]
     fn a_full_request_carries_every_option() {
-        let p = gen(json!({"prompt": "a cat", "n": 2, "size": "128x64", "steps": 3,
+        let p = gen(
+            json!({"prompt": "a cat", "n": 2, "size": "128x64", "steps": 3,
             "guidance_scale": 2.5, "img_guidance_scale": 1.2, "seed": 7, "model": "omnigen",
             "response_format": "b64_json", "user": "u", "kv_cache": "exact",
-            "negative_prompt": "dull", "separate_cfg_infer": false, "quality": "hd"}))
+            "negative_prompt": "dull", "separate_cfg_infer": false, "quality": "hd"}),
+        )
         .unwrap();
         let r = &p.request;
         assert_eq!((r.width, r.height, r.num_images_per_prompt), (128, 64, 2));
@@ -634,14 +644,23 @@ mod tests {
             (json!({"prompt": "a", "steps": 0}), "steps"),
             (json!({"prompt": "a", "steps": 101}), "steps"),
             (json!({"prompt": "a", "steps": "4"}), "steps"),
-            (json!({"prompt": "a", "guidance_scale": "x"}), "guidance_scale"),
+            (
+                json!({"prompt": "a", "guidance_scale": "x"}),
+                "guidance_scale",
+            ),
             (json!({"prompt": "a", "seed": -1}), "seed"),
             (json!({"prompt": "a", "model": "dall-e-3"}), "model"),
-            (json!({"prompt": "a", "response_format": "url"}), "response_format"),
+            (
+                json!({"prompt": "a", "response_format": "url"}),
+                "response_format",
+            ),
             (json!({"prompt": "a", "kv_cache": "sometimes"}), "kv_cache"),
             (json!({"prompt": "a", "scheduler": "ddim"}), "scheduler"),
             (json!({"prompt": "a", "colour": "red"}), "colour"),
-            (json!({"prompt": "a", "use_input_image_size_as_output": true}), "size"),
+            (
+                json!({"prompt": "a", "use_input_image_size_as_output": true}),
+                "size",
+            ),
             (json!({"prompt": "a <img><|image_1|></img>"}), "prompt"),
         ];
         for (body, field) in cases {

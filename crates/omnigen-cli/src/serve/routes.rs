@@ -73,7 +73,10 @@ impl AppState {
             Err(Refused::Closed) => Err(ApiError::shutting_down()),
             Err(Refused::Full) => {
                 self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
-                Err(ApiError::queue_full(self.queue.capacity, self.retry_after()))
+                Err(ApiError::queue_full(
+                    self.queue.capacity,
+                    self.retry_after(),
+                ))
             }
         }
     }
@@ -81,12 +84,11 @@ impl AppState {
     /// Seconds until a queue slot is likely free: the waiting jobs' share of the workers at
     /// the mean latency so far.
     fn retry_after(&self) -> u64 {
-        let mean = self
-            .metrics
-            .mean_latency()
-            .map_or(1.0, |d| d.as_secs_f64());
+        let mean = self.metrics.mean_latency().map_or(1.0, |d| d.as_secs_f64());
         let waiting = self.queue.depth() as f64 + 1.0;
-        (mean * waiting / self.workers.max(1) as f64).ceil().clamp(1.0, 600.0) as u64
+        (mean * waiting / self.workers.max(1) as f64)
+            .ceil()
+            .clamp(1.0, 600.0) as u64
     }
 
     fn gauges(&self) -> Gauges {
@@ -152,8 +154,7 @@ async fn limit_length(State(state): State<Shared>, request: Request, next: Next)
 
 async fn count_errors(State(state): State<Shared>, request: Request, next: Next) -> Response {
     let response = next.run(request).await;
-    if response.status().is_client_error() && response.status() != StatusCode::TOO_MANY_REQUESTS
-    {
+    if response.status().is_client_error() && response.status() != StatusCode::TOO_MANY_REQUESTS {
         state.metrics.client_errors.fetch_add(1, Ordering::Relaxed);
     }
     response
@@ -239,7 +240,10 @@ async fn models(State(state): State<Shared>) -> Json<Value> {
     Json(json!({ "object": "list", "data": [model_object(&state)] }))
 }
 
-async fn model(State(state): State<Shared>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+async fn model(
+    State(state): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Json<Value>, ApiError> {
     if id != state.limits.model_name {
         return Err(ApiError::not_found(format!("no model `{id}`")));
     }
@@ -264,7 +268,9 @@ fn json_fields(bytes: &[u8]) -> Result<Vec<(String, Value)>, ApiError> {
     match serde_json::from_slice::<Value>(bytes) {
         Ok(Value::Object(map)) => Ok(map.into_iter().collect()),
         Ok(_) => Err(ApiError::bad_body("the body must be a JSON object")),
-        Err(e) => Err(ApiError::bad_body(format!("the body is not valid JSON: {e}"))),
+        Err(e) => Err(ApiError::bad_body(format!(
+            "the body is not valid JSON: {e}"
+        ))),
     }
 }
 
@@ -310,7 +316,11 @@ async fn decode_images(files: Vec<Bytes>) -> Result<Vec<ConditionImage>, ApiErro
     if files.len() > openai::MAX_IMAGES {
         return Err(ApiError::invalid(
             "image",
-            format!("{} images given; at most {}", files.len(), openai::MAX_IMAGES),
+            format!(
+                "{} images given; at most {}",
+                files.len(),
+                openai::MAX_IMAGES
+            ),
         ));
     }
     tokio::task::spawn_blocking(move || {
@@ -321,7 +331,10 @@ async fn decode_images(files: Vec<Bytes>) -> Result<Vec<ConditionImage>, ApiErro
                 image::load_from_memory(bytes)
                     .map(ConditionImage::from_dynamic)
                     .map_err(|e| {
-                        ApiError::invalid("image", format!("image {} cannot be decoded: {e}", i + 1))
+                        ApiError::invalid(
+                            "image",
+                            format!("image {} cannot be decoded: {e}", i + 1),
+                        )
                     })
             })
             .collect()
@@ -345,7 +358,13 @@ async fn read_job(state: &AppState, request: Request, kind: Kind) -> Result<Arc<
     let parsed = match kind {
         Kind::Generation => {
             let bytes = read_body(state, request).await?;
-            openai::parse(json_fields(&bytes)?, vec![], kind, Source::Json, &state.limits)?
+            openai::parse(
+                json_fields(&bytes)?,
+                vec![],
+                kind,
+                Source::Json,
+                &state.limits,
+            )?
         }
         Kind::Edit => {
             if !is_multipart(request.headers()) {
@@ -413,7 +432,10 @@ async fn run_to_end(state: &AppState, job: Arc<Job>) -> Result<Json<Value>, ApiE
     }
 }
 
-async fn generations(State(state): State<Shared>, request: Request) -> Result<Json<Value>, ApiError> {
+async fn generations(
+    State(state): State<Shared>,
+    request: Request,
+) -> Result<Json<Value>, ApiError> {
     let job = read_job(&state, request, Kind::Generation).await?;
     run_to_end(&state, job).await
 }
@@ -489,7 +511,9 @@ async fn job_events(
             return Some((Ok(event), None));
         }
         let progress = json!({"status": s.status.name(), "step": s.step, "total": s.total});
-        let event = Event::default().event("progress").data(progress.to_string());
+        let event = Event::default()
+            .event("progress")
+            .data(progress.to_string());
         Some((Ok(event), Some((job, rx, false))))
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
@@ -502,7 +526,11 @@ mod tests {
     use tower::ServiceExt as _;
 
     fn request(method: &str, uri: &str, body: Body) -> Request {
-        Request::builder().method(method).uri(uri).body(body).unwrap()
+        Request::builder()
+            .method(method)
+            .uri(uri)
+            .body(body)
+            .unwrap()
     }
 
     fn state(key: Option<&str>) -> Shared {
@@ -531,7 +559,10 @@ mod tests {
         let bytes = axum::body::to_bytes(response.into_body(), usize::MAX)
             .await
             .unwrap();
-        (status, serde_json::from_slice(&bytes).unwrap_or(Value::Null))
+        (
+            status,
+            serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+        )
     }
 
     #[tokio::test]
@@ -548,7 +579,10 @@ mod tests {
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(v["error"]["code"], "model_loading");
         let (status, v) = call(&s, request("GET", "/health", Body::empty())).await;
-        assert_eq!((status, v["status"].as_str()), (StatusCode::SERVICE_UNAVAILABLE, Some("loading")));
+        assert_eq!(
+            (status, v["status"].as_str()),
+            (StatusCode::SERVICE_UNAVAILABLE, Some("loading"))
+        );
     }
 
     #[tokio::test]
@@ -556,18 +590,78 @@ mod tests {
         let s = state(None);
         s.phase.store(READY, Ordering::SeqCst);
         let big = format!(r#"{{"prompt":"{}"}}"#, "a".repeat(2000));
-        let (status, v) = call(&s, request("POST", "/v1/images/generations", Body::from(big))).await;
+        let (status, v) = call(
+            &s,
+            request("POST", "/v1/images/generations", Body::from(big)),
+        )
+        .await;
         assert_eq!(status, StatusCode::PAYLOAD_TOO_LARGE);
         assert_eq!(v["error"]["code"], "request_too_large");
         let (status, v) = call(&s, request("GET", "/v1/nothing", Body::empty())).await;
-        assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::NOT_FOUND, Some("not_found")));
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (StatusCode::NOT_FOUND, Some("not_found"))
+        );
         let (status, v) = call(&s, request("GET", "/v1/images/generations", Body::empty())).await;
         assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(v["error"]["type"], "invalid_request_error");
-        let (status, v) = call(&s, request("POST", "/v1/images/generations", Body::from("[1]"))).await;
-        assert_eq!((status, v["error"]["code"].as_str()), (StatusCode::BAD_REQUEST, Some("invalid_body")));
-        let (status, v) = call(&s, request("POST", "/v1/images/generations", Body::from(r#"{"prompt":"a","n":9}"#))).await;
-        assert_eq!((status, v["error"]["param"].as_str()), (StatusCode::BAD_REQUEST, Some("n")));
+        let (status, v) = call(
+            &s,
+            request("POST", "/v1/images/generations", Body::from("[1]")),
+        )
+        .await;
+        assert_eq!(
+            (status, v["error"]["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("invalid_body"))
+        );
+        let (status, v) = call(
+            &s,
+            request(
+                "POST",
+                "/v1/images/generations",
+                Body::from(r#"{"prompt":"a","n":9}"#),
+            ),
+        )
+        .await;
+        assert_eq!(
+            (status, v["error"]["param"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("n"))
+        );
+    }
+
+    #[tokio::test]
+    async fn shutting_down_refuses_new_work_with_503() {
+        let s = state(None);
+        s.phase.store(SHUTTING_DOWN, Ordering::SeqCst);
+        let body = Body::from(r#"{"prompt":"a","steps":1}"#);
+        let (status, v) = call(&s, request("POST", "/v1/jobs", body)).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(v["error"]["code"], "shutting_down");
+        assert_eq!(s.jobs.count(), 0, "a refused job is not kept");
+        let (status, v) = call(&s, request("GET", "/health", Body::empty())).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(v["status"], "shutting_down");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_answers_429_with_retry_after() {
+        let s = state(None);
+        s.phase.store(READY, Ordering::SeqCst);
+        let body = || Body::from(r#"{"prompt":"a","steps":1}"#);
+        for _ in 0..2 {
+            let (status, _) = call(&s, request("POST", "/v1/jobs", body())).await;
+            assert_eq!(status, StatusCode::ACCEPTED);
+        }
+        let response = router(s.clone())
+            .oneshot(request("POST", "/v1/jobs", body()))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+        assert_eq!(s.metrics.rejected.load(Ordering::Relaxed), 1);
+        let (status, v) = call(&s, request("GET", "/metrics", Body::empty())).await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(v.is_null(), "metrics are text, not JSON");
     }
 
     #[test]
