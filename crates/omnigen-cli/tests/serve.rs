@@ -1028,3 +1028,37 @@ fn web_page_in_headless_chromium() {
         std::panic::resume_unwind(e);
     }
 }
+
+/// A model that cannot load, or a port that is taken, ends the server with status 1 and a
+/// message naming the flag.
+#[test]
+fn bad_model_or_port_fails_cleanly() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_omnigen"))
+            .arg("serve")
+            .args(args)
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, err) = run(&["--model", "/no/such/model", "--port", "0"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("error: --model: cannot resolve model"),
+        "{err}"
+    );
+
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let model = model_dir();
+    let (code, err) = run(&["--model", model.to_str().unwrap(), "--port", &port]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(
+        err.contains("error: --port: cannot listen on 127.0.0.1:"),
+        "{err}"
+    );
+}
