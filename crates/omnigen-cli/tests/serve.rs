@@ -1020,6 +1020,64 @@ fn web_page_in_headless_chromium() {
         assert_eq!(link, "omnigen-1.png");
         let params = script("return document.getElementById('params').textContent;");
         assert!(params.as_str().unwrap().contains(PROMPTS[0]), "{params}");
+
+        // An upload inserts its placeholder at the cursor and the job becomes an edit.
+        let upload = root().join("tests/fixtures/A/edit_in.png");
+        let upload = upload.canonicalize().unwrap();
+        let input = element("#images");
+        post(
+            &at(&format!("/element/{input}/value")),
+            json!({"text": upload.to_str().unwrap()}),
+        );
+        let prompt = script("return document.getElementById('prompt').value;");
+        let prompt = prompt.as_str().unwrap().to_string();
+        assert_eq!(prompt, format!("{}<img><|image_1|></img> ", PROMPTS[0]));
+        let before = script("return document.getElementById('image').src;");
+        post(&at(&format!("/element/{button}/click")), json!({}));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let state = script(
+                "return [document.getElementById('image').src, \
+                 document.getElementById('status').textContent, \
+                 document.getElementById('error').textContent];",
+            );
+            if state[0] != before && state[1] == "succeeded" {
+                break;
+            }
+            assert!(state[2] == "", "the page shows an error: {state}");
+            assert!(
+                Instant::now() < deadline,
+                "no edited image on the page: {state}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let src = script("return document.getElementById('image').src;");
+        let b64 = src
+            .as_str()
+            .unwrap()
+            .strip_prefix("data:image/png;base64,")
+            .unwrap();
+        let png = base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap();
+        let shown = image::load_from_memory(&png).unwrap().to_rgb8();
+        let pipeline =
+            OmniGenPipeline::<DefaultBackend>::from_dir(model_dir(), &default_device()).unwrap();
+        let input = image::load_from_memory(&fixture_png("edit_in.png")).unwrap();
+        let want = pipeline
+            .generate(
+                &GenerationRequest::new(
+                    Prompt::from_text(prompt, vec![ConditionImage::from_dynamic(input)]).unwrap(),
+                )
+                .size(32, 32)
+                .steps(STEPS)
+                .seed(1),
+            )
+            .unwrap();
+        assert!(
+            shown == want.images[0],
+            "the page shows another edited image"
+        );
     }));
     let _ = wd.call("DELETE", &format!("/session/{sid}"), &[], &[]);
     let _ = driver.kill();
