@@ -8,6 +8,7 @@
 //!     --prompt "<img><|image_1|></img> make the cat green" --image cat.png \
 //!     --use-input-image-size-as-output --output green.png
 //! omnigen inspect DIR
+//! omnigen serve --model DIR --port 8080
 //! ```
 //! Every error ends the program with a message whose first line starts with `error: ` and exit
 //! status 1; the PNG (and the latents file) are written atomically, so a failure never leaves a
@@ -18,6 +19,7 @@ mod flags;
 mod generate;
 mod inspect;
 mod latents;
+mod serve;
 
 use std::process::ExitCode;
 
@@ -38,6 +40,8 @@ enum Command {
     Generate(Box<generate::GenerateArgs>),
     /// Show a model folder's layout, configuration, parameter count, dtypes and weight memory.
     Inspect(inspect::InspectArgs),
+    /// Serve the OpenAI images API, a jobs API and a web page over one loaded model.
+    Serve(Box<serve::ServeArgs>),
 }
 
 fn main() -> ExitCode {
@@ -57,6 +61,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => generate::run(*args),
         Command::Inspect(args) => inspect::run(&args),
+        Command::Serve(args) => serve::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

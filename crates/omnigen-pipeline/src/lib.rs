@@ -28,7 +28,9 @@ pub use image_preprocess::{
     crop_arr, pillow_resize, preprocess_image, PreprocessedImage, ResampleFilter,
 };
 pub use noise::NoiseSource;
-pub use output::{check_output, read_png_text, save_image, save_png, ImageFormat, PngMetadata};
+pub use output::{
+    check_output, encode_png, read_png_text, save_image, save_png, ImageFormat, PngMetadata,
+};
 pub use pipeline::sampling::DEFAULT_SEED;
 pub use pipeline::{
     tensor_to_rgb8, CancellationToken, Generation, GenerationStats, Hooks, OmniGenPipeline,

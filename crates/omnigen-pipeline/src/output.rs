@@ -152,13 +152,9 @@ pub fn save_image(
     }
 }
 
-fn write_png(
-    file: &mut std::fs::File,
-    image: &RgbImage,
-    metadata: &OutputMetadata,
-) -> std::io::Result<()> {
+fn write_png(out: impl Write, image: &RgbImage, metadata: &OutputMetadata) -> std::io::Result<()> {
     let other = |e: png::EncodingError| std::io::Error::other(e.to_string());
-    let mut encoder = png::Encoder::new(file, image.width(), image.height());
+    let mut encoder = png::Encoder::new(out, image.width(), image.height());
     encoder.set_color(png::ColorType::Rgb);
     encoder.set_depth(png::BitDepth::Eight);
     if let Some(packet) = metadata.xmp_packet() {
@@ -324,27 +320,26 @@ fn shorten(g: &mut GenerationParameters) -> bool {
     true
 }
 
-/// Writes `image` as a PNG at `path`, atomically; `metadata` goes into text chunks.
+/// Writes `image` as a PNG at `path`, atomically; `metadata` goes into `iTXt` text chunks and
+/// nothing else (no XMP: [`save_image`] with an [`OutputMetadata`] writes that).
 pub fn save_png(path: &Path, image: &RgbImage, metadata: &PngMetadata) -> Result<()> {
-    write_atomically(path, |file| {
-        let mut encoder = png::Encoder::new(file, image.width(), image.height());
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        for (key, text) in metadata {
-            encoder
-                .add_itxt_chunk(key.clone(), text.clone())
-                .map_err(|e| std::io::Error::other(e.to_string()))?;
-        }
-        let mut writer = encoder
-            .write_header()
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        writer
-            .write_image_data(image.as_raw())
-            .map_err(|e| std::io::Error::other(e.to_string()))?;
-        writer
-            .finish()
-            .map_err(|e| std::io::Error::other(e.to_string()))
-    })
+    let metadata = OutputMetadata {
+        text: metadata.clone(),
+        ..OutputMetadata::empty()
+    };
+    write_atomically(path, |file| write_png(file, image, &metadata))
+}
+
+/// `image` as PNG bytes with `metadata` (XMP, A1111 `parameters`, text chunks), the same bytes
+/// [`save_image`] writes for [`ImageFormat::Png`]: for callers that send images elsewhere than
+/// a file (a server's response).
+pub fn encode_png(image: &RgbImage, metadata: &OutputMetadata) -> Result<Vec<u8>> {
+    let mut bytes = Vec::new();
+    write_png(&mut bytes, image, metadata).map_err(|e| Error::InvalidImage {
+        source_name: format!("generated image {}x{}", image.width(), image.height()),
+        reason: format!("cannot encode as PNG: {e}"),
+    })?;
+    Ok(bytes)
 }
 
 /// Runs `write` against a temporary file beside `path` and renames it into place only when the
@@ -519,6 +514,17 @@ mod tests {
         let back = image::open(&path).unwrap().to_rgb8();
         assert_eq!(back, img);
         assert_eq!(read_png_text(&path).unwrap(), meta);
+        assert_eq!(
+            encode_png(
+                &img,
+                &OutputMetadata {
+                    text: meta.clone(),
+                    ..OutputMetadata::empty()
+                }
+            )
+            .unwrap(),
+            std::fs::read(&path).unwrap()
+        );
         // nothing but the PNG is left behind
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
