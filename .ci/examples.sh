@@ -6,8 +6,12 @@ cd "$(dirname "$0")/.."
 M=tests/fixtures/A/model
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
-run() { cargo run --release -q --example "$@"; }
-omnigen() { cargo run --release -q -p omnigen-cli -- "$@"; }
+# The binaries of the README's test command (the same features: `cargo run` of one package
+# would unify features differently and rebuild much of the tree). A no-op right after it.
+cargo test --workspace --release --no-run -q 2>/dev/null || cargo test --workspace --release --no-run
+BIN="${CARGO_TARGET_DIR:-target}/release"
+run() { local example=$1; shift; [ "${1:-}" = "--" ] && shift; "$BIN/examples/$example" "$@"; }
+omnigen() { "$BIN/omnigen" "$@"; }
 
 # text-to-image, editing, two-image subject prompt, every cache / guidance form
 omnigen generate --model $M --prompt "a red cat sitting on a blue mat" --height 64 --width 64 \
