@@ -24,7 +24,10 @@ pub fn open_regular(path: &Path, max_bytes: Option<u64>) -> Result<File> {
     };
     let meta = std::fs::metadata(path).map_err(|e| Error::io("open", path, e))?;
     if !meta.is_file() {
-        return Err(refuse(format!("{}, not a regular file", kind_of(&meta))));
+        return Err(refuse(format!(
+            "is a {}, not a regular file",
+            file_kind(&meta)
+        )));
     }
     let mut options = std::fs::OpenOptions::new();
     options.read(true);
@@ -34,7 +37,10 @@ pub fn open_regular(path: &Path, max_bytes: Option<u64>) -> Result<File> {
     let file = options.open(path).map_err(|e| Error::io("open", path, e))?;
     let meta = file.metadata().map_err(|e| Error::io("read", path, e))?;
     if !meta.is_file() {
-        return Err(refuse(format!("{}, not a regular file", kind_of(&meta))));
+        return Err(refuse(format!(
+            "is a {}, not a regular file",
+            file_kind(&meta)
+        )));
     }
     if let Some(max) = max_bytes.filter(|&m| meta.len() > m) {
         return Err(refuse(format!(
@@ -46,26 +52,26 @@ pub fn open_regular(path: &Path, max_bytes: Option<u64>) -> Result<File> {
     Ok(file)
 }
 
-/// What a non-regular file is, in words.
-fn kind_of(meta: &std::fs::Metadata) -> &'static str {
+/// What a non-regular file is, in words ("directory", "FIFO", "device", "socket").
+pub fn file_kind(meta: &std::fs::Metadata) -> &'static str {
     if meta.is_dir() {
-        return "is a directory";
+        return "directory";
     }
     #[cfg(unix)]
     {
         use std::os::unix::fs::FileTypeExt;
         let t = meta.file_type();
         if t.is_fifo() {
-            return "is a FIFO";
+            return "FIFO";
         }
         if t.is_char_device() || t.is_block_device() {
-            return "is a device";
+            return "device";
         }
         if t.is_socket() {
-            return "is a socket";
+            return "socket";
         }
     }
-    "is a special file"
+    "special file"
 }
 
 #[cfg(test)]

@@ -95,6 +95,23 @@ impl ModelInput {
         &self.input_ids[b * self.text_len..(b + 1) * self.text_len]
     }
 
+    /// The first `n` rows (all of them when `n >= B`) without the images' pixels: what a call
+    /// needs once the images are encoded, or the conditional rows of a joint batch (still padded
+    /// to the batch's length).
+    pub fn rows_without_pixels(&self, n: usize) -> ModelInput {
+        let n = n.min(self.batch_size);
+        ModelInput {
+            batch_size: n,
+            input_ids: self.input_ids[..n * self.text_len].to_vec(),
+            masks: self.masks[..n].to_vec(),
+            position_ids: self.position_ids[..n * self.seq_len].to_vec(),
+            images: Vec::new(),
+            image_spans: self.image_spans.iter().take(n).cloned().collect(),
+            num_output_tokens: self.num_output_tokens.iter().take(n).copied().collect(),
+            ..*self
+        }
+    }
+
     /// Bytes of the dense f32 attention mask, `B * S * S * 4` (saturating).
     pub fn attention_mask_bytes(&self) -> u64 {
         let s = self.seq_len as u64;

@@ -449,33 +449,14 @@ fn check_target(path: &Path) -> Result<()> {
             } else {
                 std::io::ErrorKind::InvalidInput
             };
-            let what = format!("it is a {}, not a regular file", file_kind(&meta));
+            let what = format!(
+                "it is a {}, not a regular file",
+                omnigen_core::files::file_kind(&meta)
+            );
             Err(Error::io("write", path, std::io::Error::new(kind, what)))
         }
         _ => Ok(()),
     }
-}
-
-/// What a non-regular file is, for messages.
-fn file_kind(meta: &std::fs::Metadata) -> &'static str {
-    if meta.is_dir() {
-        return "directory";
-    }
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::FileTypeExt;
-        let t = meta.file_type();
-        if t.is_fifo() {
-            return "FIFO";
-        }
-        if t.is_socket() {
-            return "socket";
-        }
-        if t.is_char_device() || t.is_block_device() {
-            return "device";
-        }
-    }
-    "special file"
 }
 
 /// Reads back the text chunks of a PNG (for tests and tools tracing an output).

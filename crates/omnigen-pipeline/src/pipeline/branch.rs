@@ -167,24 +167,13 @@ impl<B: KernelBackend> BranchState<B> {
     /// with an empty cache (still padded to the joint length, so its rows compute what they
     /// compute inside the joint batch).
     fn cond_rows(&self, n: usize) -> BranchState<B> {
-        let m = &self.input;
-        let n = n.min(m.batch_size);
-        let spans: Vec<Vec<(usize, usize)>> = m.image_spans.iter().take(n).cloned().collect();
-        let images: usize = spans.iter().map(Vec::len).sum();
+        let input = self.input.rows_without_pixels(n);
+        let images: usize = input.image_spans.iter().map(Vec::len).sum();
         BranchState {
-            input: ModelInput {
-                batch_size: n,
-                input_ids: m.input_ids[..n * m.text_len].to_vec(),
-                masks: m.masks[..n].to_vec(),
-                position_ids: m.position_ids[..n * m.seq_len].to_vec(),
-                images: Vec::new(),
-                image_spans: spans,
-                num_output_tokens: m.num_output_tokens.iter().take(n).copied().collect(),
-                ..*m
-            },
+            rows: input.batch_size,
+            input,
             latents: self.latents[..images.min(self.latents.len())].to_vec(),
             cond: None,
-            rows: n,
             cache: None,
         }
     }
@@ -229,15 +218,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
                     .collect::<Result<Vec<_>>>()?;
                 Ok(BranchState {
                     // the images are encoded already: keep everything but their pixels
-                    input: ModelInput {
-                        input_ids: m.input_ids.clone(),
-                        masks: m.masks.clone(),
-                        position_ids: m.position_ids.clone(),
-                        images: Vec::new(),
-                        image_spans: m.image_spans.clone(),
-                        num_output_tokens: m.num_output_tokens.clone(),
-                        ..*m
-                    },
+                    input: m.rows_without_pixels(m.batch_size),
                     latents,
                     cond: None,
                     rows: m.batch_size,
