@@ -7,7 +7,7 @@
 
 use burn::tensor::{Distribution, Int, Tensor, TensorData};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use omnigen_models::transformer::{KvCacheMode, TransformerCondition};
+use omnigen_models::transformer::{KeyRanges, KvCacheMode, TransformerCondition};
 use omnigen_models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 
 mod common;
@@ -23,13 +23,11 @@ fn input(
 ) -> (TransformerCondition<B>, Tensor<B, 4>, Tensor<B, 1>) {
     let n = (latent / 2) * (latent / 2);
     let s = text + 1 + n;
-    let mut mask = vec![0f32; s * s];
-    for r in 0..s {
-        for c in 0..s {
-            let visible = r > text || c <= r;
-            mask[r * s + c] = if visible { 1.0 } else { 0.0 };
-        }
-    }
+    // Text rows are causal; the time and image rows see every token.
+    let ranges = (0..s)
+        .map(|r| if r < text { (0, r + 1) } else { (0, s) })
+        .collect();
+    let mask = KeyRanges::new(1, s, s, ranges).expect("ranges within the sequence");
     let ids: Vec<i64> = (0..text as i64).map(|i| 1 + (i * 37) % 470).collect();
     let x = Tensor::random(
         [1, 4, latent, latent],
@@ -44,7 +42,7 @@ fn input(
         )),
         input_img_latents: Vec::new(),
         image_spans: Vec::new(),
-        attention_mask: Tensor::from_data(TensorData::new(mask, [1, s, s]), device),
+        attention_mask: mask,
         position_ids: Tensor::<B, 2, Int>::from_data(
             TensorData::new((0..s as i64).collect::<Vec<_>>(), [1, s]),
             device,

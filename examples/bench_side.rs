@@ -171,10 +171,7 @@ fn main() -> anyhow::Result<()> {
             )),
             input_img_latents: Vec::new(),
             image_spans: m.image_spans.clone(),
-            attention_mask: Tensor::from_data(
-                TensorData::new(m.attention_mask()?, m.attention_mask_shape()),
-                &device,
-            ),
+            attention_mask: m.key_ranges()?,
             position_ids: Tensor::from_data(
                 TensorData::new(m.position_ids.clone(), m.position_ids_shape()),
                 &device,

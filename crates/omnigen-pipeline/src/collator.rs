@@ -6,6 +6,8 @@
 
 use omnigen_core::{Error, Result};
 
+use omnigen_models::transformer::KeyRanges;
+
 use crate::image_preprocess::PreprocessedImage;
 
 /// Token id the official collator pads with (`</s>`; not the config's `pad_token_id`).
@@ -24,7 +26,8 @@ pub struct TokenizedRow {
 
 /// Which keys one batch row's queries may attend to, stored by its structure instead of as a
 /// dense `[S, S]` mask: the dense mask of a 2048² request is gigabytes, its structure a few
-/// numbers. [`ModelInput::attention_mask`] expands it when a dense mask is needed.
+/// numbers. [`ModelInput::key_ranges`] gives it the transformer's form, and
+/// [`ModelInput::attention_mask`] expands it when a dense mask is needed.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RowMask {
     /// Left padding (P): the first P tokens.
@@ -120,61 +123,57 @@ impl ModelInput {
             .saturating_mul(4)
     }
 
+    /// The attention mask as the transformer takes it: per row and query, the one run of keys
+    /// it may attend to (`2 · B · S` numbers).
+    pub fn key_ranges(&self) -> Result<KeyRanges> {
+        let s = self.seq_len;
+        let img_len = self.output_tokens();
+        let len = self
+            .batch_size
+            .checked_mul(s)
+            .ok_or_else(|| Error::invalid_argument("batch", "the batch's token count overflows"))?;
+        let mut ranges = Vec::new();
+        ranges
+            .try_reserve_exact(len)
+            .map_err(|_| Error::OutOfMemory {
+                needed_mib: (len as u64 * 16) >> 20,
+                available_mib: 0,
+                hint: "the attention mask's key ranges cannot be allocated: request a smaller \
+                   output size or a shorter prompt"
+                    .to_string(),
+            })?;
+        for row in &self.masks {
+            let pad = row.pad;
+            // Output-image tokens beyond this row's own count are padding: nobody sees them.
+            let visible_end = s - (img_len - row.output_tokens.min(img_len));
+            // Padding rows see everything else (keeps softmax finite; their output is ignored).
+            ranges.extend(std::iter::repeat_n((0, visible_end), pad));
+            // Text + time token: causal among themselves, blind to padding and output image;
+            // each input image also sees itself to its end (bidirectional).
+            let mut spans = row.spans.iter().peekable();
+            for i in 0..=row.text {
+                let r = pad + i;
+                while spans.next_if(|&&(_, end)| end <= r).is_some() {}
+                let end = match spans.peek() {
+                    Some(&&(start, end)) if start <= r => end,
+                    _ => r + 1,
+                };
+                ranges.push((pad, end));
+            }
+            // Output-image rows see every non-padded column.
+            ranges.extend(std::iter::repeat_n(
+                (pad, visible_end),
+                s.saturating_sub(pad + row.text + 1),
+            ));
+        }
+        KeyRanges::new(self.batch_size, s, s, ranges)
+    }
+
     /// The official dense 0/1 attention mask `[B, S, S]` (1 = may attend), row-major.
     ///
     /// An allocation that fails is [`Error::OutOfMemory`], not an abort.
     pub fn attention_mask(&self) -> Result<Vec<f32>> {
-        let s = self.seq_len;
-        let len = self
-            .batch_size
-            .checked_mul(s)
-            .and_then(|n| n.checked_mul(s))
-            .ok_or_else(|| too_large(self.attention_mask_bytes()))?;
-        let mut mask = Vec::new();
-        mask.try_reserve_exact(len)
-            .map_err(|_| too_large(self.attention_mask_bytes()))?;
-        mask.resize(len, 0f32);
-        let img_len = self.output_tokens();
-        for (b, row) in self.masks.iter().enumerate() {
-            let m = &mut mask[b * s * s..(b + 1) * s * s];
-            let pad_l = row.pad;
-            // Text + time token: causal among themselves, blind to padding and output image.
-            for i in 0..=row.text {
-                let r = pad_l + i;
-                m[r * s + pad_l..=r * s + pad_l + i].fill(1.0);
-            }
-            // Output-image rows see every non-padded column.
-            for r in s - img_len..s {
-                m[r * s + pad_l..(r + 1) * s].fill(1.0);
-            }
-            // Padding rows see everything (keeps softmax finite; their output is ignored).
-            m[..pad_l * s].fill(1.0);
-            // Output-image tokens beyond this row's own count are padding: nobody sees them.
-            let pad_img = img_len - row.output_tokens.min(img_len);
-            if pad_img > 0 {
-                for r in 0..s {
-                    m[(r + 1) * s - pad_img..(r + 1) * s].fill(0.0);
-                }
-            }
-            // Each input image attends to itself bidirectionally.
-            for &(st, e) in &row.spans {
-                for r in st..e {
-                    m[r * s + st..r * s + e].fill(1.0);
-                }
-            }
-        }
-        Ok(mask)
-    }
-}
-
-/// The refusal of a dense mask the allocator cannot provide.
-fn too_large(bytes: u64) -> Error {
-    Error::OutOfMemory {
-        needed_mib: bytes >> 20,
-        available_mib: 0,
-        hint: "the attention mask alone cannot be allocated: request a smaller output size or a \
-               shorter prompt"
-            .to_string(),
+        self.key_ranges()?.to_dense()
     }
 }
 

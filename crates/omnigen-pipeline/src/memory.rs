@@ -15,8 +15,9 @@ pub struct MemoryEstimate {
     /// Largest transformer call's live activations (one layer at a time, attention scores
     /// included when the backend materialises them).
     pub activations: u64,
-    /// Dense attention masks and their additive biases alive at that call (the official mask is
-    /// `[B, S, S]`: quadratic in the tokens, the largest term of a long request).
+    /// Attention masks alive at that call: their key ranges where the host attention kernel
+    /// runs, otherwise the dense `[B, S, S]` additive biases (quadratic in the tokens, the
+    /// largest term of a long request).
     pub masks: u64,
     /// Keys and values of the condition tokens, all branches and layers.
     pub kv_cache: u64,
@@ -55,6 +56,7 @@ pub fn estimate(
     weight_bytes: u64,
     kv_cache: bool,
     scores_materialised: bool,
+    dense_mask: bool,
 ) -> MemoryEstimate {
     let f32b = 4u64;
     let (d, i, heads) = (
@@ -72,17 +74,22 @@ pub fn estimate(
         if scores_materialised {
             act = act.saturating_add(m(m(rows, heads), m(s, s)) * f32b);
         }
-        let dense = m(rows, m(s, s)) * f32b;
+        // The attention mask of `q` query rows: key ranges (two u32 per query) for the host
+        // kernel; otherwise a dense bias in the weights' dtype, built through boolean
+        // temporaries (about one f32 mask in all) while the call starts.
+        let mask = |q: u64, building: bool| -> u64 {
+            match (dense_mask, building) {
+                (false, _) => m(rows, q) * 8,
+                (true, true) => m(rows, m(q, s)) * (weight_bytes + f32b),
+                (true, false) => m(rows, m(q, s)) * weight_bytes,
+            }
+        };
         if kv_cache {
-            // The 0/1 mask as host data and as a tensor, the step-0 mask with the image block
-            // cut out, its bias and the bias's temporary: five masks at once (measured).
-            let tail = m(rows, m(n + 1, s)) * weight_bytes;
+            // the cache keeps the mask rows of the time and image tokens for the later steps
             let kv = m(2 * layers, m(rows, m(cond, d))) * weight_bytes;
-            (act, m(dense, 5), kv, tail)
+            (act, mask(s, true), kv, mask(n + 1, false))
         } else {
-            // the 0/1 mask as host data and tensor (kept for every step), the running call's
-            // bias and its temporary (measured)
-            (act, m(dense, 4), 0, dense)
+            (act, mask(s, true), 0, 0)
         }
     };
     let mut est = MemoryEstimate {
@@ -118,7 +125,7 @@ pub fn estimate(
             );
             est.input_image_share = (act + masks + kv).saturating_sub(a0 + m0 + k0);
         }
-        // a cached branch keeps its cache and mask tail, an uncached one its 0/1 mask
+        // a cached branch keeps its cache and mask tail
         left_behind = left_behind.saturating_add(kv + tail);
     }
     let (h, w) = match vae_tile {

@@ -12,6 +12,7 @@ use burn::tensor::ops::PadMode;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
+use super::mask::KeyRanges;
 use super::HeadRange;
 
 /// `exp(x)` for f32 without a libm call, so that loops over it vectorise: Cephes' `expf`
@@ -193,22 +194,25 @@ impl OutPtr {
 
 /// Query rows per attention task.
 const ATTN_ROWS: usize = 64;
+/// Keys per tile of the online softmax: a tile's scores, keys and values (about 0.5 MB with
+/// 64 rows and head_dim 96) stay in a core's L2 cache.
+const ATTN_KEYS: usize = 512;
 
-/// `softmax(q·kᵀ/sqrt(hd) + bias)·v` for `H` heads, written straight into `[B, S, H·hd]`.
+/// `softmax(q·kᵀ/sqrt(hd) + mask)·v` for `H` heads, written straight into `[B, S, H·hd]`, with
+/// the mask read from its [`KeyRanges`] rather than a dense tensor.
 ///
-/// `q` holds `S` rows per head, `k` and `v` `T`; `bias` is `[B or 1, H or 1, S, T]`. Tasks are
-/// (batch, head, block of 64 query rows) in parallel: scores = bias + scale·q·kᵀ in one GEMM
-/// that reads the bias as its initial value, row softmax with [`exp_f32`], then one GEMM with
-/// `v` into the output's columns of that head.
+/// Flash-style: tasks are (batch, head, block of 64 query rows) in parallel; each walks the
+/// keys its rows may see in tiles of [`ATTN_KEYS`], keeping a running maximum and sum per row
+/// (the online softmax), so no score buffer is larger than one tile. Tiles no row of the block
+/// sees are skipped (the causal text part). A row with no visible key is uniform over all keys,
+/// as the official finite mask makes it.
 pub(super) fn attention<B: Backend>(
     q: HeadRange<B>,
     k: HeadRange<B>,
     v: HeadRange<B>,
-    bias: Tensor<B, 4>,
+    mask: &KeyRanges,
 ) -> Tensor<B, 3> {
-    let device = bias.device();
-    let [bb, hb, bs, bt] = bias.dims();
-    let bias = f32_data(bias);
+    let device = q.tensor.device();
     let (q, k, v) = (HeadsData::new(q), HeadsData::new(k), HeadsData::new(v));
     let b = q.data.len() / (q.h_total * q.len * q.hd);
     let (h, s, t, hd) = (q.heads, q.len, k.len, q.hd);
@@ -216,88 +220,214 @@ pub(super) fn attention<B: Backend>(
         k.len == v.len && k.hd == hd && v.hd == hd && k.heads == h && v.heads == h,
         "attention: k/v shapes"
     );
-    assert!(bs == s && bt == t && (bb == 1 || bb == b) && (hb == 1 || hb == h));
+    assert_eq!(mask.dims(), [b, s, t], "attention: mask shape");
     let d = h * hd;
     let scale = 1.0 / (hd as f32).sqrt();
     let mut out = vec![0f32; b * s * d];
     let out_ptr = OutPtr(out.as_mut_ptr());
     let blocks = s.div_ceil(ATTN_ROWS);
-    (0..b * h * blocks).into_par_iter().for_each(|task| {
-        let (bh, blk) = (task / blocks, task % blocks);
-        let (bi, hi) = (bh / h, bh % h);
-        let r0 = blk * ATTN_ROWS;
-        let rows = ATTN_ROWS.min(s - r0);
-        let qb = &q.block(bi, hi)[r0 * hd..(r0 + rows) * hd];
-        let (kb, vb) = (k.block(bi, hi), v.block(bi, hi));
-        let bias_start =
-            ((if bb == 1 { 0 } else { bi }) * hb + if hb == 1 { 0 } else { hi }) * s * t;
-        let mut scores = bias[bias_start + r0 * t..bias_start + (r0 + rows) * t].to_vec();
-        // SAFETY: scores is rows×t row-major; q block rows×hd row-major; kᵀ is read from the
-        // t×hd row-major k block (column stride hd, row stride 1); all within their slices.
-        unsafe {
-            gemm::gemm(
-                rows,
-                t,
-                hd,
-                scores.as_mut_ptr(),
-                1,
-                t as isize,
-                true,
-                qb.as_ptr(),
-                1,
-                hd as isize,
-                kb.as_ptr(),
-                hd as isize,
-                1,
-                1.0,
-                scale,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-        for row in scores.chunks_exact_mut(t) {
-            let max = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
-            let mut sum = 0f32;
-            for x in row.iter_mut() {
-                *x = exp_f32(*x - max);
-                sum += *x;
+    (0..b * h * blocks).into_par_iter().for_each_init(
+        || AttentionScratch::new(hd),
+        |scratch, task| {
+            let (bh, blk) = (task / blocks, task % blocks);
+            let (bi, hi) = (bh / h, bh % h);
+            let r0 = blk * ATTN_ROWS;
+            let rows = ATTN_ROWS.min(s - r0);
+            let qb = &q.block(bi, hi)[r0 * hd..(r0 + rows) * hd];
+            let (kb, vb) = (k.block(bi, hi), v.block(bi, hi));
+            scratch.run(qb, kb, vb, |r| mask.range(bi, r0 + r), rows, t, scale);
+            // SAFETY: the destination is rows r0..r0+rows of batch bi, columns
+            // hi·hd..(hi+1)·hd of the [B, S, D] buffer (row stride d): in bounds, and disjoint
+            // between tasks.
+            unsafe {
+                let dst = out_ptr.get().add((bi * s + r0) * d + hi * hd);
+                for (r, acc) in scratch.acc.chunks_exact(hd).take(rows).enumerate() {
+                    let inv = 1.0 / scratch.sum[r];
+                    let row = std::slice::from_raw_parts_mut(dst.add(r * d), hd);
+                    for (o, &a) in row.iter_mut().zip(acc) {
+                        *o = a * inv;
+                    }
+                }
             }
-            let inv = 1.0 / sum;
-            for x in row.iter_mut() {
-                *x *= inv;
-            }
-        }
-        // SAFETY: the destination is rows r0..r0+rows of batch bi, columns hi·hd..(hi+1)·hd of
-        // the [B, S, D] buffer (row stride d): in bounds, and disjoint between tasks. The
-        // probabilities are rows×t row-major, v t×hd row-major.
-        unsafe {
-            let dst = out_ptr.get().add((bi * s + r0) * d + hi * hd);
-            gemm::gemm(
-                rows,
-                hd,
-                t,
-                dst,
-                1,
-                d as isize,
-                false,
-                scores.as_ptr(),
-                1,
-                t as isize,
-                vb.as_ptr(),
-                1,
-                hd as isize,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-    });
+        },
+    );
     Tensor::from_data(TensorData::new(out, [b, s, d]), &device)
+}
+
+/// The largest element, in eight lanes (a vectorised reduction; `-inf` for an empty slice).
+#[inline]
+fn max_of(xs: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l = if x > *l { x } else { *l };
+        }
+    }
+    let rest = chunks.remainder().iter().copied();
+    lanes
+        .into_iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The sum, in eight partial sums (a vectorised reduction).
+#[inline]
+fn sum_of(xs: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = xs.chunks_exact(8);
+    for c in &mut chunks {
+        for (l, &x) in lanes.iter_mut().zip(c) {
+            *l += x;
+        }
+    }
+    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// One attention task's buffers, reused by the tasks a rayon worker runs.
+struct AttentionScratch {
+    hd: usize,
+    /// Scores, then probabilities, of one tile: `[ATTN_ROWS, ATTN_KEYS]`.
+    tile: Vec<f32>,
+    /// Unnormalised outputs `[ATTN_ROWS, hd]`.
+    acc: Vec<f32>,
+    /// Running maximum and sum of exponentials per row.
+    max: Vec<f32>,
+    sum: Vec<f32>,
+    /// Per row: the visible keys, and whether the row is uniform (no visible key).
+    ranges: Vec<(usize, usize, bool)>,
+}
+
+impl AttentionScratch {
+    fn new(hd: usize) -> Self {
+        Self {
+            hd,
+            tile: vec![0.0; ATTN_ROWS * ATTN_KEYS],
+            acc: vec![0.0; ATTN_ROWS * hd],
+            max: vec![f32::NEG_INFINITY; ATTN_ROWS],
+            sum: vec![0.0; ATTN_ROWS],
+            ranges: Vec::with_capacity(ATTN_ROWS),
+        }
+    }
+
+    /// Attention of the `rows × hd` queries `qb` over the `t × hd` keys `kb` and values `vb`,
+    /// row `r` seeing keys `range(r)`; leaves the unnormalised outputs in `acc` and their
+    /// normalisers in `sum`.
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &mut self,
+        qb: &[f32],
+        kb: &[f32],
+        vb: &[f32],
+        range: impl Fn(usize) -> (usize, usize),
+        rows: usize,
+        t: usize,
+        scale: f32,
+    ) {
+        let hd = self.hd;
+        self.acc[..rows * hd].fill(0.0);
+        self.max[..rows].fill(f32::NEG_INFINITY);
+        self.sum[..rows].fill(0.0);
+        self.ranges.clear();
+        for r in 0..rows {
+            let (lo, hi) = range(r);
+            self.ranges.push(if lo < hi {
+                (lo, hi, false)
+            } else {
+                (0, t, true)
+            });
+        }
+        let lo = self.ranges.iter().map(|r| r.0).min().unwrap_or(0);
+        let hi = self.ranges.iter().map(|r| r.1).max().unwrap_or(0);
+        let mut c0 = lo;
+        while c0 < hi {
+            let cols = ATTN_KEYS.min(hi - c0);
+            let tile = &mut self.tile[..rows * cols];
+            // SAFETY: tile is rows×cols row-major; the q block rows×hd row-major; kᵀ is read
+            // from rows c0..c0+cols of the t×hd row-major k block (column stride hd, row
+            // stride 1); all within their slices.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    cols,
+                    hd,
+                    tile.as_mut_ptr(),
+                    1,
+                    cols as isize,
+                    false,
+                    qb.as_ptr(),
+                    1,
+                    hd as isize,
+                    kb.as_ptr().add(c0 * hd),
+                    hd as isize,
+                    1,
+                    0.0,
+                    scale,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            for (r, row) in tile.chunks_exact_mut(cols).enumerate() {
+                let (rlo, rhi, uniform) = self.ranges[r];
+                let (a, e) = (rlo.clamp(c0, c0 + cols) - c0, rhi.clamp(c0, c0 + cols) - c0);
+                if a >= e {
+                    row.fill(0.0);
+                    continue;
+                }
+                if uniform {
+                    row.fill(0.0);
+                } else {
+                    row[..a].fill(f32::NEG_INFINITY);
+                    row[e..].fill(f32::NEG_INFINITY);
+                }
+                let old = self.max[r];
+                let new = old.max(max_of(&row[a..e]));
+                for x in row[a..e].iter_mut() {
+                    *x = exp_f32(*x - new);
+                }
+                let sum = sum_of(&row[a..e]);
+                row[..a].fill(0.0);
+                row[e..].fill(0.0);
+                if old != new && old != f32::NEG_INFINITY {
+                    let correction = exp_f32(old - new);
+                    self.sum[r] *= correction;
+                    for x in &mut self.acc[r * hd..(r + 1) * hd] {
+                        *x *= correction;
+                    }
+                }
+                self.max[r] = new;
+                self.sum[r] += sum;
+            }
+            // SAFETY: acc is rows×hd row-major; the probabilities rows×cols row-major; v rows
+            // c0..c0+cols of the t×hd row-major block.
+            unsafe {
+                gemm::gemm(
+                    rows,
+                    hd,
+                    cols,
+                    self.acc.as_mut_ptr(),
+                    1,
+                    hd as isize,
+                    true,
+                    self.tile.as_ptr(),
+                    1,
+                    cols as isize,
+                    vb.as_ptr().add(c0 * hd),
+                    1,
+                    hd as isize,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            c0 += cols;
+        }
+    }
 }
 
 /// `silu(group_norm(x))` for an affine GroupNorm, one thread per (batch, group): statistics

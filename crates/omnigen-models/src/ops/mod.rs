@@ -10,7 +10,7 @@
 //! | [`rms_norm`] | one threaded pass per row block | burn ops, statistics in f32 |
 //! | [`silu_mul`] | one threaded pass | `up * silu(gate)` |
 //! | [`rope`] | one pass over the heads, in place from the fused projection | `x·cos + rotate_half(x)·sin` |
-//! | [`attention`] | blocks of 64 query rows: GEMM, softmax, GEMM into `[B, S, D]` | burn's `attention` with the additive mask |
+//! | [`attention`] | flash-style tiles (64 queries × 256 keys, online softmax) reading the mask's [`KeyRanges`], into `[B, S, D]` | burn's `attention` with the additive bias expanded on the device ([`attention_bias`]) |
 //! | [`group_norm_silu`] | one threaded pass per group | burn's `GroupNorm` then `silu` |
 //! | [`conv3x3`] | nine shifted GEMMs accumulated in place (from 256 input channels) | burn's `conv2d` |
 //!
@@ -23,7 +23,11 @@
 
 mod backends;
 mod host;
+mod mask;
 mod portable;
+
+use mask::BiasRepr;
+pub use mask::{attention_bias, mask_min, AttentionBias, KeyRanges};
 
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear};
@@ -64,6 +68,12 @@ fn on_host<B: KernelBackend, const D: usize>(x: &Tensor<B, D>) -> bool {
 pub fn attention_materialises_scores<B: KernelBackend>(dtype: DType) -> bool {
     let host = B::HOST_KERNELS && dtype == DType::F32;
     !(host || B::FUSED_ATTENTION)
+}
+
+/// Whether [`attention_bias`] expands the mask to a dense `[B, 1, S, T]` tensor for tensors of
+/// `dtype` (rather than keeping its key ranges).
+pub fn attention_mask_is_dense<B: KernelBackend>(dtype: DType) -> bool {
+    !(B::HOST_KERNELS && dtype == DType::F32)
 }
 
 /// A run of heads of a `[B, H_total, L, head_dim]` tensor: heads `start..start + len`.
@@ -184,25 +194,33 @@ pub fn rope<B: KernelBackend>(
     }
 }
 
-/// Multi-head attention with OmniGen's additive mask, `softmax(q·kᵀ/sqrt(hd) + bias)·v`, heads
+/// Multi-head attention under OmniGen's mask, `softmax(q·kᵀ/sqrt(hd) + bias)·v`, heads
 /// concatenated on the way out.
 ///
-/// The mask arrives as a finite additive bias (0 where a query may attend, the dtype's most
+/// `bias` comes from [`attention_bias`] for the dtype of q, k and v: the host kernel reads the
+/// mask's key ranges as it goes (flash-style tiles, no `[S, T]` score buffer); other backends
+/// get the official finite additive bias (0 where a query may attend, the dtype's most
 /// negative value elsewhere), so a fully masked row stays finite, as in the official code.
 ///
 /// # Shapes
-/// `q`: `H` heads of `[B, ·, S, hd]`; `k`, `v`: `H` heads of `[B, ·, T, hd]`; `bias` `[B or 1,
-/// 1 or H, S, T]` -> `[B, S, H·hd]`.
+/// `q`: `H` heads of `[B, ·, S, hd]`; `k`, `v`: `H` heads of `[B, ·, T, hd]`; `bias` for a
+/// `[B, S, T]` mask -> `[B, S, H·hd]`.
 pub fn attention<B: KernelBackend>(
     q: HeadRange<B>,
     k: HeadRange<B>,
     v: HeadRange<B>,
-    bias: Tensor<B, 4>,
+    bias: &AttentionBias<B>,
 ) -> Tensor<B, 3> {
-    if on_host(&q.tensor) {
-        host::attention(q, k, v, bias)
-    } else {
-        portable::attention(q.narrowed(), k.narrowed(), v.narrowed(), bias)
+    match &bias.repr {
+        BiasRepr::Ranges(ranges) if on_host(&q.tensor) => host::attention(q, k, v, ranges),
+        BiasRepr::Additive(additive) => {
+            portable::attention(q.narrowed(), k.narrowed(), v.narrowed(), additive.clone())
+        }
+        // Ranges prepared for another dtype than q's: expand them here.
+        BiasRepr::Ranges(ranges) => {
+            let additive = mask::additive_bias(ranges, q.tensor.dtype(), &q.tensor.device());
+            portable::attention(q.narrowed(), k.narrowed(), v.narrowed(), additive)
+        }
     }
 }
 

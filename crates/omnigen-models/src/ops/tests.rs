@@ -7,7 +7,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear};
 use burn::tensor::{DType, Tensor, TensorData};
 
-use super::{host, portable, HeadRange, KernelBackend};
+use super::{host, mask, portable, HeadRange, KernelBackend, KeyRanges};
 use crate::loader::Loader;
 use crate::ops;
 use crate::weights::RandomWeights;
@@ -82,42 +82,78 @@ fn rope_host_matches_portable_on_a_head_range() {
     }
 }
 
+/// The mask's additive bias built directly from its dense form (the official formula).
+fn dense_bias(mask: &KeyRanges) -> Tensor<B, 4> {
+    let [b, s, t] = mask.dims();
+    let bias: Vec<f32> = mask
+        .to_dense()
+        .unwrap()
+        .into_iter()
+        .map(|m| (1.0 - m) * f32::MIN)
+        .collect();
+    Tensor::from_data(TensorData::new(bias, [b, 1, s, t]), &default_device())
+}
+
 #[test]
 fn attention_host_matches_portable_with_a_mask() {
-    // q from heads 0..2 and k, v from heads 2..4 and 4..6 of one fused tensor (S = T), and a
-    // longer k/v (T > S, as with a cache); the mask blocks some columns of every row.
+    // q from heads 0..2 and k, v from heads 2..4 and 4..6 of one fused tensor (S = T); rows
+    // causal, bidirectional in a span, or with no visible key at all.
     let (b, h, s, hd) = (2, 2, 9, 8);
     let fused = normal([b, 3 * h, s, hd], 10);
-    let mut bias_values = vec![0f32; b * s * s];
-    for (i, v) in bias_values.iter_mut().enumerate() {
-        if i % 3 == 1 {
-            *v = f32::MIN;
-        }
-    }
-    let bias = Tensor::<B, 4>::from_data(
-        TensorData::new(bias_values, [b, 1, s, s]),
-        &default_device(),
-    );
+    let ranges = (0..b * s)
+        .map(|i| match (i / s, i % s) {
+            (_, 4) => (3, 3),
+            (0, r) if (2..6).contains(&r) => (1, 6),
+            (1, r) => (r / 2, s - r / 3),
+            (_, r) => (0, r + 1),
+        })
+        .collect();
+    let mask = KeyRanges::new(b, s, s, ranges).unwrap();
     let q = HeadRange::new(fused.clone(), 0, h);
     let k = HeadRange::new(fused.clone(), h, h);
     let v = HeadRange::new(fused, 2 * h, h);
+    let host = ops::attention_bias::<B>(&mask, DType::F32, &default_device());
+    assert_eq!(
+        host.bytes(),
+        (b * s * 8) as u64,
+        "the host form keeps only the ranges"
+    );
     assert_close(
-        ops::attention(q.clone(), k.clone(), v.clone(), bias.clone()),
-        portable::attention(q.narrowed(), k.narrowed(), v.narrowed(), bias),
+        ops::attention(q.clone(), k.clone(), v.clone(), &host),
+        portable::attention(q.narrowed(), k.narrowed(), v.narrowed(), dense_bias(&mask)),
         1e-5,
     );
-    let t = 70; // more than one block of query rows is not needed for T; S spans two blocks
-    let (q, kv) = (normal([1, h, 65, hd], 11), normal([1, h, t, hd], 12));
-    let bias = normal([1, 1, 65, t], 13);
+    // Two blocks of query rows over keys spanning three tiles, with ranges starting and ending
+    // inside tiles and a block that skips whole tiles (as a cache's T > S does).
+    let (s, t) = (70, 600);
+    let (q, kv) = (normal([1, h, s, hd], 11), normal([1, h, t, hd], 12) * 3.0);
+    let ranges = (0..s)
+        .map(|r| match r {
+            0..=9 => (0, 5 + r),
+            10..=63 => (100 + r, 300 + 4 * r),
+            _ => (257, t),
+        })
+        .collect();
+    let mask = KeyRanges::new(1, s, t, ranges).unwrap();
+    let host = ops::attention_bias::<B>(&mask, DType::F32, &default_device());
+    let want = portable::attention(q.clone(), kv.clone(), kv.clone() * 0.5, dense_bias(&mask));
     assert_close(
         ops::attention(
             HeadRange::all(q.clone()),
             HeadRange::all(kv.clone()),
             HeadRange::all(kv.clone() * 0.5),
-            bias.clone(),
+            &host,
         ),
-        portable::attention(q, kv.clone(), kv * 0.5, bias),
+        want.clone(),
         1e-5,
+    );
+    // The additive bias other backends get, built on the device from the ranges.
+    let bf16_form = ops::attention_bias::<B>(&mask, DType::BF16, &default_device());
+    assert_eq!(bf16_form.bytes(), (s * t * 2) as u64);
+    assert_close(
+        mask::additive_bias::<B>(&mask, DType::F32, &default_device()),
+        dense_bias(&mask),
+        0.0,
     );
 }
 

@@ -7,10 +7,10 @@
 //! only the time token and the image tokens.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::Tensor;
 
 use super::phi3::KeyValue;
 use super::rope::RopeTables;
+use crate::ops::AttentionBias;
 
 /// What the first (prefill) step computes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -35,8 +35,8 @@ pub enum KvCacheMode {
 pub struct KvCache<B: Backend> {
     /// Per layer, keys and values of the condition tokens, `[B, H, L, head_dim]` each.
     pub(crate) layers: Vec<KeyValue<B>>,
-    /// Additive mask rows of the `1 + N` new tokens over all `L + 1 + N` columns, `[B, 1, 1+N, S]`.
-    pub(crate) tail_bias: Tensor<B, 4>,
+    /// Mask rows of the `1 + N` new tokens over all `L + 1 + N` columns, `[B, 1+N, S]`.
+    pub(crate) tail_bias: AttentionBias<B>,
     /// Rotary tables of the new tokens (factor set chosen by the full length `S`).
     pub(crate) tail_rope: RopeTables<B>,
     /// Batch rows.

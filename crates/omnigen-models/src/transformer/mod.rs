@@ -22,6 +22,8 @@ use omnigen_core::{
     Error, ModelFolder, Result, TransformerConfig, TransformerWeights, WeightSource,
 };
 
+/// The mask type of [`TransformerCondition::attention_mask`].
+pub use crate::ops::KeyRanges;
 pub use embedders::{PatchEmbed, PosEmbed, TimestepEmbedder};
 pub use final_layer::FinalLayer;
 pub use kv_cache::{KvCache, KvCacheMode};
@@ -30,7 +32,7 @@ pub use rope::{LongRope, RopeTables};
 
 use crate::loader::Loader;
 use crate::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader, ModuleTable};
-use crate::ops::KernelBackend;
+use crate::ops::{self, AttentionBias, KernelBackend};
 use crate::weights::{Bf16RoundedReader, WeightReader};
 use phi3::KeyValue;
 
@@ -86,8 +88,9 @@ pub struct TransformerCondition<B: Backend> {
     /// Per batch row, the `[start, end)` token ranges (into that row's padded text) replaced by
     /// the input images, same order as `input_img_latents`. Empty, or one entry per row.
     pub image_spans: Vec<Vec<(usize, usize)>>,
-    /// The collator's 0/1 mask `[B, S, S]` (1 = may attend).
-    pub attention_mask: Tensor<B, 3>,
+    /// The collator's mask `[B, S, S]`, one range of visible keys per token (see
+    /// [`KeyRanges::from_dense`] for the official dense 0/1 form).
+    pub attention_mask: KeyRanges,
     /// Position ids `[B, S]` (0 on left padding).
     pub position_ids: Tensor<B, 2, Int>,
 }
@@ -160,26 +163,6 @@ pub struct OmniGenTransformer<B: Backend> {
     /// The configuration the model was built from.
     #[module(skip)]
     pub config: TransformerConfig,
-}
-
-/// The additive value for a masked-out score: the dtype's most negative finite value, as the
-/// official `(1 - mask) * finfo(dtype).min`. Finite so that a row can never become NaN.
-fn mask_min(dtype: DType) -> f64 {
-    match dtype {
-        DType::F16 => -65504.0,
-        // bf16's largest finite value; f32::MIN would round to -inf in bf16.
-        DType::BF16 => -3.389_531_4e38,
-        _ => f32::MIN as f64,
-    }
-}
-
-/// 0/1 mask `[B, Sq, Sk]` -> additive bias `[B, 1, Sq, Sk]`.
-fn mask_to_bias<B: Backend>(mask: Tensor<B, 3>, dtype: DType) -> Tensor<B, 4> {
-    mask.cast(dtype)
-        .neg()
-        .add_scalar(1.0)
-        .mul_scalar(mask_min(dtype))
-        .unsqueeze_dim(1)
 }
 
 /// Strict loading: a layer the config does not have is an error (the config does not describe
@@ -355,8 +338,8 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         let seq = self.embed_sequence(cond, x, timestep.clone())?; // [B, S, D]
         let s = seq.dims()[1];
         let rope = self.rope.tables(cond.position_ids.clone(), s, self.dtype());
-        let bias = mask_to_bias(cond.attention_mask.clone(), self.dtype()); // [B, 1, S, S]
-        let (hidden, _) = self.run_layers(seq, &rope, bias, None, None);
+        let bias = ops::attention_bias(&cond.attention_mask, self.dtype(), &seq.device()); // [B, S, S]
+        let (hidden, _) = self.run_layers(seq, &rope, &bias, None, None);
         Ok(self.head(hidden, timestep, b, h, w))
     }
 
@@ -391,18 +374,17 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         let cond_len = s - n_new;
         let dtype = self.dtype();
         let rope = self.rope.tables(cond.position_ids.clone(), s, dtype);
-        let mask = cond.attention_mask.clone();
-        let tail_bias = mask_to_bias(mask.clone().narrow(1, cond_len, n_new), dtype); // [B, 1, 1+N, S]
-        let step0_mask = match mode {
-            KvCacheMode::Exact => mask,
+        let mask = &cond.attention_mask;
+        let device = seq.device();
+        let tail_bias = ops::attention_bias(&mask.query_rows(cond_len, n_new), dtype, &device); // [B, 1+N, S]
+        let bias = match mode {
+            KvCacheMode::Exact => ops::attention_bias(mask, dtype, &device),
+            // OmniGenCache crops the first call's keys/values to the condition tokens.
             KvCacheMode::Official => {
-                // OmniGenCache crops the first call's keys/values to the condition tokens.
-                let zeros = Tensor::zeros([b, n_new, n_new], (&mask.device(), mask.dtype()));
-                mask.slice_assign([0..b, cond_len..s, cond_len..s], zeros)
+                ops::attention_bias(&mask.without_new_keys(cond_len), dtype, &device)
             }
-        };
-        let bias = mask_to_bias(step0_mask, dtype); // [B, 1, S, S]
-        let (hidden, layers) = self.run_layers(seq, &rope, bias, None, Some(cond_len));
+        }; // [B, S, S]
+        let (hidden, layers) = self.run_layers(seq, &rope, &bias, None, Some(cond_len));
         let out = self.head(hidden, timestep, b, h, w);
         let cache = KvCache {
             layers,
@@ -451,7 +433,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         let (hidden, _) = self.run_layers(
             seq,
             &cache.tail_rope,
-            cache.tail_bias.clone(),
+            &cache.tail_bias,
             Some(&cache.layers),
             None,
         );
@@ -625,7 +607,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         &self,
         mut hidden: Tensor<B, 3>,
         rope: &RopeTables<B>,
-        bias: Tensor<B, 4>,
+        bias: &AttentionBias<B>,
         past: Option<&[KeyValue<B>]>,
         keep_prefix: Option<usize>,
     ) -> (Tensor<B, 3>, Vec<KeyValue<B>>) {
@@ -633,7 +615,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         for (i, layer) in self.llm.layers.iter().enumerate() {
             let ctx = AttentionContext {
                 rope,
-                bias: &bias,
+                bias,
                 past: past.and_then(|p| p.get(i)),
             };
             let (out, (k, v)) = layer.forward(hidden, ctx);

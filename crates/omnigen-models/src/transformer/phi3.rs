@@ -10,7 +10,7 @@ use omnigen_core::{Result, TransformerConfig};
 
 use super::rope::RopeTables;
 use crate::loader::Loader;
-use crate::ops::{self, HeadRange, KernelBackend};
+use crate::ops::{self, AttentionBias, HeadRange, KernelBackend};
 
 /// Root-mean-square layer norm: `weight * x / sqrt(mean(x^2) + eps)`, computed in f32.
 #[derive(Module, Debug)]
@@ -63,8 +63,8 @@ pub type LayerOutput<B> = (Tensor<B, 3>, KeyValue<B>);
 pub struct AttentionContext<'a, B: Backend> {
     /// cos/sin tables of the new tokens, `[B, 1, S, head_dim]`.
     pub rope: &'a RopeTables<B>,
-    /// The additive mask `[B, 1, S, S_past + S]`.
-    pub bias: &'a Tensor<B, 4>,
+    /// The mask `[B, S, S_past + S]` as the attention kernel reads it.
+    pub bias: &'a AttentionBias<B>,
     /// The cached tokens' keys/values, `[B, H, S_past, head_dim]` each.
     pub past: Option<&'a KeyValue<B>>,
 }
@@ -121,7 +121,7 @@ impl<B: KernelBackend> Attention<B> {
                 HeadRange::new(qkv, 2 * h, h),
             ),
         };
-        let out = ops::attention(HeadRange::new(qk, 0, h), k_all, v_all, bias.clone()); // [B, S, D]
+        let out = ops::attention(HeadRange::new(qk, 0, h), k_all, v_all, bias); // [B, S, D]
         (ops::linear(&self.o_proj, out), (k, v))
     }
 }

@@ -127,7 +127,6 @@ fn cast_input(input: Call, dtype: DType) -> Call {
                 .into_iter()
                 .map(|l| l.cast(dtype))
                 .collect(),
-            attention_mask: cond.attention_mask.cast(dtype),
             ..cond
         },
         x: input.x.cast(dtype),

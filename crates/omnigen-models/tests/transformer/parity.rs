@@ -15,7 +15,7 @@ fn transformer_only_matches_official_forward_and_intermediates() {
         input_ids: Some(ids.clone()),
         input_img_latents: vec![fx.f("tf.input_img_latents.0")],
         image_spans: Fixture::spans(&fx.json["input_image_sizes"], 1),
-        attention_mask: fx.f("tf.attention_mask"),
+        attention_mask: fx.mask("tf.attention_mask"),
         position_ids: fx.i("tf.position_ids"),
     };
 

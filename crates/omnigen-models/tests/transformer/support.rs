@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use burn::tensor::{DType, Int, Tensor};
-use omnigen_models::transformer::{OmniGenTransformer, TransformerCondition};
+use omnigen_models::transformer::{KeyRanges, OmniGenTransformer, TransformerCondition};
 use omnigen_models::{default_device, DefaultBackend};
 use omnigen_test_support::{
     assert_close_tensors, fixture, parse_spans, read_json, tensor_max_abs_diff, SafetensorsFile,
@@ -55,7 +55,7 @@ impl Fixture {
                 input_ids: Some(self.i("tf.input_ids")),
                 input_img_latents: vec![self.f("tf.input_img_latents.0")],
                 image_spans: Fixture::spans(&self.json["input_image_sizes"], 1),
-                attention_mask: self.f("tf.attention_mask"),
+                attention_mask: self.mask("tf.attention_mask"),
                 position_ids: self.i("tf.position_ids"),
             },
             x: self.f("tf.x"),
@@ -77,6 +77,14 @@ impl Fixture {
     /// A float tensor; U8 tensors (the added cases' 0/1 masks) are converted.
     pub fn f<const D: usize>(&self, name: &str) -> Tensor<B, D> {
         self.file.tensor(name, &default_device())
+    }
+
+    /// A recorded dense 0/1 mask `[B, S, S]` as the transformer takes it.
+    pub fn mask(&self, name: &str) -> KeyRanges {
+        let dense: Tensor<B, 3> = self.f(name);
+        let dims = dense.dims();
+        let values = dense.into_data().into_vec::<f32>().expect("an f32 mask");
+        KeyRanges::from_dense(&values, dims).expect("an OmniGen mask")
     }
 
     pub fn i<const D: usize>(&self, name: &str) -> Tensor<B, D, Int> {
@@ -105,7 +113,7 @@ impl Fixture {
                     .map(|j| self.f(&format!("step0.{br}.input_img_latents.{j}")))
                     .collect(),
                 image_spans: Self::spans(&self.json[&p]["input_image_sizes"], rows),
-                attention_mask: self.f(&format!("{p}.attention_mask")),
+                attention_mask: self.mask(&format!("{p}.attention_mask")),
                 position_ids: self.i(&format!("{p}.position_ids")),
             },
             x: self.f(&format!("step{step}.{br}.x")),

@@ -137,8 +137,7 @@ impl<B: KernelBackend> BranchState<B> {
         Ok(out.cast(DType::F32))
     }
 
-    /// The branch's condition on `device` in `dtype`: the one kept, or a new one whose dense
-    /// mask is expanded from the rows' structure now.
+    /// The branch's condition on `device` in `dtype`: the one kept, or a new one.
     fn condition(&mut self, dtype: DType, device: &B::Device) -> Result<TransformerCondition<B>> {
         if let Some(cond) = self.cond.take() {
             return Ok(cond);
@@ -151,11 +150,7 @@ impl<B: KernelBackend> BranchState<B> {
             )),
             input_img_latents: self.latents.iter().map(|t| t.clone().cast(dtype)).collect(),
             image_spans: m.image_spans.clone(),
-            attention_mask: Tensor::<B, 3>::from_data(
-                TensorData::new(m.attention_mask()?, m.attention_mask_shape()),
-                device,
-            )
-            .cast(dtype),
+            attention_mask: m.key_ranges()?,
             position_ids: Tensor::from_data(
                 TensorData::new(m.position_ids.clone(), m.position_ids_shape()),
                 device,

@@ -203,6 +203,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
             weight_bytes,
             request.kv_cache != KvCache::Off,
             ops::attention_materialises_scores::<B>(self.transformer.dtype()),
+            ops::attention_mask_is_dense::<B>(self.transformer.dtype()),
         );
         let available = self.memory_limit.or_else(crate::memory::available_memory);
         debug!(?est, ?available, "memory estimate");
