@@ -478,6 +478,8 @@ fn batch(args: BatchArgs) -> anyhow::Result<()> {
             eprintln!("warning: cannot catch Ctrl-C ({e}); an interrupted run ends at once");
         }
         let mut done_steps = 0u64;
+        // Printed once, after the first call, for logs that show no progress bar.
+        let mut estimated = false;
         for (i, &(j, c)) in pending.iter().enumerate() {
             if cancel.is_cancelled() {
                 interrupted = true;
@@ -576,6 +578,23 @@ fn batch(args: BatchArgs) -> anyhow::Result<()> {
             }
             times.save = saving.elapsed().as_secs_f64();
             let total = times.process + times.encode + times.denoise + times.decode + times.save;
+            if !estimated {
+                estimated = true;
+                let rest: Option<f64> = pending[i + 1..]
+                    .iter()
+                    .map(|&(j, c)| work_of(&cells[j][c]))
+                    .sum();
+                if let (Some(rest), Some(work)) = (rest, work_of(cell).filter(|&w| w > 0.0)) {
+                    bar.suspend(|| {
+                        eprintln!(
+                            "first call: {}; estimated time for the other {} calls: {}",
+                            human_seconds(total),
+                            pending.len() - i - 1,
+                            human_seconds(rest * total / work)
+                        )
+                    });
+                }
+            }
             for (k, output, (w, h), written) in saved {
                 let record = match written {
                     Ok(()) => {
