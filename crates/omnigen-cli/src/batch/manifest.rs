@@ -270,10 +270,12 @@ pub fn read(path: &Path, defaults: &Defaults) -> anyhow::Result<Vec<Job>> {
         .extension()
         .and_then(|e| e.to_str())
         .is_some_and(|e| e.eq_ignore_ascii_case("csv"));
+    // spreadsheet programs start their UTF-8 exports with a byte-order mark
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let records = if is_csv {
-        csv_records(&text)?
+        csv_records(text)?
     } else {
-        jsonl_records(&text)
+        jsonl_records(text)
     };
     let mut jobs: Vec<Job> = records
         .into_iter()
@@ -560,6 +562,12 @@ fn job_of(line: usize, fields: Map<String, Value>, base: &Path, defaults: &Defau
                         .into_iter()
                         .map(|v| sweep_value(param, v))
                         .collect::<Result<Vec<_>, _>>()?;
+                    // a value listed twice would name two cells' images alike
+                    for (i, v) in values.iter().enumerate() {
+                        if values[..i].contains(v) {
+                            return Err(format!("{} is listed twice", v.text()));
+                        }
+                    }
                     lists.insert(param, values);
                 }
             }
@@ -755,6 +763,8 @@ mod tests {
         ] {
             assert!(text.contains(want), "{want} in {text}");
         }
+        let j = job(r#"{"prompt": "a", "seed": [1, 2, 1]}"#);
+        assert_eq!(j.problems, ["seed: 1 is listed twice"]);
         let j = job(r#"{"size": ["64x64", "32x32"], "height": 64}"#);
         let text = j.problems.join("\n");
         assert!(

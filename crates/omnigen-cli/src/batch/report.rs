@@ -409,10 +409,10 @@ fn plot(done: &[&Record]) -> String {
     svg
 }
 
-/// Draws the job's done images into one PNG grid (cells the size of its largest image) and
-/// writes it as `ID/contact_sheet.png`, its row and column labels in its text chunks. An image
-/// that cannot be read back (a WebP, which the `image` build here does not decode) stays a
-/// grey cell.
+/// Draws the job's done images into one PNG grid (cells the size of its largest image) with
+/// its row and column labels drawn above and beside it (and kept in its text chunks), and
+/// writes it as `ID/contact_sheet.png`. An image that cannot be read back (a WebP, which the
+/// `image` build here does not decode) stays a grey cell.
 fn contact_sheet(out: &Path, job: &Job, g: &Grid) -> anyhow::Result<()> {
     let images: Vec<Vec<Option<RgbImage>>> = g
         .slots
@@ -432,14 +432,40 @@ fn contact_sheet(out: &Path, job: &Job, g: &Grid) -> anyhow::Result<()> {
     let ch = all.map(RgbImage::height).max().unwrap_or(16);
     let cols = g.slots.iter().map(Vec::len).max().unwrap_or(1) as u32;
     let rows = g.slots.len() as u32;
+    // labels twice as large once cells are large enough to carry them
+    let scale = if cw >= 128 { 2 } else { 1 };
+    let advance = font::ADVANCE * scale;
+    let chars = |t: &String| t.chars().count() as u32;
+    let top = if g.cols.iter().any(|c| !c.is_empty()) {
+        font::HEIGHT * scale + 2 * GAP
+    } else {
+        0
+    };
+    let left = match g.rows.iter().map(chars).max().unwrap_or(0) {
+        0 => 0,
+        n => n * advance + 2 * GAP,
+    };
     let mut sheet = RgbImage::from_pixel(
-        cols * (cw + GAP) + GAP,
-        rows * (ch + GAP) + GAP,
+        left + cols * (cw + GAP) + GAP,
+        top + rows * (ch + GAP) + GAP,
         image::Rgb([255, 255, 255]),
     );
+    let ink = image::Rgb([30, 30, 30]);
+    for (c, label) in g.cols.iter().enumerate() {
+        // a label longer than its column is cut at the column's end
+        let fits = ((cw + GAP) / advance) as usize;
+        let text: String = label.chars().take(fits).collect();
+        let x = left + GAP + c as u32 * (cw + GAP);
+        font::draw(&mut sheet, x, GAP, &text, scale, ink);
+    }
+    for (r, label) in g.rows.iter().enumerate() {
+        let y = top + GAP + r as u32 * (ch + GAP) + ch.saturating_sub(font::HEIGHT * scale) / 2;
+        font::draw(&mut sheet, GAP, y, label, scale, ink);
+    }
     for (r, row) in images.iter().enumerate() {
         for (c, img) in row.iter().enumerate() {
-            let (x0, y0) = (GAP + c as u32 * (cw + GAP), GAP + r as u32 * (ch + GAP));
+            let x0 = left + GAP + c as u32 * (cw + GAP);
+            let y0 = top + GAP + r as u32 * (ch + GAP);
             match img {
                 Some(img) => image::imageops::replace(&mut sheet, img, x0.into(), y0.into()),
                 None => {
@@ -469,4 +495,172 @@ fn contact_sheet(out: &Path, job: &Job, g: &Grid) -> anyhow::Result<()> {
     std::fs::create_dir_all(&folder).map_err(|e| Error::io("create the folder", &folder, e))?;
     save_image(&folder.join(SHEET), &sheet, ImageFormat::Png, &metadata)?;
     Ok(())
+}
+
+/// A 5 × 7 pixel font for the labels of contact sheets: digits, lower-case letters (upper case
+/// is drawn as lower case) and the signs labels use; anything else is drawn as a box.
+mod font {
+    use image::{Rgb, RgbImage};
+
+    /// Glyph height in pixels (at scale 1).
+    pub const HEIGHT: u32 = 7;
+    /// Horizontal advance per character: five columns and one of space.
+    pub const ADVANCE: u32 = 6;
+
+    /// Rows top to bottom; bit 4 is the leftmost column.
+    const GLYPHS: &[(char, [u8; 7])] = &[
+        ('0', [0x0E, 0x11, 0x13, 0x15, 0x19, 0x11, 0x0E]),
+        ('1', [0x04, 0x0C, 0x04, 0x04, 0x04, 0x04, 0x0E]),
+        ('2', [0x0E, 0x11, 0x01, 0x02, 0x04, 0x08, 0x1F]),
+        ('3', [0x1F, 0x02, 0x04, 0x02, 0x01, 0x11, 0x0E]),
+        ('4', [0x02, 0x06, 0x0A, 0x12, 0x1F, 0x02, 0x02]),
+        ('5', [0x1F, 0x10, 0x1E, 0x01, 0x01, 0x11, 0x0E]),
+        ('6', [0x06, 0x08, 0x10, 0x1E, 0x11, 0x11, 0x0E]),
+        ('7', [0x1F, 0x01, 0x02, 0x04, 0x08, 0x08, 0x08]),
+        ('8', [0x0E, 0x11, 0x11, 0x0E, 0x11, 0x11, 0x0E]),
+        ('9', [0x0E, 0x11, 0x11, 0x0F, 0x01, 0x02, 0x0C]),
+        ('a', [0x00, 0x00, 0x0E, 0x01, 0x0F, 0x11, 0x0F]),
+        ('b', [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x1E]),
+        ('c', [0x00, 0x00, 0x0E, 0x10, 0x10, 0x11, 0x0E]),
+        ('d', [0x01, 0x01, 0x0D, 0x13, 0x11, 0x11, 0x0F]),
+        ('e', [0x00, 0x00, 0x0E, 0x11, 0x1F, 0x10, 0x0E]),
+        ('f', [0x06, 0x09, 0x08, 0x1C, 0x08, 0x08, 0x08]),
+        ('g', [0x00, 0x00, 0x0F, 0x11, 0x0F, 0x01, 0x0E]),
+        ('h', [0x10, 0x10, 0x16, 0x19, 0x11, 0x11, 0x11]),
+        ('i', [0x04, 0x00, 0x0C, 0x04, 0x04, 0x04, 0x0E]),
+        ('j', [0x02, 0x00, 0x06, 0x02, 0x02, 0x12, 0x0C]),
+        ('k', [0x10, 0x10, 0x12, 0x14, 0x18, 0x14, 0x12]),
+        ('l', [0x0C, 0x04, 0x04, 0x04, 0x04, 0x04, 0x0E]),
+        ('m', [0x00, 0x00, 0x1A, 0x15, 0x15, 0x11, 0x11]),
+        ('n', [0x00, 0x00, 0x16, 0x19, 0x11, 0x11, 0x11]),
+        ('o', [0x00, 0x00, 0x0E, 0x11, 0x11, 0x11, 0x0E]),
+        ('p', [0x00, 0x00, 0x1E, 0x11, 0x1E, 0x10, 0x10]),
+        ('q', [0x00, 0x00, 0x0D, 0x13, 0x0F, 0x01, 0x01]),
+        ('r', [0x00, 0x00, 0x16, 0x19, 0x10, 0x10, 0x10]),
+        ('s', [0x00, 0x00, 0x0E, 0x10, 0x0E, 0x01, 0x1E]),
+        ('t', [0x08, 0x08, 0x1C, 0x08, 0x08, 0x09, 0x06]),
+        ('u', [0x00, 0x00, 0x11, 0x11, 0x11, 0x13, 0x0D]),
+        ('v', [0x00, 0x00, 0x11, 0x11, 0x11, 0x0A, 0x04]),
+        ('w', [0x00, 0x00, 0x11, 0x11, 0x15, 0x15, 0x0A]),
+        ('x', [0x00, 0x00, 0x11, 0x0A, 0x04, 0x0A, 0x11]),
+        ('y', [0x00, 0x00, 0x11, 0x11, 0x0F, 0x01, 0x0E]),
+        ('z', [0x00, 0x00, 0x1F, 0x02, 0x04, 0x08, 0x1F]),
+        ('=', [0x00, 0x00, 0x1F, 0x00, 0x1F, 0x00, 0x00]),
+        ('.', [0x00, 0x00, 0x00, 0x00, 0x00, 0x0C, 0x0C]),
+        (',', [0x00, 0x00, 0x00, 0x00, 0x0C, 0x04, 0x08]),
+        ('-', [0x00, 0x00, 0x00, 0x1F, 0x00, 0x00, 0x00]),
+        ('_', [0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x1F]),
+        ('#', [0x0A, 0x0A, 0x1F, 0x0A, 0x1F, 0x0A, 0x0A]),
+        ('|', [0x04, 0x04, 0x04, 0x04, 0x04, 0x04, 0x04]),
+        (' ', [0x00; 7]),
+    ];
+
+    /// Drawn for a character the font lacks.
+    const BOX: [u8; 7] = [0x1F, 0x11, 0x11, 0x11, 0x11, 0x11, 0x1F];
+
+    fn glyph(c: char) -> [u8; 7] {
+        let c = c.to_ascii_lowercase();
+        GLYPHS
+            .iter()
+            .find(|(g, _)| *g == c)
+            .map_or(BOX, |(_, rows)| *rows)
+    }
+
+    /// Draws `text` with its top-left corner at `(x, y)`, each font pixel `scale` pixels wide;
+    /// what falls outside `img` is clipped.
+    pub fn draw(img: &mut RgbImage, x: u32, y: u32, text: &str, scale: u32, ink: Rgb<u8>) {
+        for (i, c) in text.chars().enumerate() {
+            let x0 = x + i as u32 * ADVANCE * scale;
+            for (r, bits) in glyph(c).iter().enumerate() {
+                for col in 0..5u32 {
+                    if bits & (0x10 >> col) == 0 {
+                        continue;
+                    }
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            let (px, py) = (x0 + col * scale + dx, y + r as u32 * scale + dy);
+                            if px < img.width() && py < img.height() {
+                                img.put_pixel(px, py, ink);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::batch::manifest::{Axis, Param};
+    use omnigen::pipeline::GenerationOptions;
+
+    fn job(axes: Vec<Axis>, n: usize) -> Job {
+        Job {
+            line: 1,
+            id: "j".into(),
+            prompt: "p".into(),
+            images: Vec::new(),
+            options: GenerationOptions {
+                n: Some(n),
+                ..Default::default()
+            },
+            axes,
+            format: ImageFormat::Png,
+            problems: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_first_swept_field_runs_down_the_others_across() {
+        let axes = vec![
+            Axis {
+                param: Param::GuidanceScale,
+                values: vec![
+                    SweepValue::GuidanceScale(2.0),
+                    SweepValue::GuidanceScale(3.0),
+                ],
+            },
+            Axis {
+                param: Param::Seed,
+                values: (0..3).map(SweepValue::Seed).collect(),
+            },
+        ];
+        let results = Results::default();
+        let g = grid(&job(axes.clone(), 1), &results);
+        assert_eq!(g.rows, ["guidance_scale=2", "guidance_scale=3"]);
+        assert_eq!(g.cols, ["seed=0", "seed=1", "seed=2"]);
+        assert_eq!(g.slots[1][2].output, "j/j_gs3_seed2.png");
+        // several images per cell: one column each
+        let g = grid(&job(axes[1..].to_vec(), 2), &results);
+        assert_eq!(g.rows, ["seed=0", "seed=1", "seed=2"]);
+        assert_eq!(g.cols, ["#1", "#2"]);
+        assert_eq!(g.slots[0][1].output, "j/j_seed0_1.png");
+        // one swept field lies across
+        let g = grid(&job(axes[1..].to_vec(), 1), &results);
+        assert_eq!((g.rows.len(), g.cols.len(), g.slots[0].len()), (1, 3, 3));
+    }
+
+    #[test]
+    fn labels_are_drawn_and_clipped() {
+        let mut img = RgbImage::from_pixel(20, 7, image::Rgb([255, 255, 255]));
+        let ink = image::Rgb([0, 0, 0]);
+        font::draw(&mut img, 0, 0, "1=", 1, ink);
+        // the `1`'s stem is column 2, the `=` bars rows 2 and 4 of the second cell
+        assert_eq!(*img.get_pixel(2, 6), ink);
+        assert_eq!(*img.get_pixel(6, 2), ink);
+        assert_eq!(*img.get_pixel(6, 3), image::Rgb([255, 255, 255]));
+        // text past the edge is clipped, never a panic
+        font::draw(&mut img, 18, 5, "seed=12345", 2, ink);
+    }
+
+    #[test]
+    fn text_and_paths_are_escaped() {
+        assert_eq!(
+            esc("<a href='x'>&\""),
+            "&lt;a href=&#39;x&#39;&gt;&amp;&quot;"
+        );
+        assert_eq!(url_path("a b/c#1.png"), "a%20b/c%231.png");
+    }
 }

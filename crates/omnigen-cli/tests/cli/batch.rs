@@ -246,15 +246,23 @@ fn batch_with_a_sweep_an_edit_and_bad_lines_resumes_after_an_interrupt() {
     let b = image::open(out.join("edit/edit.png")).unwrap().to_rgb8();
     assert!(a == b, "batch and generate made different edits");
 
-    // the contact sheet: 2 x 2 cells of 32 px with 4 px gaps, labels in its text chunks
+    // the contact sheet: 2 x 2 cells of 32 px with 4 px gaps, below a band of column labels
+    // (7 px font + 2 gaps) and beside one of row labels (18 characters of 6 px + 2 gaps);
+    // the labels are also in its text chunks
     let sheet = image::open(out.join("trial/contact_sheet.png"))
         .unwrap()
         .to_rgb8();
-    assert_eq!(sheet.dimensions(), (76, 76));
+    let (left, top) = (18 * 6 + 8, 7 + 8);
+    assert_eq!(sheet.dimensions(), (left + 76, top + 76));
     let cell = image::open(out.join("trial/trial_gs2.5_seed2.png"))
         .unwrap()
         .to_rgb8();
-    assert_eq!(sheet.get_pixel(40, 40), cell.get_pixel(0, 0));
+    assert_eq!(sheet.get_pixel(left + 40, top + 40), cell.get_pixel(0, 0));
+    let inked = |x0: u32, y0: u32, w: u32, h: u32| {
+        (x0..x0 + w).any(|x| (y0..y0 + h).any(|y| sheet.get_pixel(x, y).0 == [30, 30, 30]))
+    };
+    assert!(inked(left, 0, 76, top), "no column labels");
+    assert!(inked(0, top, left, 76), "no row labels");
     let text = omnigen::pipeline::read_png_text(&out.join("trial/contact_sheet.png")).unwrap();
     let rows = text.iter().find(|(k, _)| k == "rows").unwrap();
     assert_eq!(rows.1, "guidance_scale=1.5 | guidance_scale=2.5");
