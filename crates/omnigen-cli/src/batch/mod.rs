@@ -361,7 +361,7 @@ fn batch(args: BatchArgs) -> anyhow::Result<()> {
         .map(|c| c.request.num_images_per_prompt)
         .sum();
     let good = jobs.len() - bad.len();
-    let previous = Results::read(&args.out).unwrap_or_default();
+    let previous = Results::read(&args.out)?;
 
     if args.dry_run {
         let work: Option<f64> = cells.iter().flatten().map(work_of).sum();
