@@ -36,7 +36,7 @@ const LINES: [&str; 5] = [
     r#"{"id": "edit", "prompt": "<img><|image_1|></img> make the cat green", "images": ["photos/cat.png"], "use_input_image_size_as_output": true, "seed": 5}"#,
     r#"{"id": "missing", "prompt": "<img><|image_1|></img> a hat", "images": ["photos/none.png"]}"#,
     r#"{"prompt": "a dog", "size": "65x64"}"#,
-    r#"{"id": "slow", "prompt": "a slow cat", "steps": 1000, "seed": 3}"#,
+    r#"{"id": "slow", "prompt": "a slow cat", "steps": 1000, "size": "64x64", "seed": 3}"#,
 ];
 
 fn batch_command(manifest: &Path, out: &Path) -> std::process::Command {
@@ -178,6 +178,18 @@ fn batch_with_a_sweep_an_edit_and_bad_lines_resumes_after_an_interrupt() {
     let err = stderr_of(&third);
     assert_eq!(counters(&err), (0, 6), "{err}");
     assert!(!err.contains("loaded "), "{err}");
+
+    // a dry run now estimates the time from the images measured here
+    let dry = batch_command(&manifest, &out)
+        .arg("--dry-run")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&dry.stdout);
+    assert!(
+        stdout.contains("6 images in 3 jobs")
+            && stdout.contains("(at the rate measured by the 6 images in"),
+        "{stdout}"
+    );
 
     let want: BTreeSet<String> = [
         "trial/trial_gs1.5_seed1.png",
