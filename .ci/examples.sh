@@ -44,6 +44,21 @@ for f in t2i edit two from_latents lora plain embed_cat embed_green heun sched_h
   test -s "$OUT/$f.png" || { echo "missing $OUT/$f.png"; exit 1; }
 done
 
+# batch: docs/batch.md's settings trial (3 guidance scales x 3 seeds), then its re-run skips all
+cat > "$OUT/trial.jsonl" <<'EOF_TRIAL'
+{"id": "tea", "prompt": "A curly-haired man in a red shirt is drinking tea.", "guidance_scale": [2.0, 2.5, 3.0], "seed": [0, 1, 2]}
+EOF_TRIAL
+omnigen batch "$OUT/trial.jsonl" --model $M --out "$OUT/trial" --height 64 --width 64 --steps 4 --dry-run
+omnigen batch "$OUT/trial.jsonl" --model $M --out "$OUT/trial" --height 64 --width 64 --steps 4
+for f in tea/tea_gs2_seed0.png tea/tea_gs3_seed2.png tea/contact_sheet.png report.html results.jsonl; do
+  test -s "$OUT/trial/$f" || { echo "missing $OUT/trial/$f"; exit 1; }
+done
+omnigen batch "$OUT/trial.jsonl" --model $M --out "$OUT/trial" --height 64 --width 64 --steps 4 \
+  2>"$OUT/trial.err"
+grep -q '^batch: 0 images generated, 9 already done' "$OUT/trial.err" \
+  || { echo "the trial's re-run did not skip:"; cat "$OUT/trial.err"; exit 1; }
+echo "ok: batch trial and its resume"
+
 # failures: one line, non-zero exit, no output file
 expect_fail() {
   local name=$1; shift

@@ -322,7 +322,7 @@ fn read_prompt_file(path: &Path) -> anyhow::Result<String> {
 }
 
 /// `--scheduler`: the library's names and its message for an unknown one.
-fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
+pub(crate) fn parse_scheduler(s: &str) -> Result<SchedulerKind, String> {
     s.parse().map_err(|e: Error| e.to_string())
 }
 

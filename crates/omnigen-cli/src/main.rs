@@ -9,12 +9,14 @@
 //!     --use-input-image-size-as-output --output green.png
 //! omnigen inspect DIR
 //! omnigen serve --model DIR --port 8080
+//! omnigen batch manifest.jsonl --model DIR --out results/
 //! ```
 //! Every error ends the program with a message whose first line starts with `error: ` and exit
 //! status 1; the PNG (and the latents file) are written atomically, so a failure never leaves a
 //! partial file.
 #![deny(missing_docs)]
 
+mod batch;
 mod flags;
 mod generate;
 mod inspect;
@@ -42,6 +44,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Serve the OpenAI images API, a jobs API and a web page over one loaded model.
     Serve(Box<serve::ServeArgs>),
+    /// Run a manifest of jobs (JSON Lines or CSV) over one loaded model: sweeps as grids,
+    /// resumable, with results.jsonl and an HTML report.
+    Batch(Box<batch::BatchArgs>),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Serve(args) => serve::run(*args),
+        Command::Batch(args) => batch::run(*args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

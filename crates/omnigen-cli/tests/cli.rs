@@ -4,6 +4,8 @@
 //! injecting the VAE's noise), and the final latents come back through `--save-latents`.
 //! `omnigen inspect` on both committed checkpoint layouts, and clean failures.
 
+#[path = "cli/batch.rs"]
+mod batch;
 #[path = "cli/robustness.rs"]
 mod robustness;
 

@@ -46,6 +46,6 @@ pub use prompt::{
 };
 pub use provenance::{GenerationParameters, OutputMetadata};
 pub use request::{
-    parse_sigmas, CfgRange, GenerationRequest, InitialLatents, InputLatents, KvCache,
-    SchedulerKind, MAX_IMAGES, MAX_INFERENCE_STEPS,
+    parse_sigmas, CfgRange, GenerationOptions, GenerationRequest, InitialLatents, InputLatents,
+    KvCache, SchedulerKind, MAX_IMAGES, MAX_INFERENCE_STEPS,
 };

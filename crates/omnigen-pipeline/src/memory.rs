@@ -1,9 +1,14 @@
 //! Memory guard: the request's tokens and memory are estimated before any work starts, and a
 //! request that cannot fit is refused with the option that would make it fit.
 
-use omnigen_core::{Error, Result, TransformerConfig, VaeConfig};
+use std::path::Path;
 
-use crate::processor::{GuidanceInputs, ProcessedBatch};
+use burn::tensor::DType;
+use omnigen_core::{Error, ModelFolder, Result, TransformerConfig, VaeConfig};
+use omnigen_models::KernelBackend;
+
+use crate::processor::{GuidanceInputs, OmniGenProcessor, ProcessedBatch};
+use crate::request::{GenerationRequest, KvCache};
 
 /// Bytes a generation needs beyond the loaded weights, by cause.
 ///
@@ -147,6 +152,83 @@ pub fn estimate(
     est.vae = decode;
     est.vae_encode = encode;
     est
+}
+
+/// What a request will cost, known before any weights are loaded: its memory estimate and its
+/// sequence lengths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestPlan {
+    /// The memory guard's estimate beyond the loaded model.
+    pub estimate: MemoryEstimate,
+    /// Sequence length of each forward per step, per guidance branch (as
+    /// [`GenerationStats::tokens_per_branch`](crate::GenerationStats::tokens_per_branch)).
+    pub tokens_per_branch: Vec<usize>,
+    /// Output size `(width, height)` in pixels.
+    pub size: (usize, usize),
+}
+
+/// Plans requests against a model folder's tokenizer and configurations without loading its
+/// weights: what a batch checks for every job before the (slow) model load. The estimate is the
+/// one the pipeline's memory guard makes (without VAE tiling).
+#[derive(Debug)]
+pub struct RequestPlanner {
+    processor: OmniGenProcessor,
+    transformer: TransformerConfig,
+    vae: VaeConfig,
+    dtype: DType,
+}
+
+impl RequestPlanner {
+    /// Reads the tokenizer and the configurations of the model folder `dir` (official or
+    /// diffusers layout) for transformer weights of `dtype`.
+    pub fn from_dir(dir: &Path, dtype: DType) -> Result<Self> {
+        let folder = ModelFolder::open(dir)?;
+        let processor = OmniGenProcessor::from_tokenizer_file(folder.tokenizer()?)?;
+        let transformer = TransformerConfig::from_file(folder.transformer_config()?)?;
+        let vae = VaeConfig::from_file(folder.vae_dir()?.join("config.json"))?;
+        Ok(Self {
+            processor,
+            transformer,
+            vae,
+            dtype,
+        })
+    }
+
+    /// Validates and processes `request` (its images are read) and estimates its memory on
+    /// backend `B`; with `available` given, refuses it as the guard would
+    /// ([`Error::OutOfMemory`] with its hint).
+    pub fn plan<B: KernelBackend>(
+        &self,
+        request: &GenerationRequest,
+        available: Option<u64>,
+    ) -> Result<RequestPlan> {
+        request.validate()?;
+        let prompts: Vec<_> = request
+            .prompts
+            .iter()
+            .flat_map(|p| std::iter::repeat_n(p.clone(), request.num_images_per_prompt))
+            .collect();
+        let options = crate::pipeline::sampling::processor_options(request);
+        let batch = self.processor.process(&prompts, &options)?;
+        let weight_bytes = if self.dtype == DType::F32 { 4 } else { 2 };
+        let est = estimate(
+            &batch,
+            &self.transformer,
+            &self.vae,
+            None,
+            weight_bytes,
+            request.kv_cache != KvCache::Off,
+            omnigen_models::ops::attention_materialises_scores::<B>(self.dtype),
+        );
+        if let Some(available) = available {
+            check(&est, available, &batch, request.max_input_image_size)?;
+        }
+        Ok(RequestPlan {
+            estimate: est,
+            tokens_per_branch: batch.model_inputs().iter().map(|m| m.seq_len).collect(),
+            size: (batch.width, batch.height),
+        })
+    }
 }
 
 /// Memory this process may still allocate, in bytes: the smaller of the system's

@@ -67,6 +67,14 @@ impl ConditionImage {
         }
     }
 
+    /// The file the image is read from, when it comes from one.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.source {
+            ImageSource::Path(p) => Some(p),
+            _ => None,
+        }
+    }
+
     /// A short human-readable name of the source, used in error messages.
     pub fn describe(&self) -> String {
         match &self.source {
@@ -362,6 +370,58 @@ pub fn check_placeholders(
 pub struct Prompt {
     text: String,
     images: Vec<ConditionImage>,
+}
+
+/// The serde form of a [`Prompt`]: its text and the paths of its images.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PromptForm {
+    text: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    images: Vec<PathBuf>,
+}
+
+/// `{"text": "... <img><|image_1|></img> ...", "images": ["a.png"]}`. Only images read from
+/// files have a serde form: serializing a prompt with an in-memory image fails, naming it.
+impl serde::Serialize for Prompt {
+    fn serialize<S: serde::Serializer>(
+        &self,
+        serializer: S,
+    ) -> std::result::Result<S::Ok, S::Error> {
+        let images = self
+            .images
+            .iter()
+            .map(|im| {
+                im.path().map(Path::to_path_buf).ok_or_else(|| {
+                    serde::ser::Error::custom(format!(
+                        "{} has no serde form: only images read from files do",
+                        im.describe()
+                    ))
+                })
+            })
+            .collect::<std::result::Result<Vec<_>, S::Error>>()?;
+        PromptForm {
+            text: self.text.clone(),
+            images,
+        }
+        .serialize(serializer)
+    }
+}
+
+/// Reads the form [`Serialize`](serde::Serialize) writes, checked as [`Prompt::from_text`]
+/// checks (the images are not read).
+impl<'de> serde::Deserialize<'de> for Prompt {
+    fn deserialize<D: serde::Deserializer<'de>>(
+        deserializer: D,
+    ) -> std::result::Result<Self, D::Error> {
+        let form = PromptForm::deserialize(deserializer)?;
+        let images = form
+            .images
+            .into_iter()
+            .map(ConditionImage::from_path)
+            .collect();
+        Prompt::from_text(form.text, images).map_err(serde::de::Error::custom)
+    }
 }
 
 impl Prompt {

@@ -107,8 +107,10 @@ pub fn parse_sigmas(s: &str) -> Result<Vec<f32>> {
         .collect()
 }
 
-/// How the condition tokens' keys and values are reused across denoising steps.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// How the condition tokens' keys and values are reused across denoising steps. Its serde form
+/// and [`FromStr`](std::str::FromStr) names are `official`, `exact` and `off` (alias `none`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "&'static str")]
 pub enum KvCache {
     /// The official pipeline's cache (default): step 0 lets the time and image tokens attend
     /// only to the condition tokens, later steps reuse the cached prefix.
@@ -120,8 +122,10 @@ pub enum KvCache {
     Off,
 }
 
-/// Which latent of an input image's VAE posterior conditions the transformer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// Which latent of an input image's VAE posterior conditions the transformer. Its serde form and
+/// [`FromStr`](std::str::FromStr) names are `sample` and `mean`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "&'static str")]
 pub enum InputLatents {
     /// A posterior sample `mean + std·ε` with ε drawn from the request's seed — the official
     /// behaviour (each image is encoded once per branch that uses it, with fresh noise).
@@ -131,8 +135,88 @@ pub enum InputLatents {
     Mean,
 }
 
+impl KvCache {
+    /// The name of the mode: `official`, `exact` or `off`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Official => "official",
+            Self::Exact => "exact",
+            Self::Off => "off",
+        }
+    }
+}
+
+impl std::str::FromStr for KvCache {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "official" => Ok(Self::Official),
+            "exact" => Ok(Self::Exact),
+            "off" | "none" => Ok(Self::Off),
+            other => Err(Error::invalid_argument(
+                "kv_cache",
+                format!("`{other}` is not one of official, exact, off"),
+            )),
+        }
+    }
+}
+
+impl From<KvCache> for &'static str {
+    fn from(mode: KvCache) -> Self {
+        mode.name()
+    }
+}
+
+impl TryFrom<String> for KvCache {
+    type Error = Error;
+
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl InputLatents {
+    /// The name of the choice: `sample` or `mean`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Sample => "sample",
+            Self::Mean => "mean",
+        }
+    }
+}
+
+impl std::str::FromStr for InputLatents {
+    type Err = Error;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "sample" => Ok(Self::Sample),
+            "mean" => Ok(Self::Mean),
+            other => Err(Error::invalid_argument(
+                "input_latents",
+                format!("`{other}` is not one of sample, mean"),
+            )),
+        }
+    }
+}
+
+impl From<InputLatents> for &'static str {
+    fn from(choice: InputLatents) -> Self {
+        choice.name()
+    }
+}
+
+impl TryFrom<String> for InputLatents {
+    type Error = Error;
+
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
 /// Initial noise supplied by the caller instead of drawing it from the seed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct InitialLatents {
     /// Values in row-major order.
     pub values: Vec<f32>,
@@ -153,7 +237,22 @@ pub struct InitialLatents {
 /// assert_eq!(request.height, 512);
 /// assert_eq!(request.img_guidance_scale, 1.6); // official default kept
 /// ```
-#[derive(Debug, Clone)]
+///
+/// Its serde form is an object with these field names, every one but `prompts` optional (the
+/// official default) and no others allowed; a prompt is `{"text": ..., "images": [paths]}`, so
+/// only requests whose images are files can be written (see [`Prompt`]'s serde form).
+///
+/// ```
+/// use omnigen_pipeline::GenerationRequest;
+/// let request: GenerationRequest =
+///     serde_json::from_str(r#"{"prompts": [{"text": "a cat"}], "num_inference_steps": 20}"#)?;
+/// assert_eq!((request.num_inference_steps, request.height), (20, 1024));
+/// let again: GenerationRequest = serde_json::from_value(serde_json::to_value(&request)?)?;
+/// assert_eq!(format!("{again:?}"), format!("{request:?}"));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default = "GenerationRequest::without_prompts", deny_unknown_fields)]
 pub struct GenerationRequest {
     /// The prompts, each generating `num_images_per_prompt` images.
     pub prompts: Vec<Prompt>,
@@ -214,6 +313,11 @@ impl GenerationRequest {
     /// A request for one prompt with the official defaults.
     pub fn new(prompt: impl Into<Prompt>) -> Self {
         Self::batch(vec![prompt.into()])
+    }
+
+    /// The defaults a deserialized request starts from (its `prompts` must be given).
+    fn without_prompts() -> Self {
+        Self::batch(Vec::new())
     }
 
     /// A request for several prompts generated together.
@@ -473,5 +577,224 @@ impl GenerationRequest {
             }
         }
         Ok(())
+    }
+}
+
+/// A job description's options: every option of a [`GenerationRequest`] but its prompts and
+/// caller-given noise, each one optional. A batch manifest line and a server request's OmniGen
+/// fields read into one; [`or`](Self::or) lays it over the defaults of a command line or a
+/// server, [`apply`](Self::apply) sets what it gives on a request, leaving the rest as they
+/// were (the official defaults for a new one). Serde names are the request's field names,
+/// with `steps` for `num_inference_steps` and `n` for `num_images_per_prompt`.
+///
+/// ```
+/// use omnigen_pipeline::{GenerationOptions, GenerationRequest, Prompt};
+/// let defaults = GenerationOptions { steps: Some(20), height: Some(512), ..Default::default() };
+/// let line: GenerationOptions = serde_json::from_str(r#"{"steps": 8, "seed": 3}"#)?;
+/// let request = line.or(&defaults).apply(GenerationRequest::new(Prompt::from("a cat")));
+/// assert_eq!((request.num_inference_steps, request.height, request.width), (8, 512, 1024));
+/// assert_eq!(request.seed, Some(3));
+/// # Ok::<(), serde_json::Error>(())
+/// ```
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationOptions {
+    /// [`GenerationRequest::negative_prompt`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    /// [`GenerationRequest::height`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub height: Option<usize>,
+    /// [`GenerationRequest::width`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub width: Option<usize>,
+    /// [`GenerationRequest::num_inference_steps`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub steps: Option<usize>,
+    /// [`GenerationRequest::guidance_scale`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub guidance_scale: Option<f32>,
+    /// [`GenerationRequest::img_guidance_scale`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub img_guidance_scale: Option<f32>,
+    /// [`GenerationRequest::use_img_guidance`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_img_guidance: Option<bool>,
+    /// [`GenerationRequest::separate_cfg_infer`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub separate_cfg_infer: Option<bool>,
+    /// [`GenerationRequest::kv_cache`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kv_cache: Option<KvCache>,
+    /// [`GenerationRequest::input_latents`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub input_latents: Option<InputLatents>,
+    /// [`GenerationRequest::use_input_image_size_as_output`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub use_input_image_size_as_output: Option<bool>,
+    /// [`GenerationRequest::max_input_image_size`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_input_image_size: Option<usize>,
+    /// [`GenerationRequest::num_images_per_prompt`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub n: Option<usize>,
+    /// [`GenerationRequest::seed`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// [`GenerationRequest::scheduler`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<SchedulerKind>,
+    /// [`GenerationRequest::time_shift`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub time_shift: Option<f32>,
+    /// [`GenerationRequest::sigmas`] (which also set the step count).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sigmas: Option<Vec<f32>>,
+    /// [`GenerationRequest::cfg_range`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cfg_range: Option<CfgRange>,
+}
+
+impl GenerationOptions {
+    /// These options, with `defaults`' value wherever these give none.
+    pub fn or(&self, defaults: &GenerationOptions) -> GenerationOptions {
+        let d = defaults.clone();
+        let s = self.clone();
+        GenerationOptions {
+            negative_prompt: s.negative_prompt.or(d.negative_prompt),
+            height: s.height.or(d.height),
+            width: s.width.or(d.width),
+            steps: s.steps.or(d.steps),
+            guidance_scale: s.guidance_scale.or(d.guidance_scale),
+            img_guidance_scale: s.img_guidance_scale.or(d.img_guidance_scale),
+            use_img_guidance: s.use_img_guidance.or(d.use_img_guidance),
+            separate_cfg_infer: s.separate_cfg_infer.or(d.separate_cfg_infer),
+            kv_cache: s.kv_cache.or(d.kv_cache),
+            input_latents: s.input_latents.or(d.input_latents),
+            use_input_image_size_as_output: s
+                .use_input_image_size_as_output
+                .or(d.use_input_image_size_as_output),
+            max_input_image_size: s.max_input_image_size.or(d.max_input_image_size),
+            n: s.n.or(d.n),
+            seed: s.seed.or(d.seed),
+            scheduler: s.scheduler.or(d.scheduler),
+            time_shift: s.time_shift.or(d.time_shift),
+            // Steps given here win over sigmas given by the defaults (sigmas set the count).
+            sigmas: match (s.sigmas, s.steps) {
+                (Some(sigmas), _) => Some(sigmas),
+                (None, Some(_)) => None,
+                (None, None) => d.sigmas,
+            },
+            cfg_range: s.cfg_range.or(d.cfg_range),
+        }
+    }
+
+    /// `request` with every option these give set; the others keep their values. Nothing is
+    /// checked here: [`GenerationRequest::validate`] (or generating) checks the result.
+    pub fn apply(&self, mut request: GenerationRequest) -> GenerationRequest {
+        let o = self.clone();
+        if let Some(text) = o.negative_prompt {
+            request.negative_prompt = Some(text);
+        }
+        request.height = o.height.unwrap_or(request.height);
+        request.width = o.width.unwrap_or(request.width);
+        request.num_inference_steps = o.steps.unwrap_or(request.num_inference_steps);
+        request.guidance_scale = o.guidance_scale.unwrap_or(request.guidance_scale);
+        request.img_guidance_scale = o.img_guidance_scale.unwrap_or(request.img_guidance_scale);
+        request.use_img_guidance = o.use_img_guidance.unwrap_or(request.use_img_guidance);
+        request.separate_cfg_infer = o.separate_cfg_infer.unwrap_or(request.separate_cfg_infer);
+        request.kv_cache = o.kv_cache.unwrap_or(request.kv_cache);
+        request.input_latents = o.input_latents.unwrap_or(request.input_latents);
+        request.use_input_image_size_as_output = o
+            .use_input_image_size_as_output
+            .unwrap_or(request.use_input_image_size_as_output);
+        request.max_input_image_size = o
+            .max_input_image_size
+            .unwrap_or(request.max_input_image_size);
+        request.num_images_per_prompt = o.n.unwrap_or(request.num_images_per_prompt);
+        request.seed = o.seed.or(request.seed);
+        request.scheduler = o.scheduler.unwrap_or(request.scheduler);
+        request.time_shift = o.time_shift.unwrap_or(request.time_shift);
+        if let Some(sigmas) = o.sigmas {
+            request = request.sigmas(sigmas);
+        }
+        request.cfg_range = o.cfg_range.unwrap_or(request.cfg_range);
+        request
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::prompt::ConditionImage;
+
+    #[test]
+    fn a_request_round_trips_through_json() {
+        let prompt = Prompt::from_text(
+            "<img><|image_1|></img> make it green",
+            vec![ConditionImage::from_path("photos/cat.png")],
+        )
+        .unwrap();
+        let request = GenerationRequest::new(prompt)
+            .size(512, 768)
+            .steps(30)
+            .seed(7)
+            .kv_cache(KvCache::Exact)
+            .input_latents(InputLatents::Mean)
+            .scheduler(SchedulerKind::DpmPp2m)
+            .cfg_range(CfgRange::new(0.0, 0.6).unwrap())
+            .negative_prompt("blur");
+        let json = serde_json::to_value(&request).unwrap();
+        assert_eq!(json["kv_cache"], "exact");
+        assert_eq!(json["input_latents"], "mean");
+        assert_eq!(json["scheduler"], "dpmpp-2m");
+        assert_eq!(json["prompts"][0]["images"][0], "photos/cat.png");
+        let back: GenerationRequest = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(format!("{back:?}"), format!("{request:?}"));
+        assert_eq!(serde_json::to_value(&back).unwrap(), json);
+    }
+
+    #[test]
+    fn bad_request_json_is_refused_with_the_field() {
+        let err = |text: &str| serde_json::from_str::<GenerationRequest>(text).unwrap_err();
+        let e = err(r#"{"prompts": [{"text": "a"}], "stepz": 3}"#).to_string();
+        assert!(e.contains("unknown field `stepz`"), "{e}");
+        let e = err(r#"{"prompts": [{"text": "a"}], "kv_cache": "sometimes"}"#).to_string();
+        assert!(e.contains("official, exact, off"), "{e}");
+        // placeholders are checked against the images as Prompt::from_text checks them
+        let e = err(r#"{"prompts": [{"text": "<img><|image_1|></img> x"}]}"#).to_string();
+        assert!(e.contains("<|image_1|>"), "{e}");
+        // an in-memory image has no serde form
+        let prompt = Prompt::new().image(ConditionImage::from_rgb(1, 1, vec![0; 3]));
+        let e = serde_json::to_string(&GenerationRequest::new(prompt)).unwrap_err();
+        assert!(e.to_string().contains("raw RGB buffer 1x1"), "{e}");
+    }
+
+    #[test]
+    fn options_fill_gaps_from_defaults_and_leave_the_rest() {
+        let defaults = GenerationOptions {
+            steps: Some(10),
+            guidance_scale: Some(2.0),
+            sigmas: Some(vec![1.0, 0.5]),
+            ..Default::default()
+        };
+        let line = GenerationOptions {
+            steps: Some(4),
+            seed: Some(1),
+            ..Default::default()
+        };
+        let merged = line.or(&defaults);
+        // the line's steps replace the default sigmas, which would set the count again
+        assert_eq!((merged.steps, merged.sigmas.clone()), (Some(4), None));
+        let request = merged.apply(GenerationRequest::new(Prompt::from("a")));
+        assert_eq!(request.num_inference_steps, 4);
+        assert_eq!((request.guidance_scale, request.seed), (2.0, Some(1)));
+        assert_eq!(request.img_guidance_scale, 1.6);
+        let request = GenerationOptions::default().or(&defaults).apply(request);
+        assert_eq!(request.sigmas.as_deref(), Some(&[1.0, 0.5][..]));
+        assert_eq!(request.num_inference_steps, 2);
+        let json = serde_json::to_string(&line).unwrap();
+        assert_eq!(json, r#"{"steps":4,"seed":1}"#);
+        assert!(serde_json::from_str::<GenerationOptions>(r#"{"size": 3}"#).is_err());
     }
 }

@@ -6,7 +6,7 @@
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use omnigen::pipeline::{CfgRange, SchedulerKind};
+use omnigen::pipeline::{CfgRange, GenerationOptions, SchedulerKind};
 use omnigen::prelude::*;
 use omnigen::Error;
 use serde_json::{json, Value};
@@ -276,20 +276,9 @@ pub fn parse(
     let mut n = 1usize;
     let mut size: Option<(usize, usize)> = None;
     let mut auto_size = kind == Kind::Edit;
-    let mut steps: Option<usize> = None;
-    let mut guidance: Option<f32> = None;
-    let mut img_guidance: Option<f32> = None;
     let mut seed: Option<u64> = None;
-    let mut negative: Option<String> = None;
-    let mut kv_cache = KvCache::Official;
-    let mut separate_cfg = true;
-    let mut use_img_guidance = true;
-    let mut input_latents = InputLatents::Sample;
-    let mut max_input_image_size: Option<usize> = None;
-    let mut scheduler: Option<SchedulerKind> = None;
-    let mut time_shift: Option<f32> = None;
-    let mut cfg_range: Option<CfgRange> = None;
-    let mut sigmas: Option<Vec<f32>> = None;
+    // OmniGen's own options, in the library's job-description type (shared with `omnigen batch`)
+    let mut opts = GenerationOptions::default();
 
     for (name, value) in fields {
         if !seen.insert(name.clone()) {
@@ -387,15 +376,15 @@ pub fn parse(
                 ))
             }
             "steps" | "num_inference_steps" => {
-                if steps.is_some() {
+                if opts.steps.is_some() {
                     return Err(f.error("given twice (as `steps` and `num_inference_steps`)"));
                 }
-                steps = Some(f.uint_in(1, limits.max_steps)?);
+                opts.steps = Some(f.uint_in(1, limits.max_steps)?);
             }
-            "guidance_scale" => guidance = Some(f.float()?),
-            "img_guidance_scale" => img_guidance = Some(f.float()?),
+            "guidance_scale" => opts.guidance_scale = Some(f.float()?),
+            "img_guidance_scale" => opts.img_guidance_scale = Some(f.float()?),
             "seed" => seed = Some(f.u64()?),
-            "negative_prompt" => negative = Some(f.string()?),
+            "negative_prompt" => opts.negative_prompt = Some(f.string()?),
             "scheduler" => {
                 let name = f.string()?;
                 // `flow_match_euler` is diffusers' name of the official scheduler
@@ -404,46 +393,43 @@ pub fn parse(
                 } else {
                     name.as_str()
                 };
-                scheduler = Some(
+                opts.scheduler = Some(
                     name.parse::<SchedulerKind>()
                         .map_err(|e| f.error(library_reason(&e)))?,
                 );
             }
-            "time_shift" => time_shift = Some(f.float()?),
+            "time_shift" => opts.time_shift = Some(f.float()?),
             "cfg_range" => {
-                cfg_range = Some(
+                opts.cfg_range = Some(
                     f.string()?
                         .parse::<CfgRange>()
                         .map_err(|e| f.error(library_reason(&e)))?,
                 );
             }
             "sigmas" => {
-                sigmas = Some(
+                opts.sigmas = Some(
                     omnigen::pipeline::parse_sigmas(&f.string()?)
                         .map_err(|e| f.error(library_reason(&e)))?,
                 );
             }
             "kv_cache" => {
-                kv_cache = match f.string()?.as_str() {
-                    "official" => KvCache::Official,
-                    "exact" => KvCache::Exact,
-                    "off" | "none" => KvCache::Off,
-                    other => {
-                        return Err(f.error(format!("`{other}` is not one of official, exact, off")))
-                    }
-                }
+                opts.kv_cache = Some(
+                    f.string()?
+                        .parse::<KvCache>()
+                        .map_err(|e| f.error(library_reason(&e)))?,
+                );
             }
             "input_latents" => {
-                input_latents = match f.string()?.as_str() {
-                    "sample" => InputLatents::Sample,
-                    "mean" => InputLatents::Mean,
-                    other => return Err(f.error(format!("`{other}` is not one of sample, mean"))),
-                }
+                opts.input_latents = Some(
+                    f.string()?
+                        .parse::<InputLatents>()
+                        .map_err(|e| f.error(library_reason(&e)))?,
+                );
             }
-            "separate_cfg_infer" => separate_cfg = f.boolean()?,
-            "use_img_guidance" => use_img_guidance = f.boolean()?,
+            "separate_cfg_infer" => opts.separate_cfg_infer = Some(f.boolean()?),
+            "use_img_guidance" => opts.use_img_guidance = Some(f.boolean()?),
             "use_input_image_size_as_output" => auto_size = f.boolean()?,
-            "max_input_image_size" => max_input_image_size = Some(f.uint_in(16, 4096)?),
+            "max_input_image_size" => opts.max_input_image_size = Some(f.uint_in(16, 4096)?),
             other => {
                 return Err(ApiError::invalid(
                     other,
@@ -477,42 +463,13 @@ pub fn parse(
     let (width, height) = size.unwrap_or(limits.default_size);
     // A drawn seed is fixed here so the answer can report it and the image can be reproduced.
     let seed = seed.unwrap_or_else(|| u64::from(rand::random::<u32>()));
-    let mut request = GenerationRequest::new(prompt)
-        .size(height, width)
-        .num_images_per_prompt(n)
-        .kv_cache(kv_cache)
-        .separate_cfg_infer(separate_cfg)
-        .use_img_guidance(use_img_guidance)
-        .input_latents(input_latents)
-        .use_input_image_size_as_output(auto_size)
-        .seed(seed);
-    if let Some(steps) = steps {
-        request = request.steps(steps);
-    }
-    if let Some(g) = guidance {
-        request = request.guidance_scale(g);
-    }
-    if let Some(g) = img_guidance {
-        request = request.img_guidance_scale(g);
-    }
-    if let Some(m) = max_input_image_size {
-        request = request.max_input_image_size(m);
-    }
-    if let Some(text) = negative {
-        request = request.negative_prompt(text);
-    }
-    if let Some(kind) = scheduler {
-        request = request.scheduler(kind);
-    }
-    if let Some(shift) = time_shift {
-        request = request.time_shift(shift);
-    }
-    if let Some(range) = cfg_range {
-        request = request.cfg_range(range);
-    }
-    if let Some(sigmas) = sigmas {
-        request = request.sigmas(sigmas);
-    }
+    let request = opts.apply(
+        GenerationRequest::new(prompt)
+            .size(height, width)
+            .num_images_per_prompt(n)
+            .use_input_image_size_as_output(auto_size)
+            .seed(seed),
+    );
     if request.num_inference_steps > limits.max_steps {
         return Err(ApiError::invalid(
             "steps",
@@ -532,9 +489,9 @@ pub fn parse(
         "img_guidance_scale": request.img_guidance_scale,
         "seed": seed,
         "negative_prompt": request.negative_prompt,
-        "kv_cache": format!("{:?}", request.kv_cache).to_lowercase(),
+        "kv_cache": request.kv_cache.name(),
         "separate_cfg_infer": request.separate_cfg_infer,
-        "input_latents": format!("{:?}", request.input_latents).to_lowercase(),
+        "input_latents": request.input_latents.name(),
         "scheduler": request.scheduler.to_string(),
         "images": request.prompts[0].images().len(),
     });

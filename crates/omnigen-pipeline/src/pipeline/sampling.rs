@@ -255,7 +255,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
 }
 
 /// The processor's options for a request.
-fn processor_options(request: &GenerationRequest) -> ProcessorOptions {
+pub(crate) fn processor_options(request: &GenerationRequest) -> ProcessorOptions {
     ProcessorOptions {
         height: request.height,
         width: request.width,
