@@ -219,6 +219,7 @@ impl RequestPlanner {
             weight_bytes,
             request.kv_cache != KvCache::Off,
             omnigen_models::ops::attention_materialises_scores::<B>(self.dtype),
+            omnigen_models::ops::attention_mask_is_dense::<B>(self.dtype),
         );
         if let Some(available) = available {
             check(&est, available, &batch, request.max_input_image_size)?;
