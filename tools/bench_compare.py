@@ -7,9 +7,9 @@ load hits both; every round times each workload `--runs` times after a warm-up. 
 workload, the median over all runs of all rounds and the ratio ours / PyTorch (< 1: we are faster).
 
 Usage (from the repository root):
-  python3 tools/bench_compare.py [--model-dir /tmp/omnigen_bench_M] [--rounds 3] [--runs 3] [--threads 2]
+  python3 tools/bench_compare.py [--model-dir /tmp/omnigen_bench_M] [--config M|W] [--rounds 3] [--runs 3] [--threads 2]
                                  [--size 256] [--steps 10] [--only a,b] [--json out.json] [--markdown]
-The model directory is built with `tools/reference/make_tiny.py --config M` when missing. The Rust binary is
+The model directory is built with `tools/reference/make_tiny.py --config M` (or `--config W`) when missing. The Rust binary is
 built with `cargo build --release --example bench_side` (features from --cargo-features, default backend flex).
 Needs the reference venv (tools/reference/setup.sh); --python selects its interpreter.
 """
@@ -55,6 +55,8 @@ def main():
     ap = argparse.ArgumentParser()
     add_workload_args(ap, runs=3)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--config", choices=["M", "W"], default="M",
+                    help="make_tiny.py config of a missing --model-dir (W: the real width, 4 layers)")
     ap.add_argument("--python", default=os.path.join(ROOT, "tools/reference/.venv/bin/python"))
     ap.add_argument("--bin", default=None, help="prebuilt bench_side binary (default: cargo build it)")
     ap.add_argument("--cargo-features", default=None, help="e.g. '--no-default-features --features ndarray'")
@@ -63,8 +65,8 @@ def main():
     args = ap.parse_args()
 
     if not os.path.exists(os.path.join(args.model_dir, "model.safetensors")):
-        subprocess.check_call([args.python, os.path.join(ROOT, "tools/reference/make_tiny.py"), "--config", "M",
-                               "--out", args.model_dir], stdout=subprocess.DEVNULL)
+        subprocess.check_call([args.python, os.path.join(ROOT, "tools/reference/make_tiny.py"), "--config",
+                               args.config, "--out", args.model_dir], stdout=subprocess.DEVNULL)
     binary = args.bin
     if binary is None:
         cmd = ["cargo", "build", "--release", "--example", "bench_side", "--message-format=json"]

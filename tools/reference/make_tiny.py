@@ -58,6 +58,16 @@ CONFIGS = {
         max_position_embeddings=131072, original_max_position_embeddings=4096, rope_type_in_file="su",
         vae=dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32),
     ),
+    # Config W: the REAL model width for bench.py only (not a fixture): hidden 3072, MLP 8192, 32 heads x 96,
+    # 4 of the 32 layers, the real SDXL VAE architecture (random weights); the real rope factors, read from the
+    # committed benches/configs/wide/config.json.
+    "W": dict(
+        PHI3_BASE, seed=3072,
+        hidden_size=3072, intermediate_size=8192, num_hidden_layers=4, num_attention_heads=32, num_key_value_heads=32,
+        max_position_embeddings=131072, original_max_position_embeddings=4096, rope_type_in_file="su",
+        rope_factors_from="benches/configs/wide/config.json",
+        vae=dict(block_out_channels=[128, 256, 512, 512], layers_per_block=2, norm_num_groups=32),
+    ),
 }
 
 SPECIAL_ADDED = ["<|endoftext|>", "<|assistant|>", "<|end|>", "<|user|>", "<|system|>"]
@@ -194,6 +204,11 @@ def main():
     rng = np.random.default_rng(seed)
     short_factor = [round(float(x), 4) for x in 1.0 + 0.5 * rng.random(head_dim // 2)]
     long_factor = [round(float(x), 4) for x in 2.0 + 8.0 * np.sort(rng.random(head_dim // 2))]
+    if "rope_factors_from" in cfg:
+        root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..")
+        with open(os.path.join(root, cfg["rope_factors_from"])) as f:
+            committed = json.load(f)["rope_scaling"]
+        short_factor, long_factor = committed["short_factor"], committed["long_factor"]
     pcfg = Phi3Config(
         vocab_size=vocab_size, hidden_size=cfg["hidden_size"], intermediate_size=cfg["intermediate_size"],
         num_hidden_layers=cfg["num_hidden_layers"], num_attention_heads=cfg["num_attention_heads"],

@@ -402,14 +402,15 @@ fn prompts_come_from_files_and_standard_input() {
         image::open(&b).unwrap().to_rgb8(),
         "the same prompt from a file and from standard input differ"
     );
-    // the long one is read and tokenised whole; the memory guard decides, before any
-    // quadratic allocation, that its tens of thousands of tokens do not fit
+    // the long one is read and tokenised whole; the memory guard decides, before the model
+    // runs, that its tens of thousands of tokens (about 64 MiB of activations on this tiny
+    // model: nothing is quadratic in them) do not fit in 32 MiB
     let c = dir.path().join("c.png");
     let limit = [
         "--prompt-file",
         file.to_str().unwrap(),
         "--memory-limit",
-        "2048",
+        "32",
     ];
     let o = generate(Path::new(B), &c, &limit);
     assert_fails(
@@ -417,7 +418,7 @@ fn prompts_come_from_files_and_standard_input() {
         &c,
         &[
             "request needs about",
-            "2048 MiB is available",
+            "32 MiB is available",
             "shorten the prompt",
         ],
     );
@@ -465,25 +466,14 @@ fn requests_beyond_the_memory_limit_are_refused_before_they_allocate() {
         started.elapsed() < Duration::from_secs(30),
         "it allocated before refusing"
     );
-    // the joint batch is refused with the option that helps
+    // the joint batch is refused with the option that helps: a prompt of about 900 tokens at
+    // 64² makes the transformer the largest phase, and the joint batch pads the unconditional
+    // row to the prompt's length (twice the separate branches' peak)
+    let prompt = "a red cat on a blue mat. ".repeat(100);
     let o = omnigen()
-        .args([
-            "generate",
-            "--model",
-            B,
-            "--prompt",
-            "a cat",
-            "--memory-limit",
-            "600",
-        ])
-        .args([
-            "--height",
-            "1024",
-            "--width",
-            "1024",
-            "--joint-cfg",
-            "--output",
-        ])
+        .args(["generate", "--model", B, "--prompt", &prompt])
+        .args(["--memory-limit", "5", "--joint-cfg"])
+        .args(["--height", "64", "--width", "64", "--output"])
         .arg(&out)
         .output()
         .unwrap();
