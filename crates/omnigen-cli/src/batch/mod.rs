@@ -361,6 +361,13 @@ fn batch(args: BatchArgs) -> anyhow::Result<()> {
         .map(|c| c.request.num_images_per_prompt)
         .sum();
     let good = jobs.len() - bad.len();
+    if args.out.exists() && !args.out.is_dir() {
+        anyhow::bail!(
+            "--out {} exists and is not a folder: give a folder for the images, results.jsonl \
+             and report.html",
+            args.out.display()
+        );
+    }
     let previous = Results::read(&args.out)?;
 
     if args.dry_run {

@@ -344,6 +344,15 @@ fn dry_run_lists_every_problem_with_its_line_and_counts_the_images() {
     let stdout = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "{}", stderr_of(&o));
     assert!(stdout.contains("2 images in 1 jobs"), "{stdout}");
+
+    // an --out that is a file is named as the fault, before anything runs
+    let file = dir.path().join("taken");
+    std::fs::write(&file, "mine").unwrap();
+    let o = batch_command(&csv, &file).output().unwrap();
+    let err = stderr_of(&o);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("exists and is not a folder"), "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "mine");
 }
 
 /// The report in headless Chromium: it loads without console messages, every image shows,
