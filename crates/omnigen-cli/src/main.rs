@@ -8,6 +8,7 @@
 //!     --prompt "<img><|image_1|></img> make the cat green" --image cat.png \
 //!     --use-input-image-size-as-output --output green.png
 //! omnigen inspect DIR
+//! omnigen quantize --model DIR --to int8 --output DIR_INT8
 //! omnigen serve --model DIR --port 8080
 //! ```
 //! Every error ends the program with a message whose first line starts with `error: ` and exit
@@ -19,6 +20,7 @@ mod flags;
 mod generate;
 mod inspect;
 mod latents;
+mod quantize;
 mod serve;
 
 use std::process::ExitCode;
@@ -42,6 +44,9 @@ enum Command {
     Inspect(inspect::InspectArgs),
     /// Serve the OpenAI images API, a jobs API and a web page over one loaded model.
     Serve(Box<serve::ServeArgs>),
+    /// Write a copy of a model folder with the transformer's linear weights quantized (int8
+    /// or fp8 e4m3, per output channel).
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -62,6 +67,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => generate::run(*args),
         Command::Inspect(args) => inspect::run(&args),
         Command::Serve(args) => serve::run(*args),
+        Command::Quantize(args) => quantize::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

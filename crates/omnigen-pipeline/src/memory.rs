@@ -142,6 +142,48 @@ pub fn estimate(
     est
 }
 
+/// How a loaded transformer holds its weights, for [`transformer_weight_bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightMode {
+    /// The decoder layers' linear weights quantized (`omnigen quantize`), else dense.
+    pub quantized: Option<omnigen_core::QuantScheme>,
+    /// Dtype of the dense linear weights (`--dtype`).
+    pub weight_dtype: burn::tensor::DType,
+    /// Dtype of everything else (embedding table, norms, biases, `pos_embed`): the compute
+    /// dtype, f32 on the CPU backends whatever `--dtype` is.
+    pub compute_dtype: burn::tensor::DType,
+}
+
+/// Bytes the transformer's parameters take once loaded in `mode`, from its config and the
+/// checkpoint's value count `total_values` (parameters and buffers): the decoder layers'
+/// linear weights at one byte plus an f32 scale per output feature when quantized, the other
+/// linear weights in the weight dtype, the rest in the compute dtype.
+pub fn transformer_weight_bytes(
+    cfg: &TransformerConfig,
+    total_values: u64,
+    mode: WeightMode,
+) -> u64 {
+    let (d, i, f) = (
+        cfg.hidden_size as u64,
+        cfg.intermediate_size as u64,
+        cfg.time_step_dim as u64,
+    );
+    let layers = cfg.num_hidden_layers as u64;
+    let patch_out = (cfg.patch_size * cfg.patch_size * cfg.in_channels) as u64;
+    // qkv, o, gate|up, down
+    let decoder = layers * (3 * d * d + d * d + 2 * i * d + i * d);
+    let decoder_rows = layers * (3 * d + d + 2 * i + d);
+    // two timestep embedders, the final adaLN and projection
+    let other = 2 * (f * d + d * d) + 2 * d * d + d * patch_out;
+    let rest = total_values.saturating_sub(decoder + other);
+    let w = mode.weight_dtype.size() as u64;
+    let decoder_bytes = match mode.quantized {
+        Some(_) => decoder + 4 * decoder_rows,
+        None => decoder * w,
+    };
+    decoder_bytes + other * w + rest * mode.compute_dtype.size() as u64
+}
+
 /// Memory this process may still allocate, in bytes: the smaller of the system's
 /// `MemAvailable` and the headroom of the container's limit (cgroup v2 `memory.max` less
 /// `memory.current`, or cgroup v1 `memory.limit_in_bytes` less `memory.usage_in_bytes`), when

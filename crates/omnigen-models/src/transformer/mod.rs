@@ -30,7 +30,7 @@ pub use rope::{LongRope, RopeTables};
 
 use crate::loader::Loader;
 use crate::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader, ModuleTable};
-use crate::ops::KernelBackend;
+use crate::ops::{self, KernelBackend, WeightFormat};
 use crate::weights::{Bf16RoundedReader, WeightReader};
 use phi3::KeyValue;
 
@@ -162,6 +162,21 @@ pub struct OmniGenTransformer<B: Backend> {
     pub config: TransformerConfig,
 }
 
+/// Sums the bytes of every parameter a module holds, each in its own dtype.
+struct ParamBytes<'a>(&'a mut u64);
+
+impl<B: Backend> burn::module::ModuleVisitor<B> for ParamBytes<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        let t = param.val();
+        *self.0 += (t.shape().num_elements() * t.dtype().size()) as u64;
+    }
+
+    fn visit_int<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D, Int>>) {
+        let t = param.val();
+        *self.0 += (t.shape().num_elements() * t.dtype().size()) as u64;
+    }
+}
+
 /// The additive value for a masked-out score: the dtype's most negative finite value, as the
 /// official `(1 - mask) * finfo(dtype).min`. Finite so that a row can never become NaN.
 fn mask_min(dtype: DType) -> f64 {
@@ -274,7 +289,9 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Self> {
-        let root = Loader::<B>::new(reader, device, dtype);
+        // Half-precision weights with f32 activations where the backend's linear takes them.
+        let compute = ops::compute_dtype::<B>(dtype);
+        let root = Loader::<B>::new(reader, device, compute).with_weight_dtype(dtype);
         Ok(Self {
             llm: Phi3Model::load(&root.sub("llm"), config)?,
             x_embedder: PatchEmbed::load(&root.sub("x_embedder"), config)?,
@@ -336,7 +353,25 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
 
     /// The parameter dtype.
     pub fn dtype(&self) -> DType {
-        self.final_layer.linear.weight.val().dtype()
+        self.llm.norm.weight.val().dtype()
+    }
+
+    /// How the decoder layers' linear weights are stored: the dtype asked for at load time
+    /// (bf16 weights on a CPU backend that computes in f32, see [`ops::compute_dtype`]), or the
+    /// checkpoint's quantization.
+    pub fn weight_format(&self) -> WeightFormat {
+        match self.llm.layers.first() {
+            Some(layer) => layer.mlp.down_proj.format(),
+            None => self.final_layer.linear.format(),
+        }
+    }
+
+    /// Bytes the loaded parameters hold, by their stored dtype and quantization.
+    pub fn weight_bytes(&self) -> u64 {
+        let mut bytes = 0u64;
+        let mut visitor = ParamBytes(&mut bytes);
+        self.visit(&mut visitor);
+        bytes
     }
 
     /// The uncached forward with the official semantics: the velocity of the noisy latents `x`
