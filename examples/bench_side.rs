@@ -175,6 +175,20 @@ fn main() -> anyhow::Result<()> {
         res.map.insert("gemm_1024".into(), v);
     }
 
+    if res.wants("transformer_load") {
+        // The checkpoint to the transformer's parameters, alone; its rate in bytes loaded.
+        let mut loaded = 0u64;
+        res.time("transformer_load", || {
+            let m = OmniGenTransformer::<B>::from_dir(&args.model_dir, &device, dtype);
+            loaded = m.expect("load").weight_bytes();
+        });
+        let median = res.map["transformer_load"]["median_s"]
+            .as_f64()
+            .unwrap_or(1.0);
+        res.map["transformer_load"]["gb_per_s"] = (loaded as f64 / 1e9 / median).into();
+        res.map["transformer_load"]["bytes"] = loaded.into();
+    }
+
     if [
         "transformer_forward",
         "transformer_prefill",

@@ -348,10 +348,7 @@ impl Report {
                 dense(DType::BF16, DType::F32),
             ),
             ("bf16/f16, GPU", dense(DType::BF16, DType::BF16)),
-            (
-                "int8/fp8, CPU (f32 compute)",
-                quant(DType::BF16, DType::F32),
-            ),
+            ("int8/fp8, CPU --dtype bf16", quant(DType::BF16, DType::F32)),
             (
                 "int8/fp8, GPU --dtype bf16",
                 quant(DType::BF16, DType::BF16),

@@ -233,7 +233,7 @@ fn quantize_writes_a_folder_that_inspect_reads_and_generate_runs() {
         &[
             "I8 x 8",
             "transformer by loading mode:",
-            "int8/fp8, CPU (f32 compute)",
+            "int8/fp8, CPU --dtype bf16",
         ],
     );
     let png = dir.path().join("q.png");

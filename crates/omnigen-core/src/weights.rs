@@ -131,6 +131,7 @@ fn shards_of_index(index: &Path) -> Result<Vec<String>> {
 /// One memory-mapped safetensors file with its validated header.
 struct MappedFile {
     path: PathBuf,
+    file: std::fs::File,
     mmap: Mmap,
     header_len: usize,
     metadata: Metadata,
@@ -155,10 +156,60 @@ impl MappedFile {
             })?;
         Ok(Self {
             path: path.into(),
+            file,
             mmap,
             header_len,
             metadata,
         })
+    }
+
+    /// `name`'s values read with `pread` straight into a buffer of their own type, when they
+    /// are stored as `T`: no page of the map is touched, so none becomes resident, and no
+    /// per-page fault is taken (the kernel copies from its page cache). `None` elsewhere (a
+    /// short read, a size that is not a whole number of `T`, a platform without `pread`).
+    fn read_pod<T: bytemuck::Pod>(&self, name: &str) -> Option<Vec<T>> {
+        let info = self.metadata.info(name)?;
+        let start = 8 + self.header_len + info.data_offsets.0;
+        let len = info.data_offsets.1 - info.data_offsets.0;
+        if len % std::mem::size_of::<T>() != 0 {
+            return None;
+        }
+        let mut values = vec![T::zeroed(); len / std::mem::size_of::<T>()];
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            let buf: &mut [u8] = bytemuck::cast_slice_mut(&mut values);
+            self.file.read_exact_at(buf, start as u64).ok()?;
+            Some(values)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (start, &mut values);
+            None
+        }
+    }
+
+    /// Drops this process's mapping of `name`'s pages once its values have been copied out, so
+    /// that a loaded model does not keep the file's pages resident beside the converted copy
+    /// (they stay in the page cache, where a later read finds them).
+    fn release(&self, name: &str) {
+        let Some(info) = self.metadata.info(name) else {
+            return;
+        };
+        let start = 8 + self.header_len + info.data_offsets.0;
+        let len = info.data_offsets.1 - info.data_offsets.0;
+        #[cfg(unix)]
+        // SAFETY: the map is a read-only mapping of a file: MADV_DONTNEED only unmaps its pages
+        // from this process, and a later access faults the same file contents back in, so no
+        // slice into the map ever sees different bytes. Failure (an old kernel) only means the
+        // pages stay resident, hence ignored.
+        unsafe {
+            let _ =
+                self.mmap
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
+        }
+        #[cfg(not(unix))]
+        let _ = (start, len);
     }
 
     fn bytes(&self, name: &str) -> Option<(&[u8], StDtype, &[usize])> {
@@ -388,9 +439,21 @@ impl WeightSource {
             return Ok(TensorData::new(q.dequantize(), shape).convert_dtype(dtype));
         }
         let data = match (st_dtype, dtype) {
-            (StDtype::F32, DType::F32) => TensorData::new(decode::<f32>(bytes), shape),
-            (StDtype::F16, DType::F16) => TensorData::new(decode::<f16>(bytes), shape),
-            (StDtype::BF16, DType::BF16) => TensorData::new(decode::<bf16>(bytes), shape),
+            (StDtype::F32, DType::F32) => TensorData::new(
+                file.read_pod::<f32>(name)
+                    .unwrap_or_else(|| decode::<f32>(bytes)),
+                shape,
+            ),
+            (StDtype::F16, DType::F16) => TensorData::new(
+                file.read_pod::<f16>(name)
+                    .unwrap_or_else(|| decode::<f16>(bytes)),
+                shape,
+            ),
+            (StDtype::BF16, DType::BF16) => TensorData::new(
+                file.read_pod::<bf16>(name)
+                    .unwrap_or_else(|| decode::<bf16>(bytes)),
+                shape,
+            ),
             (StDtype::F32, DType::F16) => {
                 TensorData::new(convert(decode::<f32>(bytes), f16::from_f32), shape)
             }
@@ -419,6 +482,7 @@ impl WeightSource {
             }
             _ => return Err(unsupported()),
         };
+        file.release(name);
         Ok(data)
     }
 
@@ -505,10 +569,12 @@ impl WeightSource {
                 })
             }
         };
+        let values = bytes.to_vec();
+        file.release(name);
         Ok(Some(QuantizedTensor {
             scheme,
             shape: shape.to_vec(),
-            values: bytes.to_vec(),
+            values,
             scales,
         }))
     }

@@ -369,7 +369,9 @@ pub(super) enum HostWeight<'a> {
     Bf16(&'a [u16]),
     /// f16 bit patterns.
     F16(&'a [half::f16]),
-    /// One byte per value, decoded through `table`, times the row's scale.
+    /// int8 values, times the row's scale.
+    Int8 { bytes: &'a [u8], scales: &'a [f32] },
+    /// One byte per value, decoded through `table`, times the row's scale (fp8 e4m3).
     Quantized {
         bytes: &'a [u8],
         scales: &'a [f32],
@@ -391,6 +393,18 @@ impl HostWeight<'_> {
             HostWeight::F16(w) => {
                 use half::slice::HalfFloatSliceExt;
                 w[span].convert_to_f32_slice(dst);
+            }
+            HostWeight::Int8 { bytes, scales } => {
+                // A conversion rather than a table lookup: it vectorises.
+                for ((drow, brow), &s) in dst
+                    .chunks_exact_mut(k)
+                    .zip(bytes[span].chunks_exact(k))
+                    .zip(&scales[rows])
+                {
+                    for (d, &b) in drow.iter_mut().zip(brow) {
+                        *d = f32::from(b as i8) * s;
+                    }
+                }
             }
             HostWeight::Quantized {
                 bytes,

@@ -182,10 +182,16 @@ fn mixed_rows<B: KernelBackend>(
         LinearLayer::Quantized(q) => {
             let scales = host::f32_data(q.scales.val().cast(DType::F32));
             host::with_int_bytes(q.values.val(), |bytes| {
-                let w = HostWeight::Quantized {
-                    bytes,
-                    scales: &scales,
-                    table: q.scheme.table(),
+                let w = match q.scheme {
+                    omnigen_core::QuantScheme::Int8 => HostWeight::Int8 {
+                        bytes,
+                        scales: &scales,
+                    },
+                    omnigen_core::QuantScheme::Fp8E4M3 => HostWeight::Quantized {
+                        bytes,
+                        scales: &scales,
+                        table: q.scheme.table(),
+                    },
                 };
                 host::linear_rows(x, m, k, w, rows, bias)
             })

@@ -346,7 +346,17 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         let config = TransformerConfig::from_file(&config_path)?;
         let weights =
             TransformerWeights::new(WeightSource::open_files(&folder.transformer_weights()?)?)?;
+        let started = std::time::Instant::now();
         let model = Self::load_with(&weights, &config, device, dtype, options)?;
+        let secs = started.elapsed().as_secs_f64();
+        let bytes = model.weight_bytes();
+        tracing::info!(
+            bytes,
+            secs,
+            gb_per_s = bytes as f64 / 1e9 / secs.max(1e-9),
+            weights = %model.weight_format().name(),
+            "transformer loaded"
+        );
         check_unused(&weights.source().unread_keys(), &config, &config_path)?;
         Ok(model)
     }

@@ -198,3 +198,50 @@ fn assert_within_tol(dtype: DType, d: f32) {
 /// f16 11 bits (2^-11 = 4.9e-4): the errors are ~8x and ~6x those steps relative to |out|.
 const BF16_TOL: f32 = 0.1;
 const F16_TOL: f32 = 0.01;
+
+/// The `transformer_only` forward with the decoder layers' linears quantized (int8, fp8 e4m3,
+/// per output channel; f32 compute) against the f32 reference: max abs and relative L2.
+#[test]
+fn quantized_forward_is_close_to_f32_reference() {
+    use omnigen_core::{QuantScheme, TransformerConfig, TransformerWeights};
+    use omnigen_models::weights::QuantizingReader;
+    let dir = fixtures_a();
+    let config = TransformerConfig::from_file(dir.join("model/config.json")).unwrap();
+    let weights =
+        TransformerWeights::new(WeightSource::open(dir.join("model/model.safetensors")).unwrap())
+            .unwrap();
+    let fx = Fixture::open(&dir, "transformer_only");
+    let expected: Vec<f32> = values(fx.f::<4>("tf.out").into_data());
+    // int8 keeps 8 bits per row (a relative step of 1/127 of the row's largest weight), fp8
+    // e4m3 a 3-bit mantissa (2^-4 relative): errors about 4x apart, as measured (docs/parity.md).
+    for (scheme, tol) in [(QuantScheme::Int8, 0.05f32), (QuantScheme::Fp8E4M3, 0.2)] {
+        let reader = QuantizingReader {
+            base: &weights,
+            scheme,
+        };
+        let model = OmniGenTransformer::<B>::load_with(
+            &reader,
+            &config,
+            &default_device(),
+            DType::F32,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(model.weight_format(), WeightFormat::Quantized(scheme));
+        let out = values(input(&fx, DType::F32).forward(&model).unwrap().into_data());
+        let d = out
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let num: f32 = out
+            .iter()
+            .zip(&expected)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum();
+        let den: f32 = expected.iter().map(|b| b * b).sum();
+        let rel = (num / den).sqrt();
+        println!("{scheme} forward: max abs diff {d:.3e}, rel L2 {rel:.3e} vs f32 reference");
+        assert!(d > 0.0 && d <= tol, "{scheme}: {d} (tolerance {tol})");
+    }
+}
