@@ -376,12 +376,14 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         }
     }
 
-    /// Bytes the loaded parameters hold, by their stored dtype and quantization.
+    /// Bytes the loaded parameters and buffers hold, by their stored dtype and quantization.
     pub fn weight_bytes(&self) -> u64 {
         let mut bytes = 0u64;
         let mut visitor = ParamBytes(&mut bytes);
         self.visit(&mut visitor);
-        bytes
+        // `pos_embed` is a plain tensor, not a parameter: the visitor does not see it.
+        let table = &self.pos_embed.table;
+        bytes + (table.shape().num_elements() * table.dtype().size()) as u64
     }
 
     /// The uncached forward with the official semantics: the velocity of the noisy latents `x`

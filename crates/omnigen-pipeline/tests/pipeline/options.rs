@@ -310,3 +310,53 @@ fn several_images_per_prompt_and_several_prompts() {
         .fold(0.0f32, f32::max);
     assert!(d < 1e-4, "joint and separate guidance differ by {d}");
 }
+
+#[test]
+fn the_weight_memory_model_counts_the_loaded_bytes_of_every_mode() {
+    use omnigen_core::{QuantScheme, TransformerConfig, TransformerWeights, WeightSource};
+    use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
+    use omnigen_models::weights::{QuantizingReader, WeightReader};
+    use omnigen_pipeline::memory::{transformer_weight_bytes, WeightMode};
+    let cfg = TransformerConfig::from_file(model().join("config.json")).unwrap();
+    let source = WeightSource::open(model().join("model.safetensors")).unwrap();
+    let values: u64 = source
+        .keys()
+        .iter()
+        .map(|k| source.shape(k).unwrap().iter().product::<usize>() as u64)
+        .sum();
+    let weights = TransformerWeights::new(source).unwrap();
+    for (dtype, quantized) in [
+        (DType::F32, None),
+        (DType::BF16, None),
+        (DType::F16, None),
+        (DType::F32, Some(QuantScheme::Int8)),
+        (DType::BF16, Some(QuantScheme::Fp8E4M3)),
+    ] {
+        let quantizing = quantized.map(|scheme| QuantizingReader {
+            base: &weights,
+            scheme,
+        });
+        let reader: &dyn WeightReader = match &quantizing {
+            Some(q) => q,
+            None => &weights,
+        };
+        let model = OmniGenTransformer::<B>::load_with(
+            reader,
+            &cfg,
+            &Default::default(),
+            dtype,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let mode = WeightMode {
+            quantized,
+            weight_dtype: dtype,
+            compute_dtype: model.dtype(),
+        };
+        assert_eq!(
+            transformer_weight_bytes(&cfg, values, mode),
+            model.weight_bytes(),
+            "{dtype:?} {quantized:?}"
+        );
+    }
+}
