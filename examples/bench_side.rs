@@ -14,8 +14,10 @@ use std::time::Instant;
 
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use clap::Parser;
+use omnigen::core::QuantScheme;
 use omnigen::models::transformer::{KvCacheMode, OmniGenTransformer, TransformerCondition};
 use omnigen::models::vae::AutoencoderKL;
+use omnigen::models::weights::{QuantizingReader, RandomWeights, WeightReader};
 use omnigen::models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 use omnigen::pipeline::{
     GenerationRequest, KvCache, OmniGenPipeline, OmniGenProcessor, ProcessorOptions,
@@ -43,9 +45,16 @@ struct Args {
     /// Leave glibc's allocator settings alone (see `tune_host_allocator`).
     #[arg(long)]
     no_tune_alloc: bool,
-    /// Transformer weight dtype: f32, bf16 or f16.
+    /// Transformer weight dtype: f32, bf16 or f16 (on the CPU backends bf16/f16 weights run
+    /// with f32 activations), or int8 / fp8 (with `--random-weights`: the decoder layers'
+    /// linears quantized as `omnigen quantize` does).
     #[arg(long, default_value = "f32")]
     dtype: String,
+    /// The transformer workloads load deterministic random weights of the model directory's
+    /// `config.json` shapes instead of its checkpoint: real-width configs without a multi-GB
+    /// file (the directory then needs only the config and tokenizer).
+    #[arg(long)]
+    random_weights: bool,
 }
 
 const PROMPT: &str = "a red cat sitting on a blue mat";
@@ -90,18 +99,49 @@ impl Results<'_> {
     }
 }
 
+/// `--dtype`: a weight dtype, or `int8` / `fp8` (f32 compute, decoder linears quantized).
+fn parse_mode(name: &str) -> anyhow::Result<(DType, Option<QuantScheme>)> {
+    Ok(match name {
+        "f32" => (DType::F32, None),
+        "bf16" => (DType::BF16, None),
+        "f16" => (DType::F16, None),
+        other => match QuantScheme::parse(other) {
+            Some(q) => (DType::F32, Some(q)),
+            None => anyhow::bail!("unknown dtype {other}"),
+        },
+    })
+}
+
+fn f32s<const D: usize>(t: Tensor<B, D>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .into_vec()
+        .unwrap_or_default()
+}
+
+fn max_abs(a: &[f32], b: &[f32]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| f64::from((x - y).abs()))
+        .fold(0.0, f64::max)
+}
+
+fn rel_l2(a: &[f32], b: &[f32]) -> f64 {
+    let num: f64 = a.iter().zip(b).map(|(x, y)| f64::from(x - y).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| f64::from(*y).powi(2)).sum();
+    (num / den).sqrt()
+}
+
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     if !args.no_tune_alloc {
         omnigen::models::tune_host_allocator();
     }
     let device = default_device();
-    let dtype = match args.dtype.as_str() {
-        "f32" => DType::F32,
-        "bf16" => DType::BF16,
-        "f16" => DType::F16,
-        other => anyhow::bail!("unknown dtype {other}"),
-    };
+    let (dtype, quantized) = parse_mode(&args.dtype)?;
+    if quantized.is_some() && !args.random_weights {
+        anyhow::bail!("--dtype int8/fp8 quantizes random weights; for a checkpoint, run `omnigen quantize` and pass its folder");
+    }
     let (h, w) = (args.size, args.size);
     let mut res = Results {
         map: serde_json::Map::new(),
@@ -135,15 +175,56 @@ fn main() -> anyhow::Result<()> {
         res.map.insert("gemm_1024".into(), v);
     }
 
+    if res.wants("transformer_load") {
+        // The checkpoint to the transformer's parameters, alone; its rate in bytes loaded.
+        let mut loaded = 0u64;
+        res.time("transformer_load", || {
+            let m = OmniGenTransformer::<B>::from_dir(&args.model_dir, &device, dtype);
+            loaded = m.expect("load").weight_bytes();
+        });
+        let median = res.map["transformer_load"]["median_s"]
+            .as_f64()
+            .unwrap_or(1.0);
+        res.map["transformer_load"]["gb_per_s"] = (loaded as f64 / 1e9 / median).into();
+        res.map["transformer_load"]["bytes"] = loaded.into();
+    }
+
     if [
         "transformer_forward",
         "transformer_prefill",
         "transformer_cached",
+        "accuracy",
     ]
     .iter()
     .any(|n| res.wants(n))
     {
-        let model = OmniGenTransformer::<B>::from_dir(&args.model_dir, &device, dtype)?;
+        let load = |dtype: DType, quantized: Option<QuantScheme>| {
+            if args.random_weights {
+                let config = omnigen::core::TransformerConfig::from_file(
+                    args.model_dir.join("config.json"),
+                )?;
+                let random = RandomWeights { seed: 7 };
+                let quantizing;
+                let reader: &dyn WeightReader = match quantized {
+                    Some(scheme) => {
+                        quantizing = QuantizingReader {
+                            base: &random,
+                            scheme,
+                        };
+                        &quantizing
+                    }
+                    None => &random,
+                };
+                OmniGenTransformer::<B>::load_reader(reader, &config, &device, dtype)
+            } else {
+                OmniGenTransformer::<B>::from_dir(&args.model_dir, &device, dtype)
+            }
+        };
+        let model = load(dtype, quantized)?;
+        res.map
+            .insert("weights".into(), model.weight_format().name().into());
+        res.map
+            .insert("weight_bytes".into(), model.weight_bytes().into());
         let processor = OmniGenProcessor::from_dir(&args.model_dir)?;
         let options = ProcessorOptions {
             height: h,
@@ -161,9 +242,9 @@ fn main() -> anyhow::Result<()> {
             Distribution::Normal(0.0, 1.0),
             &device,
         )
-        .cast(dtype);
-        let timestep =
-            Tensor::<B, 1>::from_data(TensorData::new(vec![0.5f32], [1]), &device).cast(dtype);
+        .cast(model.dtype());
+        let timestep = Tensor::<B, 1>::from_data(TensorData::new(vec![0.5f32], [1]), &device)
+            .cast(model.dtype());
         let cond = TransformerCondition::<B> {
             input_ids: Some(Tensor::<B, 2, Int>::from_data(
                 TensorData::new(m.input_ids.clone(), m.input_ids_shape()),
@@ -194,6 +275,45 @@ fn main() -> anyhow::Result<()> {
                 let out = model.forward_cached(&cache, x.clone(), timestep.clone());
                 out.expect("cached").into_data();
             });
+        }
+        if res.wants("accuracy") {
+            drop(model);
+            // One forward at t = 0.5 and the latents after 4 Euler steps (t = 0, ¼, ½, ¾ -> 1,
+            // no guidance) of every weight mode against f32 on the same inputs.
+            let x = x.cast(DType::F32);
+            let run = |model: &OmniGenTransformer<B>| -> anyhow::Result<(Vec<f32>, Vec<f32>)> {
+                let dt = model.dtype();
+                let t = |v: f32| {
+                    Tensor::<B, 1>::from_data(TensorData::new(vec![v], [1]), &device).cast(dt)
+                };
+                let out = model.forward(&cond, x.clone().cast(dt), t(0.5))?;
+                let mut lat = x.clone();
+                for k in 0..4 {
+                    let v = model.forward(&cond, lat.clone().cast(dt), t(k as f32 / 4.0))?;
+                    lat = lat + v.cast(DType::F32) * 0.25;
+                }
+                Ok((f32s(out.cast(DType::F32)), f32s(lat)))
+            };
+            let (ref_out, ref_lat) = run(&load(DType::F32, None)?)?;
+            let mut acc = serde_json::Map::new();
+            for name in ["bf16", "f16", "int8", "fp8"] {
+                let (dt, q) = parse_mode(name)?;
+                let (out, lat) = run(&load(dt, q)?)?;
+                acc.insert(
+                    name.into(),
+                    serde_json::json!({
+                        "forward_max_abs": max_abs(&out, &ref_out),
+                        "forward_rel_l2": rel_l2(&out, &ref_out),
+                        "latents4_max_abs": max_abs(&lat, &ref_lat),
+                        "latents4_rel_l2": rel_l2(&lat, &ref_lat),
+                    }),
+                );
+            }
+            acc.insert(
+                "forward_max_abs_f32".into(),
+                max_abs(&ref_out, &vec![0.0; ref_out.len()]).into(),
+            );
+            res.map.insert("accuracy".into(), acc.into());
         }
     }
 

@@ -75,6 +75,43 @@ impl From<DtypeArg> for DType {
     }
 }
 
+/// What `--offload` keeps in host memory.
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OffloadArg {
+    /// The transformer layers (streamed to the device ahead of use).
+    Model,
+    /// The kv cache (the official `offload_kv_cache`).
+    Kv,
+}
+
+/// What `--offload` does on the compiled-in backend: a note on the CPU backends (their tensors
+/// already live in host memory), an error on device backends, where streaming is not
+/// implemented yet (never a silent no-op).
+fn offload_note(offload: &[OffloadArg]) -> anyhow::Result<Option<String>> {
+    if offload.is_empty() {
+        return Ok(None);
+    }
+    let names: Vec<&str> = offload
+        .iter()
+        .map(|o| match o {
+            OffloadArg::Model => "model",
+            OffloadArg::Kv => "kv",
+        })
+        .collect();
+    let names = names.join(",");
+    if <DefaultBackend as omnigen::models::KernelBackend>::HOST_MEMORY {
+        Ok(Some(format!(
+            "note: --offload {names} does nothing on the {} backend: its weights and kv cache              already live in host memory",
+            omnigen::models::DEFAULT_BACKEND_NAME
+        )))
+    } else {
+        anyhow::bail!(
+            "--offload {names} is not implemented on the {} backend yet: weights and kv cache              stay in device memory (use --dtype bf16 or an `omnigen quantize` folder to fit)",
+            omnigen::models::DEFAULT_BACKEND_NAME
+        )
+    }
+}
+
 /// Output file format (`--format`).
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FormatArg {
@@ -160,9 +197,16 @@ pub struct GenerateArgs {
     /// Longest side input images are downscaled to.
     #[arg(long, default_value_t = 1024)]
     pub max_input_image_size: usize,
-    /// Transformer weight dtype.
+    /// Transformer weight dtype. On the CPU backends bf16 / f16 mean weights stored in half
+    /// precision and computed in f32 (activations, norms and the residual stream in f32), at
+    /// the f32 speed with half the weight memory; device backends compute in that dtype.
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
+    /// Keep the transformer (`model`) or the kv cache (`kv`) in host memory (comma-separated
+    /// or repeated). A documented no-op on the CPU backends, whose tensors live in host memory;
+    /// not implemented on device backends yet (refused).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub offload: Vec<OffloadArg>,
     /// PEFT LoRA adapter folder merged into the transformer at load time (repeatable).
     #[arg(long = "lora")]
     pub loras: Vec<PathBuf>,
@@ -357,6 +401,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .init();
 
     let request = args.request()?;
+    if let Some(note) = offload_note(&args.offload)? {
+        eprintln!("{note}");
+    }
     let (format, note) = args.output_format()?;
     if let Some(note) = note {
         eprintln!("{note}");
@@ -517,6 +564,16 @@ mod tests {
             err.contains("--kv-cache") && err.contains("official, exact, off"),
             "{err}"
         );
+        let both = parse(&["--offload", "model,kv"]).unwrap().offload;
+        assert_eq!(both, [OffloadArg::Model, OffloadArg::Kv]);
+        if <DefaultBackend as omnigen::models::KernelBackend>::HOST_MEMORY {
+            let note = offload_note(&both).unwrap().unwrap_or_default();
+            assert!(note.contains("--offload model,kv does nothing"), "{note}");
+        } else {
+            assert!(offload_note(&both).is_err(), "device backends refuse it");
+        }
+        assert!(offload_note(&[]).unwrap().is_none());
+        assert!(parse(&["--offload", "disk"]).is_err());
         let err = parse(&["--dtype", "f64"]).unwrap_err().to_string();
         assert!(err.contains("f32, f16, bf16"), "{err}");
         let err = parse(&["--input-latents", "mode"]).unwrap_err().to_string();

@@ -307,6 +307,7 @@ impl Report {
                 bytes((tw.values + vae_values) * width)
             )?;
         }
+        self.render_modes(out)?;
         if self.vae.is_some() {
             // The pipeline loads the VAE in f32 whatever the transformer's dtype.
             writeln!(
@@ -315,6 +316,46 @@ impl Report {
                 bytes(tw.values * 4 + vae_values * 4),
                 bytes(tw.values * 2 + vae_values * 4)
             )?;
+        }
+        Ok(())
+    }
+}
+
+impl Report {
+    /// The transformer's loaded weight bytes per loading mode (the memory guard's model): on
+    /// the CPU backends bf16 / f16 weights compute in f32, so only the linear weights are
+    /// narrow; `omnigen quantize` folders hold the decoder layers' linears in one byte.
+    fn render_modes(&self, out: &mut String) -> std::fmt::Result {
+        use burn::tensor::DType;
+        use omnigen::core::QuantScheme;
+        use omnigen::pipeline::memory::{transformer_weight_bytes, WeightMode};
+        let values = self.transformer_weights.values;
+        writeln!(out, "  transformer by loading mode:")?;
+        let dense = |weight_dtype, compute_dtype| WeightMode {
+            quantized: None,
+            weight_dtype,
+            compute_dtype,
+        };
+        let quant = |weight_dtype, compute_dtype| WeightMode {
+            quantized: Some(QuantScheme::Int8),
+            weight_dtype,
+            compute_dtype,
+        };
+        for (name, mode) in [
+            ("f32", dense(DType::F32, DType::F32)),
+            (
+                "bf16/f16, CPU (f32 compute)",
+                dense(DType::BF16, DType::F32),
+            ),
+            ("bf16/f16, GPU", dense(DType::BF16, DType::BF16)),
+            ("int8/fp8, CPU --dtype bf16", quant(DType::BF16, DType::F32)),
+            (
+                "int8/fp8, GPU --dtype bf16",
+                quant(DType::BF16, DType::BF16),
+            ),
+        ] {
+            let b = transformer_weight_bytes(&self.transformer, values, mode);
+            writeln!(out, "    {name:<28} {:>12}", bytes(b))?;
         }
         Ok(())
     }

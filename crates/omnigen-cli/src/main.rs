@@ -8,6 +8,7 @@
 //!     --prompt "<img><|image_1|></img> make the cat green" --image cat.png \
 //!     --use-input-image-size-as-output --output green.png
 //! omnigen inspect DIR
+//! omnigen quantize --model DIR --to int8 --output DIR_INT8
 //! omnigen serve --model DIR --port 8080
 //! omnigen batch manifest.jsonl --model DIR --out results/
 //! ```
@@ -21,6 +22,7 @@ mod flags;
 mod generate;
 mod inspect;
 mod latents;
+mod quantize;
 mod serve;
 
 use std::process::ExitCode;
@@ -47,6 +49,9 @@ enum Command {
     /// Run a manifest of jobs (JSON Lines or CSV) over one loaded model: sweeps as grids,
     /// resumable, with results.jsonl and an HTML report.
     Batch(Box<batch::BatchArgs>),
+    /// Write a copy of a model folder with the transformer's linear weights quantized (int8
+    /// or fp8 e4m3, per output channel).
+    Quantize(quantize::QuantizeArgs),
 }
 
 fn main() -> ExitCode {
@@ -68,6 +73,7 @@ fn main() -> ExitCode {
         Command::Inspect(args) => inspect::run(&args),
         Command::Serve(args) => serve::run(*args),
         Command::Batch(args) => batch::run(*args),
+        Command::Quantize(args) => quantize::run(&args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -185,6 +185,79 @@ fn inspect_both_layouts() {
 }
 
 #[test]
+fn quantize_writes_a_folder_that_inspect_reads_and_generate_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("A_int8");
+    let out_s = out.to_str().unwrap();
+    let said = stdout_of(&[
+        "quantize",
+        "--model",
+        "tests/fixtures/A/model",
+        "--to",
+        "int8",
+        "--output",
+        out_s,
+    ]);
+    assert!(said.contains("8 tensors quantized"), "{said}");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+    assert_eq!(config["quantization_config"]["scheme"], "int8");
+    assert!(out.join("tokenizer.json").is_file() && out.join("vae/config.json").is_file());
+    // Never over an existing folder, and nothing half-written beside it.
+    failure_of(
+        &[
+            "quantize",
+            "--model",
+            "tests/fixtures/A/model",
+            "--to",
+            "fp8",
+            "--output",
+            out_s,
+        ],
+        "refusing to overwrite",
+    );
+    failure_of(
+        &[
+            "quantize",
+            "--model",
+            "tests/fixtures/A/model",
+            "--to",
+            "nf4",
+            "--output",
+            "x",
+        ],
+        "nf4",
+    );
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    let report = stdout_of(&["inspect", out_s]);
+    assert_contains_all(
+        &report,
+        &[
+            "I8 x 8",
+            "transformer by loading mode:",
+            "int8/fp8, CPU --dtype bf16",
+        ],
+    );
+    let png = dir.path().join("q.png");
+    let out = omnigen()
+        .args(["generate", "--model", out_s, "--prompt", "a cat"])
+        .args([
+            "--height", "32", "--width", "32", "--steps", "2", "--seed", "1",
+        ])
+        .args(["--offload", "model,kv", "--output"])
+        .arg(&png)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("--offload model,kv does nothing"),
+        "{stderr}"
+    );
+    assert!(png.is_file());
+}
+
+#[test]
 fn inspect_refuses_a_folder_without_a_model() {
     failure_of(&["inspect", "tests/fixtures"], "missing transformer config");
     failure_of(&["inspect", "tests/fixtures/none"], "no such directory");

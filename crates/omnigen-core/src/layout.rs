@@ -7,6 +7,7 @@
 use burn::tensor::{DType, TensorData};
 
 use crate::error::{Error, Result};
+use crate::quant::QuantizedTensor;
 use crate::weights::WeightSource;
 
 /// Which naming scheme a transformer checkpoint uses.
@@ -34,6 +35,15 @@ const DIFFUSERS_RULES: &[Rule] = &[
             "layers.{i}.self_attn.to_q.weight",
             "layers.{i}.self_attn.to_k.weight",
             "layers.{i}.self_attn.to_v.weight",
+        ],
+    ),
+    // Per-row scales of a quantized qkv weight (see `crate::quant`) follow its rows.
+    Rule::ConcatRows(
+        "llm.layers.{i}.self_attn.qkv_proj.weight_scale",
+        &[
+            "layers.{i}.self_attn.to_q.weight_scale",
+            "layers.{i}.self_attn.to_k.weight_scale",
+            "layers.{i}.self_attn.to_v.weight_scale",
         ],
     ),
     Rule::Rename(
@@ -173,6 +183,47 @@ impl TransformerWeights {
         }
         Ok(TensorData::from_bytes_vec(bytes, shape.to_vec(), dtype))
     }
+
+    /// Reads canonical tensor `key` as stored quantized (see [`WeightSource::read_quantized`]);
+    /// `None` when it is stored as floats, or as parts (diffusers' q, k, v) not all quantized
+    /// with one scheme, which [`read`](Self::read) then dequantizes.
+    pub fn read_quantized(&self, key: &str, shape: &[usize]) -> Result<Option<QuantizedTensor>> {
+        let stored = stored_keys(self.layout, key);
+        if stored.len() == 1 {
+            return self.source.read_quantized(&stored[0], shape);
+        }
+        let n = stored.len();
+        if shape.is_empty() || shape[0] % n != 0 {
+            return Err(Error::invalid_argument(
+                "shape",
+                format!("cannot split {shape:?} into {n} row blocks"),
+            ));
+        }
+        let mut part_shape = shape.to_vec();
+        part_shape[0] /= n;
+        let mut parts = Vec::with_capacity(n);
+        for name in &stored {
+            match self.source.read_quantized(name, &part_shape)? {
+                Some(q) => parts.push(q),
+                None => return Ok(None),
+            }
+        }
+        let scheme = parts[0].scheme;
+        if parts.iter().any(|p| p.scheme != scheme) {
+            return Ok(None);
+        }
+        let mut joined = QuantizedTensor {
+            scheme,
+            shape: shape.to_vec(),
+            values: Vec::new(),
+            scales: Vec::new(),
+        };
+        for p in parts {
+            joined.values.extend_from_slice(&p.values);
+            joined.scales.extend_from_slice(&p.scales);
+        }
+        Ok(Some(joined))
+    }
 }
 
 #[cfg(test)]
@@ -193,6 +244,18 @@ mod tests {
                 "layers.3.self_attn.to_k.weight",
                 "layers.3.self_attn.to_v.weight"
             ]
+        );
+        assert_eq!(
+            stored_keys(d, "llm.layers.3.self_attn.qkv_proj.weight_scale"),
+            [
+                "layers.3.self_attn.to_q.weight_scale",
+                "layers.3.self_attn.to_k.weight_scale",
+                "layers.3.self_attn.to_v.weight_scale"
+            ]
+        );
+        assert_eq!(
+            stored_keys(d, "llm.layers.2.self_attn.o_proj.weight_scale"),
+            ["layers.2.self_attn.to_out.0.weight_scale"]
         );
         assert_eq!(
             stored_keys(d, "llm.layers.0.mlp.gate_up_proj.weight"),

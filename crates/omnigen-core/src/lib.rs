@@ -12,6 +12,8 @@ pub mod error;
 pub mod files;
 pub mod folder;
 pub mod layout;
+pub mod quant;
+pub mod quantize;
 pub mod weights;
 
 pub use config::{RopeScaling, TransformerConfig, VaeConfig};
@@ -19,4 +21,6 @@ pub use error::{Error, Result};
 pub use files::{open_regular, MAX_IMAGE_FILE_BYTES};
 pub use folder::{FolderLayout, ModelFolder};
 pub use layout::{CheckpointLayout, TransformerWeights};
+pub use quant::{QuantScheme, QuantizedTensor};
+pub use quantize::{quantize_folder, QuantizeReport};
 pub use weights::{WeightFiles, WeightSource};

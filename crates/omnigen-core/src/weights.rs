@@ -1,7 +1,8 @@
 //! Memory-mapped safetensors weight source.
 //!
 //! Every read is checked: the tensor must exist, have the shape the configuration implies and a
-//! floating-point dtype (F32, F16 or BF16); it is converted to the dtype the caller asks for, so a
+//! floating-point dtype (F32, F16 or BF16, or a quantized I8 / F8_E4M3 weight with its scales,
+//! see [`crate::quant`]); it is converted to the dtype the caller asks for, so a
 //! bf16 checkpoint can feed an f32 model and an f32 checkpoint a bf16 one without an intermediate
 //! copy in the stored dtype. Headers are bounds-checked against the file size before any tensor is
 //! touched, so a truncated download fails at open time with the file named.
@@ -16,6 +17,7 @@ use safetensors::tensor::{Dtype as StDtype, Metadata};
 use safetensors::SafeTensors;
 
 use crate::error::{missing_in, Error, Result};
+use crate::quant::{scale_key, QuantScheme, QuantizedTensor};
 
 /// The safetensors files of one set of weights: a single file, or the shards an index lists.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -129,6 +131,7 @@ fn shards_of_index(index: &Path) -> Result<Vec<String>> {
 /// One memory-mapped safetensors file with its validated header.
 struct MappedFile {
     path: PathBuf,
+    file: std::fs::File,
     mmap: Mmap,
     header_len: usize,
     metadata: Metadata,
@@ -153,10 +156,60 @@ impl MappedFile {
             })?;
         Ok(Self {
             path: path.into(),
+            file,
             mmap,
             header_len,
             metadata,
         })
+    }
+
+    /// `name`'s values read with `pread` straight into a buffer of their own type, when they
+    /// are stored as `T`: no page of the map is touched, so none becomes resident, and no
+    /// per-page fault is taken (the kernel copies from its page cache). `None` elsewhere (a
+    /// short read, a size that is not a whole number of `T`, a platform without `pread`).
+    fn read_pod<T: bytemuck::Pod>(&self, name: &str) -> Option<Vec<T>> {
+        let info = self.metadata.info(name)?;
+        let start = 8 + self.header_len + info.data_offsets.0;
+        let len = info.data_offsets.1 - info.data_offsets.0;
+        if len % std::mem::size_of::<T>() != 0 {
+            return None;
+        }
+        let mut values = vec![T::zeroed(); len / std::mem::size_of::<T>()];
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::FileExt;
+            let buf: &mut [u8] = bytemuck::cast_slice_mut(&mut values);
+            self.file.read_exact_at(buf, start as u64).ok()?;
+            Some(values)
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = (start, &mut values);
+            None
+        }
+    }
+
+    /// Drops this process's mapping of `name`'s pages once its values have been copied out, so
+    /// that a loaded model does not keep the file's pages resident beside the converted copy
+    /// (they stay in the page cache, where a later read finds them).
+    fn release(&self, name: &str) {
+        let Some(info) = self.metadata.info(name) else {
+            return;
+        };
+        let start = 8 + self.header_len + info.data_offsets.0;
+        let len = info.data_offsets.1 - info.data_offsets.0;
+        #[cfg(unix)]
+        // SAFETY: the map is a read-only mapping of a file: MADV_DONTNEED only unmaps its pages
+        // from this process, and a later access faults the same file contents back in, so no
+        // slice into the map ever sees different bytes. Failure (an old kernel) only means the
+        // pages stay resident, hence ignored.
+        unsafe {
+            let _ =
+                self.mmap
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len);
+        }
+        #[cfg(not(unix))]
+        let _ = (start, len);
     }
 
     fn bytes(&self, name: &str) -> Option<(&[u8], StDtype, &[usize])> {
@@ -378,10 +431,29 @@ impl WeightSource {
             found: format!("{st_dtype:?}"),
         };
         let shape = shape.to_vec();
+        if matches!(st_dtype, StDtype::I8 | StDtype::F8_E4M3) {
+            // A quantized weight read as floats (LoRA merges, portable reads of other modules).
+            let q = self
+                .read_quantized(name, expected_shape)?
+                .ok_or_else(unsupported)?;
+            return Ok(TensorData::new(q.dequantize(), shape).convert_dtype(dtype));
+        }
         let data = match (st_dtype, dtype) {
-            (StDtype::F32, DType::F32) => TensorData::new(decode::<f32>(bytes), shape),
-            (StDtype::F16, DType::F16) => TensorData::new(decode::<f16>(bytes), shape),
-            (StDtype::BF16, DType::BF16) => TensorData::new(decode::<bf16>(bytes), shape),
+            (StDtype::F32, DType::F32) => TensorData::new(
+                file.read_pod::<f32>(name)
+                    .unwrap_or_else(|| decode::<f32>(bytes)),
+                shape,
+            ),
+            (StDtype::F16, DType::F16) => TensorData::new(
+                file.read_pod::<f16>(name)
+                    .unwrap_or_else(|| decode::<f16>(bytes)),
+                shape,
+            ),
+            (StDtype::BF16, DType::BF16) => TensorData::new(
+                file.read_pod::<bf16>(name)
+                    .unwrap_or_else(|| decode::<bf16>(bytes)),
+                shape,
+            ),
             (StDtype::F32, DType::F16) => {
                 TensorData::new(convert(decode::<f32>(bytes), f16::from_f32), shape)
             }
@@ -410,7 +482,101 @@ impl WeightSource {
             }
             _ => return Err(unsupported()),
         };
+        file.release(name);
         Ok(data)
+    }
+
+    /// The stored bytes, dtype and shape of `name`, unconverted (for tools that rewrite a
+    /// checkpoint, such as `omnigen quantize`).
+    pub fn raw(&self, name: &str) -> Option<(&[u8], StDtype, &[usize])> {
+        let slot = *self.index.get(name)?;
+        self.files[slot].bytes(name)
+    }
+
+    /// Reads a quantized tensor (stored `I8` or `F8_E4M3`) with its per-row scales, checking its
+    /// shape; `None` when `name` is stored in another dtype.
+    ///
+    /// The scale tensor is [`scale_key`]`(name)`, `[rows]` or `[rows, 1]` (one per row) or `[]` /
+    /// `[1]` (one for the tensor), in any float dtype; an `I8` tensor must have one, an `F8_E4M3`
+    /// tensor without one reads with scale 1.
+    pub fn read_quantized(
+        &self,
+        name: &str,
+        expected_shape: &[usize],
+    ) -> Result<Option<QuantizedTensor>> {
+        let scheme = match self.stored_dtype(name) {
+            Some(StDtype::I8) => QuantScheme::Int8,
+            Some(StDtype::F8_E4M3) => QuantScheme::Fp8E4M3,
+            Some(_) => return Ok(None),
+            None => {
+                return Err(Error::MissingTensor {
+                    name: name.into(),
+                    path: self.files[0].path.clone(),
+                })
+            }
+        };
+        let slot = self.index[name];
+        self.read
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_string());
+        let file = &self.files[slot];
+        let Some((bytes, _, shape)) = file.bytes(name) else {
+            return Err(Error::MissingTensor {
+                name: name.into(),
+                path: file.path.clone(),
+            });
+        };
+        if shape != expected_shape {
+            return Err(Error::ShapeMismatch {
+                name: name.into(),
+                path: file.path.clone(),
+                expected: expected_shape.to_vec(),
+                found: shape.to_vec(),
+            });
+        }
+        let rows = shape.first().copied().unwrap_or(1);
+        let scale_name = scale_key(name);
+        let scales = match self.shape(&scale_name) {
+            Some(s) => {
+                let n: usize = s.iter().product();
+                if n != rows && n != 1 {
+                    return Err(Error::ShapeMismatch {
+                        name: scale_name.clone(),
+                        path: self.path_of(&scale_name).into(),
+                        expected: vec![rows],
+                        found: s,
+                    });
+                }
+                let values = self.read_f32(&scale_name, &s)?;
+                if let Some(bad) = values.iter().find(|v| !v.is_finite() || **v < 0.0) {
+                    return Err(Error::CorruptWeights {
+                        path: self.path_of(&scale_name).into(),
+                        reason: format!("scale tensor `{scale_name}` holds {bad}"),
+                    });
+                }
+                if n == rows {
+                    values
+                } else {
+                    vec![values[0]; rows]
+                }
+            }
+            None if scheme == QuantScheme::Fp8E4M3 => vec![1.0; rows],
+            None => {
+                return Err(Error::MissingTensor {
+                    name: scale_name,
+                    path: file.path.clone(),
+                })
+            }
+        };
+        let values = bytes.to_vec();
+        file.release(name);
+        Ok(Some(QuantizedTensor {
+            scheme,
+            shape: shape.to_vec(),
+            values,
+            scales,
+        }))
     }
 
     /// Reads a tensor and returns it as `f32` values, checking its shape.

@@ -12,6 +12,7 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use omnigen_core::Result;
 
+use crate::ops::{LinearLayer, QuantizedLinear};
 use crate::weights::WeightReader;
 
 /// Reads parameters under a key prefix onto a device, in one dtype.
@@ -20,6 +21,7 @@ pub struct Loader<'a, B: Backend> {
     prefix: String,
     device: B::Device,
     dtype: DType,
+    weight_dtype: DType,
 }
 
 impl<'a, B: Backend> Loader<'a, B> {
@@ -30,7 +32,16 @@ impl<'a, B: Backend> Loader<'a, B> {
             prefix: String::new(),
             device: device.clone(),
             dtype,
+            weight_dtype: dtype,
         }
+    }
+
+    /// The same loader with the weights of [`linear_layer`](Self::linear_layer)s stored in
+    /// `weight_dtype` (every other parameter keeps the loader's dtype): bf16 weights with f32
+    /// compute on backends with [`KernelBackend::MIXED_PRECISION_LINEAR`](crate::KernelBackend).
+    pub fn with_weight_dtype(mut self, weight_dtype: DType) -> Self {
+        self.weight_dtype = weight_dtype;
+        self
     }
 
     /// A loader for the sub-module `name` (keys `prefix.name.*`).
@@ -45,6 +56,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             prefix,
             device: self.device.clone(),
             dtype: self.dtype,
+            weight_dtype: self.weight_dtype,
         }
     }
 
@@ -96,6 +108,34 @@ impl<'a, B: Backend> Loader<'a, B> {
             weight: Param::from_tensor(weight),
             bias,
         })
+    }
+
+    /// A [`LinearLayer`] from `weight` `[d_out, d_in]` and optional `bias`: quantized when the
+    /// reader holds the weight quantized, else dense in the loader's weight dtype (see
+    /// [`with_weight_dtype`](Self::with_weight_dtype)); the bias is in the loader's dtype.
+    pub fn linear_layer(&self, d_in: usize, d_out: usize, bias: bool) -> Result<LinearLayer<B>> {
+        let bias = if bias {
+            Some(self.param("bias", [d_out])?)
+        } else {
+            None
+        };
+        let key = self.key("weight");
+        if let Some(q) = self.reader.read_quantized(&key, &[d_out, d_in])? {
+            return Ok(LinearLayer::Quantized(QuantizedLinear::new(
+                q.values,
+                q.scales,
+                [d_out, d_in],
+                q.scheme,
+                bias,
+                &self.device,
+            )));
+        }
+        let data = self.reader.read(&key, &[d_out, d_in], self.weight_dtype)?;
+        let weight = Tensor::<B, 2>::from_data(data, (&self.device, self.weight_dtype));
+        Ok(LinearLayer::Dense(Linear {
+            weight: Param::from_tensor(weight.transpose()),
+            bias,
+        }))
     }
 
     /// A `Conv2d` from PyTorch-layout `weight` `[out, in, k, k]` and `bias`.

@@ -6,23 +6,38 @@
 //! or [`RandomWeights`] for benchmarks.
 
 use burn::tensor::{bf16, DType, TensorData};
-use omnigen_core::{Error, Result, TransformerWeights, WeightSource};
+use omnigen_core::{Error, QuantizedTensor, Result, TransformerWeights, WeightSource};
 
 /// Anything tensors can be read from by (canonical) name.
 pub trait WeightReader {
     /// Reads `key` with the given shape, converted to `dtype`.
     fn read(&self, key: &str, shape: &[usize], dtype: DType) -> Result<TensorData>;
+
+    /// Reads `key` as stored quantized (int8 / fp8 bytes with per-row scales), or `None` when
+    /// the reader holds it as floats (the default): then [`read`](Self::read) gives its values,
+    /// dequantized if need be.
+    fn read_quantized(&self, _key: &str, _shape: &[usize]) -> Result<Option<QuantizedTensor>> {
+        Ok(None)
+    }
 }
 
 impl WeightReader for WeightSource {
     fn read(&self, key: &str, shape: &[usize], dtype: DType) -> Result<TensorData> {
         WeightSource::read(self, key, shape, dtype)
     }
+
+    fn read_quantized(&self, key: &str, shape: &[usize]) -> Result<Option<QuantizedTensor>> {
+        WeightSource::read_quantized(self, key, shape)
+    }
 }
 
 impl WeightReader for TransformerWeights {
     fn read(&self, key: &str, shape: &[usize], dtype: DType) -> Result<TensorData> {
         TransformerWeights::read(self, key, shape, dtype)
+    }
+
+    fn read_quantized(&self, key: &str, shape: &[usize]) -> Result<Option<QuantizedTensor>> {
+        TransformerWeights::read_quantized(self, key, shape)
     }
 }
 
@@ -46,6 +61,43 @@ impl WeightReader for Bf16RoundedReader<'_> {
             *v = round_bf16(*v);
         }
         Ok(TensorData::new(values, shape.to_vec()).convert_dtype(dtype))
+    }
+
+    /// Quantized weights pass unchanged: their values are what the quantizer chose (int8 and
+    /// fp8 values times an f32 scale), which rounding to bf16 would only perturb.
+    fn read_quantized(&self, key: &str, shape: &[usize]) -> Result<Option<QuantizedTensor>> {
+        self.base.read_quantized(key, shape)
+    }
+}
+
+/// Returns `base`'s tensors with the decoder layers' linear weights
+/// ([`omnigen_core::quantize::QUANTIZED_MODULES`]) quantized with `scheme` on the way, as
+/// `omnigen quantize` writes them: accuracy and speed measurements of a quantized model from
+/// any reader (e.g. [`RandomWeights`] at real width) without writing a checkpoint.
+pub struct QuantizingReader<'a> {
+    /// The reader quantized.
+    pub base: &'a dyn WeightReader,
+    /// The quantization.
+    pub scheme: omnigen_core::QuantScheme,
+}
+
+impl WeightReader for QuantizingReader<'_> {
+    fn read(&self, key: &str, shape: &[usize], dtype: DType) -> Result<TensorData> {
+        match self.read_quantized(key, shape)? {
+            Some(q) => Ok(TensorData::new(q.dequantize(), shape.to_vec()).convert_dtype(dtype)),
+            None => self.base.read(key, shape, dtype),
+        }
+    }
+
+    fn read_quantized(&self, key: &str, shape: &[usize]) -> Result<Option<QuantizedTensor>> {
+        if let Some(q) = self.base.read_quantized(key, shape)? {
+            return Ok(Some(q));
+        }
+        if !omnigen_core::quantize::is_quantized_key(key) {
+            return Ok(None);
+        }
+        let values = read_f32(self.base, key, shape)?;
+        QuantizedTensor::quantize(key, self.scheme, shape, &values).map(Some)
     }
 }
 

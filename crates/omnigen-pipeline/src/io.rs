@@ -53,9 +53,11 @@ pub fn generation_metadata<B: KernelBackend>(
             request.img_guidance_scale.to_string(),
         ),
         ("size".to_string(), format!("{}x{}", size.0, size.1)),
+        // How the weights are stored (`bf16`, `int8`, ...): what `--dtype` / the folder chose,
+        // not the compute dtype (f32 on the CPU backends whatever the weights).
         (
             "dtype".to_string(),
-            format!("{:?}", pipeline.transformer().dtype()).to_lowercase(),
+            pipeline.transformer().weight_format().name(),
         ),
         (
             "kv_cache".to_string(),

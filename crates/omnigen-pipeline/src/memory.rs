@@ -210,7 +210,10 @@ impl RequestPlanner {
             .collect();
         let options = crate::pipeline::sampling::processor_options(request);
         let batch = self.processor.process(&prompts, &options)?;
-        let weight_bytes = if self.dtype == DType::F32 { 4 } else { 2 };
+        // activations, caches and masks are in the compute dtype (f32 on the CPU backends
+        // whatever the weights' dtype)
+        let compute = omnigen_models::ops::compute_dtype::<B>(self.dtype);
+        let weight_bytes = if compute == DType::F32 { 4 } else { 2 };
         let est = estimate(
             &batch,
             &self.transformer,
@@ -218,8 +221,8 @@ impl RequestPlanner {
             None,
             weight_bytes,
             request.kv_cache != KvCache::Off,
-            omnigen_models::ops::attention_materialises_scores::<B>(self.dtype),
-            omnigen_models::ops::attention_mask_is_dense::<B>(self.dtype),
+            omnigen_models::ops::attention_materialises_scores::<B>(compute),
+            omnigen_models::ops::attention_mask_is_dense::<B>(compute),
         );
         if let Some(available) = available {
             check(&est, available, &batch, request.max_input_image_size)?;
@@ -230,6 +233,48 @@ impl RequestPlanner {
             size: (batch.width, batch.height),
         })
     }
+}
+
+/// How a loaded transformer holds its weights, for [`transformer_weight_bytes`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WeightMode {
+    /// The decoder layers' linear weights quantized (`omnigen quantize`), else dense.
+    pub quantized: Option<omnigen_core::QuantScheme>,
+    /// Dtype of the dense linear weights (`--dtype`).
+    pub weight_dtype: burn::tensor::DType,
+    /// Dtype of everything else (embedding table, norms, biases, `pos_embed`): the compute
+    /// dtype, f32 on the CPU backends whatever `--dtype` is.
+    pub compute_dtype: burn::tensor::DType,
+}
+
+/// Bytes the transformer's parameters take once loaded in `mode`, from its config and the
+/// checkpoint's value count `total_values` (parameters and buffers): the decoder layers'
+/// linear weights at one byte plus an f32 scale per output feature when quantized, the other
+/// linear weights in the weight dtype, the rest in the compute dtype.
+pub fn transformer_weight_bytes(
+    cfg: &TransformerConfig,
+    total_values: u64,
+    mode: WeightMode,
+) -> u64 {
+    let (d, i, f) = (
+        cfg.hidden_size as u64,
+        cfg.intermediate_size as u64,
+        cfg.time_step_dim as u64,
+    );
+    let layers = cfg.num_hidden_layers as u64;
+    let patch_out = (cfg.patch_size * cfg.patch_size * cfg.in_channels) as u64;
+    // qkv, o, gate|up, down
+    let decoder = layers * (3 * d * d + d * d + 2 * i * d + i * d);
+    let decoder_rows = layers * (3 * d + d + 2 * i + d);
+    // two timestep embedders, the final adaLN and projection
+    let other = 2 * (f * d + d * d) + 2 * d * d + d * patch_out;
+    let rest = total_values.saturating_sub(decoder + other);
+    let w = mode.weight_dtype.size() as u64;
+    let decoder_bytes = match mode.quantized {
+        Some(_) => decoder + 4 * decoder_rows,
+        None => decoder * w,
+    };
+    decoder_bytes + other * w + rest * mode.compute_dtype.size() as u64
 }
 
 /// Memory this process may still allocate, in bytes: the smaller of the system's

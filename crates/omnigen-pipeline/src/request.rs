@@ -276,7 +276,9 @@ pub struct GenerationRequest {
     /// Key-value cache semantics. Default [`KvCache::Official`].
     pub kv_cache: KvCache,
     /// The official option of that name (keep the kv cache in host memory between steps),
-    /// accepted so that official settings carry over; it has no effect on any backend yet.
+    /// accepted so that official settings carry over. On the CPU backends the cache is in host
+    /// memory anyway (a no-op); device backends do not implement it yet and say so in the log
+    /// (the cache stays in device memory).
     pub offload_kv_cache: bool,
     /// Take the output size from the first input image (after preprocessing).
     pub use_input_image_size_as_output: bool,
@@ -397,7 +399,8 @@ impl GenerationRequest {
         self
     }
 
-    /// Sets [`offload_kv_cache`](Self::offload_kv_cache), which has no effect yet.
+    /// Sets [`offload_kv_cache`](Self::offload_kv_cache): a no-op on the CPU backends, not
+    /// implemented (and logged) on device backends.
     pub fn offload_kv_cache(mut self, on: bool) -> Self {
         self.offload_kv_cache = on;
         self

@@ -254,3 +254,74 @@ fn stored_dtypes_are_reported_as_the_header_declares_them() {
         .iter()
         .all(|k| bf16.stored_dtype(k) == Some(Dtype::BF16)));
 }
+
+#[test]
+fn f8_e4m3_and_int8_tensors_load_directly_with_their_scales() {
+    use omnigen_core::quant::{f32_to_fp8_e4m3, fp8_e4m3_to_f32};
+    use omnigen_core::QuantScheme;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.safetensors");
+    let values = [0.5f32, -1.25, 448.0, 0.0, 3.0, -0.001953125];
+    let fp8: Vec<u8> = values.iter().map(|&v| f32_to_fp8_e4m3(v)).collect();
+    let scales = [2.0f32, 0.5];
+    let int8: Vec<u8> = [1i8, -127, 5, 0, 64, -3].iter().map(|&v| v as u8).collect();
+    let f32_bytes = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+    omnigen_test_support::write_safetensors(
+        &path,
+        &[
+            // An FP8 checkpoint of another tool: no scale tensor.
+            ("plain.weight", Dtype::F8_E4M3, vec![2, 3], fp8.clone()),
+            ("scaled.weight", Dtype::F8_E4M3, vec![2, 3], fp8.clone()),
+            (
+                "scaled.weight_scale",
+                Dtype::F32,
+                vec![2],
+                f32_bytes(&scales),
+            ),
+            ("q.weight", Dtype::I8, vec![2, 3], int8.clone()),
+            ("q.weight_scale", Dtype::F32, vec![2], f32_bytes(&scales)),
+            ("lonely.weight", Dtype::I8, vec![2, 3], int8),
+        ],
+    );
+    let src = WeightSource::open(&path).unwrap();
+    let decoded: Vec<f32> = fp8.iter().map(|&b| fp8_e4m3_to_f32(b)).collect();
+    assert_eq!(decoded, values, "these values are exact in e4m3");
+    let plain = src.read_f32("plain.weight", &[2, 3]).unwrap();
+    assert_eq!(plain, values);
+    let q = src
+        .read_quantized("scaled.weight", &[2, 3])
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        (q.scheme, q.scales.clone()),
+        (QuantScheme::Fp8E4M3, scales.to_vec())
+    );
+    let scaled = src.read_f32("scaled.weight", &[2, 3]).unwrap();
+    let want: Vec<f32> = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v * scales[i / 3])
+        .collect();
+    assert_eq!(scaled, want);
+    // Converted to bf16 on the way, like any other tensor.
+    let bf = src.read("scaled.weight", &[2, 3], DType::BF16).unwrap();
+    assert_eq!(bf.dtype, DType::BF16);
+    assert_eq!(
+        bf.convert_dtype(DType::F32).into_vec::<f32>().unwrap(),
+        want
+    );
+    let q8 = src.read_f32("q.weight", &[2, 3]).unwrap();
+    assert_eq!(q8, [2.0, -254.0, 10.0, 0.0, 32.0, -1.5]);
+    // The scales were consumed with their weights: nothing left unread but the orphan.
+    assert_eq!(src.unread_keys(), ["lonely.weight"]);
+    // An int8 tensor without its scale has no meaning: the scale is named as missing.
+    match src.read_f32("lonely.weight", &[2, 3]) {
+        Err(Error::MissingTensor { name, .. }) => assert_eq!(name, "lonely.weight_scale"),
+        other => panic!("{other:?}"),
+    }
+    assert!(matches!(
+        src.read_quantized("q.weight", &[3, 2]),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(src.read_quantized("nope", &[1]).is_err());
+}

@@ -7,6 +7,25 @@ impl KernelBackend for burn::backend::Flex {
     const HOST_KERNELS: bool = true;
     const HOST_MEMORY: bool = true;
     const FUSED_ATTENTION: bool = true;
+    const MIXED_PRECISION_LINEAR: bool = true;
+
+    fn float_bytes(tensor: &burn_flex::FlexTensor) -> Option<&[u8]> {
+        flex_bytes(tensor)
+    }
+
+    fn int_bytes(tensor: &burn_flex::FlexTensor) -> Option<&[u8]> {
+        flex_bytes(tensor)
+    }
+}
+
+/// A Flex tensor's storage, when it is exactly the tensor's elements in row-major order.
+#[cfg(feature = "flex")]
+fn flex_bytes(tensor: &burn_flex::FlexTensor) -> Option<&[u8]> {
+    let layout = tensor.layout();
+    let len = layout.num_elements() * tensor.dtype().size();
+    let bytes = tensor.bytes();
+    (layout.is_contiguous() && layout.start_offset() == 0 && bytes.len() >= len)
+        .then(|| &bytes[..len])
 }
 
 #[cfg(feature = "ndarray")]
@@ -18,6 +37,7 @@ where
 {
     const HOST_KERNELS: bool = true;
     const HOST_MEMORY: bool = true;
+    const MIXED_PRECISION_LINEAR: bool = true;
 }
 
 // Every op on burn's portable ops: cubecl's kernels. (Only the default element types: the

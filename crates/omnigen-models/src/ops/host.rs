@@ -6,6 +6,11 @@
 //! (RMSNorm, SiLU·up, RoPE, attention's scale + bias + softmax, GroupNorm + SiLU) into one
 //! threaded pass each, with an `exp` that the compiler vectorises, and run the VAE's wide 3×3
 //! convolutions as shifted GEMMs. [`super`] calls them only on f32 tensors of such backends.
+//!
+//! [`linear_rows`] multiplies f32 activations by a bf16, f16 or quantized weight (the mixed
+//! linear of [`KernelBackend::MIXED_PRECISION_LINEAR`](super::KernelBackend)): the weight is
+//! converted to f32 a block of output features at a time, each block feeding the f32 GEMM, so
+//! that no f32 copy of a whole layer ever exists.
 
 use burn::tensor::backend::Backend;
 use burn::tensor::ops::PadMode;
@@ -13,7 +18,8 @@ use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
 use super::mask::KeyRanges;
-use super::HeadRange;
+use super::{HeadRange, KernelBackend};
+use burn::tensor::TensorPrimitive;
 
 /// `exp(x)` for f32 without a libm call, so that loops over it vectorise: Cephes' `expf`
 /// (range reduction by `ln 2` in two parts, degree-6 polynomial, about 1 ulp on the
@@ -48,7 +54,7 @@ fn rows_per_task(width: usize) -> usize {
     (16_384 / width.max(1)).max(1)
 }
 
-fn f32_data<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
+pub(super) fn f32_data<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
     x.into_data()
         .into_vec::<f32>()
         .expect("f32 checked by the caller")
@@ -469,6 +475,201 @@ pub(super) fn group_norm_silu<B: Backend>(
             }
         });
     Tensor::from_data(TensorData::new(out, [b, c, h, w]), &device)
+}
+
+/// `[B·S, H·hd]` rows (a fused projection's output) as `[B, H, S, hd]`, heads in parallel.
+pub(super) fn split_heads(y: &[f32], b: usize, s: usize, heads: usize, hd: usize) -> Vec<f32> {
+    debug_assert_eq!(y.len(), b * s * heads * hd);
+    let mut out = vec![0f32; y.len()];
+    let n = heads * hd;
+    out.par_chunks_mut(s * hd).enumerate().for_each(|(bh, o)| {
+        let (bi, h) = (bh / heads, bh % heads);
+        for (si, orow) in o.chunks_exact_mut(hd).enumerate() {
+            let start = (bi * s + si) * n + h * hd;
+            orow.copy_from_slice(&y[start..start + hd]);
+        }
+    });
+    out
+}
+
+/// A weight as [`linear_rows`] reads it: rows of `k` values in the PyTorch `[out, in]` layout.
+#[derive(Clone, Copy)]
+pub(super) enum HostWeight<'a> {
+    /// bf16 bit patterns.
+    Bf16(&'a [u16]),
+    /// f16 bit patterns.
+    F16(&'a [half::f16]),
+    /// int8 values, times the row's scale.
+    Int8 { bytes: &'a [u8], scales: &'a [f32] },
+    /// One byte per value, decoded through `table`, times the row's scale (fp8 e4m3).
+    Quantized {
+        bytes: &'a [u8],
+        scales: &'a [f32],
+        table: &'a [f32; 256],
+    },
+}
+
+impl HostWeight<'_> {
+    /// Rows `rows` of the weight, as f32, into `dst` (`rows.len() · k` values).
+    fn decode(&self, rows: std::ops::Range<usize>, k: usize, dst: &mut [f32]) {
+        let span = rows.start * k..rows.end * k;
+        match *self {
+            HostWeight::Bf16(w) => {
+                // bf16 is the high half of an f32: a shift, which the compiler vectorises.
+                for (d, &b) in dst.iter_mut().zip(&w[span]) {
+                    *d = f32::from_bits(u32::from(b) << 16);
+                }
+            }
+            HostWeight::F16(w) => {
+                use half::slice::HalfFloatSliceExt;
+                w[span].convert_to_f32_slice(dst);
+            }
+            HostWeight::Int8 { bytes, scales } => {
+                // A conversion rather than a table lookup: it vectorises.
+                for ((drow, brow), &s) in dst
+                    .chunks_exact_mut(k)
+                    .zip(bytes[span].chunks_exact(k))
+                    .zip(&scales[rows])
+                {
+                    for (d, &b) in drow.iter_mut().zip(brow) {
+                        *d = f32::from(b as i8) * s;
+                    }
+                }
+            }
+            HostWeight::Quantized {
+                bytes,
+                scales,
+                table,
+            } => {
+                for ((drow, brow), &s) in dst
+                    .chunks_exact_mut(k)
+                    .zip(bytes[span].chunks_exact(k))
+                    .zip(&scales[rows])
+                {
+                    for (d, &b) in drow.iter_mut().zip(brow) {
+                        *d = table[b as usize] * s;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// f32 values a decoded weight block holds (16 MiB / 4): small enough to stay in the last-level
+/// cache of one core while the GEMM packs it, large enough that its GEMM is long.
+const WEIGHT_BLOCK_FLOATS: usize = 1 << 20;
+
+/// Output features per weight block for rows of `k` values: a multiple of 16 (the GEMM's
+/// register tile), between 16 and 512.
+pub(super) fn linear_block_rows(k: usize) -> usize {
+    ((WEIGHT_BLOCK_FLOATS / k.max(1)) / 16 * 16).clamp(16, 512)
+}
+
+/// `x · W[rows]ᵀ (+ bias[rows])` for f32 `x` `[m, k]` and a weight read through `w`:
+/// returns `[m, rows.len()]`.
+///
+/// Blocks of [`linear_block_rows`] output features run in parallel, each decoded into a per-thread
+/// f32 buffer and multiplied by one single-threaded `gemm` into its columns of the output; the
+/// accumulation is f32 throughout.
+pub(super) fn linear_rows(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    w: HostWeight<'_>,
+    rows: std::ops::Range<usize>,
+    bias: Option<&[f32]>,
+) -> Vec<f32> {
+    let n = rows.len();
+    let mut out = vec![0f32; m * n];
+    if let Some(bias) = bias {
+        for row in out.chunks_exact_mut(n.max(1)) {
+            row.copy_from_slice(&bias[rows.clone()]);
+        }
+    }
+    if m == 0 || n == 0 {
+        return out;
+    }
+    let nb = linear_block_rows(k);
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    (0..n.div_ceil(nb))
+        .into_par_iter()
+        .for_each_init(Vec::new, |buf: &mut Vec<f32>, blk| {
+            let j0 = blk * nb;
+            let jn = nb.min(n - j0);
+            buf.resize(jn * k, 0.0);
+            let first = rows.start + j0;
+            w.decode(first..first + jn, k, buf);
+            // SAFETY: the destination is columns j0..j0+jn of the m×n row-major output (row
+            // stride n), disjoint between tasks and inside `out`; x is m×k row-major; the rhs
+            // is the jn×k row-major block read transposed (column stride k, row stride 1).
+            unsafe {
+                gemm::gemm(
+                    m,
+                    jn,
+                    k,
+                    out_ptr.get().add(j0),
+                    1,
+                    n as isize,
+                    bias.is_some(),
+                    x.as_ptr(),
+                    1,
+                    k as isize,
+                    buf.as_ptr(),
+                    k as isize,
+                    1,
+                    1.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    out
+}
+
+/// Runs `f` on the bytes of float tensor `t` (contiguous, row-major), borrowed where the
+/// backend lends them ([`KernelBackend::float_bytes`]), else copied out once.
+pub(super) fn with_float_bytes<B: KernelBackend, const D: usize, R>(
+    t: Tensor<B, D>,
+    f: impl FnOnce(&[u8]) -> R,
+) -> R {
+    let primitive = t.into_primitive();
+    if let TensorPrimitive::Float(p) = &primitive {
+        if let Some(bytes) = B::float_bytes(p) {
+            return f(bytes);
+        }
+    }
+    let data = Tensor::<B, D>::from_primitive(primitive).into_data();
+    f(&data.bytes)
+}
+
+/// [`with_float_bytes`] for an int tensor ([`KernelBackend::int_bytes`]).
+pub(super) fn with_int_bytes<B: KernelBackend, const D: usize, R>(
+    t: Tensor<B, D, burn::tensor::Int>,
+    f: impl FnOnce(&[u8]) -> R,
+) -> R {
+    let primitive = t.into_primitive();
+    if let Some(bytes) = B::int_bytes(&primitive) {
+        return f(bytes);
+    }
+    let data = Tensor::<B, D, burn::tensor::Int>::from_primitive(primitive).into_data();
+    f(&data.bytes)
+}
+
+/// `bytes` as `T` values: borrowed when aligned (always, for a backend's own buffers), else
+/// copied.
+pub(super) fn cast_or_copy<T: bytemuck::Pod>(bytes: &[u8]) -> std::borrow::Cow<'_, [T]> {
+    match bytemuck::try_cast_slice(bytes) {
+        Ok(s) => std::borrow::Cow::Borrowed(s),
+        Err(_) => std::borrow::Cow::Owned(
+            bytes
+                .chunks_exact(std::mem::size_of::<T>())
+                .map(bytemuck::pod_read_unaligned)
+                .collect(),
+        ),
+    }
 }
 
 /// Input channels from which [`conv3x3`] runs as nine shifted GEMMs.

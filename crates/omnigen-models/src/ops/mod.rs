@@ -6,7 +6,7 @@
 //!
 //! | op | host kernel ([`KernelBackend::HOST_KERNELS`], f32) | otherwise |
 //! |---|---|---|
-//! | [`linear`], [`linear_chunks`], [`linear_heads`] | — | burn's `matmul` on the transposed view of the PyTorch-layout weight |
+//! | [`linear`], [`linear_chunks`], [`linear_heads`] | bf16 / f16 / int8 / fp8 weights ([`KernelBackend::MIXED_PRECISION_LINEAR`]): blocks of output features converted to f32, each an f32 GEMM; f32 weights: burn's `matmul` | burn's `matmul` on the transposed view of the PyTorch-layout weight; a quantized layer is dequantised to the activation dtype first, one layer at a time |
 //! | [`rms_norm`] | one threaded pass per row block | burn ops, statistics in f32 |
 //! | [`silu_mul`] | one threaded pass | `up * silu(gate)` |
 //! | [`rope`] | one pass over the heads, in place from the fused projection | `x·cos + rotate_half(x)·sin` |
@@ -25,14 +25,19 @@ mod backends;
 mod host;
 mod mask;
 mod portable;
+mod quant;
+
+pub use quant::{LinearLayer, QuantizedLinear, WeightFormat};
 
 use mask::BiasRepr;
 pub use mask::{attention_bias, mask_min, AttentionBias, KeyRanges};
 
 use burn::nn::conv::Conv2d;
-use burn::nn::{GroupNorm, Linear};
+use burn::nn::GroupNorm;
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor};
+use burn::tensor::{DType, Tensor, TensorData};
+
+use host::HostWeight;
 
 /// A burn [`Backend`] with the capabilities that choose OmniGen's kernels.
 ///
@@ -55,6 +60,34 @@ pub trait KernelBackend: Backend {
     const HOST_MEMORY: bool = false;
     /// burn's `attention` on this backend never materialises the `[B, H, S, T]` score tensor.
     const FUSED_ATTENTION: bool = false;
+    /// [`linear`] multiplies f32 activations by a bf16, f16 or quantized (int8, fp8) weight on
+    /// the host, converting the weight a block of output features at a time: a model whose
+    /// weights are stored in half precision computes in f32 here (see [`compute_dtype`]).
+    /// Requires [`HOST_KERNELS`](Self::HOST_KERNELS).
+    const MIXED_PRECISION_LINEAR: bool = false;
+
+    /// The bytes of a contiguous, row-major float tensor, borrowed, where the backend can lend
+    /// them; `None` (the default) makes the host kernels copy them out with `into_data`.
+    fn float_bytes(_tensor: &Self::FloatTensorPrimitive) -> Option<&[u8]> {
+        None
+    }
+
+    /// [`float_bytes`](Self::float_bytes) for int tensors (quantized weights).
+    fn int_bytes(_tensor: &Self::IntTensorPrimitive) -> Option<&[u8]> {
+        None
+    }
+}
+
+/// The dtype a model whose weights are stored in `weight_dtype` computes in on backend `B`:
+/// f32 where [`linear`] takes half-precision weights with f32 activations
+/// ([`KernelBackend::MIXED_PRECISION_LINEAR`]: weights in bf16 / f16, activations, norms and
+/// the residual stream in f32), else `weight_dtype` itself.
+pub fn compute_dtype<B: KernelBackend>(weight_dtype: DType) -> DType {
+    if B::MIXED_PRECISION_LINEAR && matches!(weight_dtype, DType::BF16 | DType::F16) {
+        DType::F32
+    } else {
+        weight_dtype
+    }
 }
 
 /// Whether the host kernels run on `x`: an f32 tensor of a backend with
@@ -113,15 +146,94 @@ impl<B: Backend> HeadRange<B> {
     }
 }
 
-/// `x · Wᵀ + b` for a [`Linear`] holding the PyTorch-layout weight as a transposed view.
+/// Whether the host's mixed linear ([`host::linear_rows`]) runs `layer` on `x`: an f32 input on
+/// a backend with [`KernelBackend::MIXED_PRECISION_LINEAR`] and a weight that is not f32.
+fn mixed_on_host<B: KernelBackend, const D: usize>(
+    layer: &LinearLayer<B>,
+    x: &Tensor<B, D>,
+) -> bool {
+    B::HOST_KERNELS
+        && B::MIXED_PRECISION_LINEAR
+        && on_host(x)
+        && match layer {
+            LinearLayer::Dense(l) => matches!(l.weight.val().dtype(), DType::BF16 | DType::F16),
+            LinearLayer::Quantized(_) => true,
+        }
+}
+
+/// Output features `rows` of `layer` applied to host f32 rows `x` `[m, in]`: `[m, rows.len()]`.
+fn mixed_rows<B: KernelBackend>(
+    layer: &LinearLayer<B>,
+    x: &[f32],
+    m: usize,
+    rows: std::ops::Range<usize>,
+) -> Vec<f32> {
+    let [k, _] = layer.dims();
+    let bias = layer
+        .bias()
+        .map(|b| host::f32_data(b.val().cast(DType::F32)));
+    let bias = bias.as_deref();
+    match layer {
+        LinearLayer::Dense(l) => {
+            let weight = l.weight.val();
+            let dtype = weight.dtype();
+            // The parameter is the transposed view of the `[out, in]` storage: its transpose
+            // is that storage, row-major.
+            host::with_float_bytes(weight.transpose(), |bytes| {
+                if dtype == DType::F16 {
+                    let w = host::cast_or_copy::<half::f16>(bytes);
+                    host::linear_rows(x, m, k, HostWeight::F16(&w), rows, bias)
+                } else {
+                    let w = host::cast_or_copy::<u16>(bytes);
+                    host::linear_rows(x, m, k, HostWeight::Bf16(&w), rows, bias)
+                }
+            })
+        }
+        LinearLayer::Quantized(q) => {
+            let scales = host::f32_data(q.scales.val().cast(DType::F32));
+            host::with_int_bytes(q.values.val(), |bytes| {
+                let w = match q.scheme {
+                    omnigen_core::QuantScheme::Int8 => HostWeight::Int8 {
+                        bytes,
+                        scales: &scales,
+                    },
+                    omnigen_core::QuantScheme::Fp8E4M3 => HostWeight::Quantized {
+                        bytes,
+                        scales: &scales,
+                        table: q.scheme.table(),
+                    },
+                };
+                host::linear_rows(x, m, k, w, rows, bias)
+            })
+        }
+    }
+}
+
+/// `x · Wᵀ + b` for a [`LinearLayer`] (a dense weight is held as the transposed view of the
+/// PyTorch-layout weight).
 ///
 /// # Shapes
 /// `x` `[..., in]` -> `[..., out]`.
 pub fn linear<B: KernelBackend, const D: usize>(
-    linear: &Linear<B>,
+    layer: &LinearLayer<B>,
     x: Tensor<B, D>,
 ) -> Tensor<B, D> {
-    portable::linear(linear, x)
+    if mixed_on_host(layer, &x) {
+        let device = x.device();
+        let mut dims = x.dims();
+        let m = dims[..D - 1].iter().product();
+        let [_, n] = layer.dims();
+        let y = mixed_rows(layer, &host::f32_data(x), m, 0..n);
+        dims[D - 1] = n;
+        return Tensor::from_data(TensorData::new(y, dims), &device);
+    }
+    match layer {
+        LinearLayer::Dense(l) => portable::linear(l, x),
+        LinearLayer::Quantized(q) => {
+            let dense = q.dequantize(x.dtype());
+            portable::linear(&dense, x)
+        }
+    }
 }
 
 /// The layer's output features in `N` equal, contiguous parts (a fused projection such as
@@ -130,10 +242,23 @@ pub fn linear<B: KernelBackend, const D: usize>(
 /// # Shapes
 /// `x` `[B, S, in]` -> `N` × `[B, S, out / N]`.
 pub fn linear_chunks<B: KernelBackend, const N: usize>(
-    linear: &Linear<B>,
+    layer: &LinearLayer<B>,
     x: Tensor<B, 3>,
 ) -> [Tensor<B, 3>; N] {
-    portable::linear_chunks(linear, x)
+    if mixed_on_host(layer, &x) {
+        let device = x.device();
+        let [b, s, _] = x.dims();
+        let part = layer.dims()[1] / N;
+        let xs = host::f32_data(x);
+        return std::array::from_fn(|c| {
+            let y = mixed_rows(layer, &xs, b * s, c * part..(c + 1) * part);
+            Tensor::from_data(TensorData::new(y, [b, s, part]), &device)
+        });
+    }
+    match layer {
+        LinearLayer::Dense(l) => portable::linear_chunks(l, x),
+        LinearLayer::Quantized(q) => portable::linear_chunks(&q.dequantize(x.dtype()), x),
+    }
 }
 
 /// A bias-free layer whose output features are `heads` heads, returned head-major (the layout
@@ -142,11 +267,23 @@ pub fn linear_chunks<B: KernelBackend, const N: usize>(
 /// # Shapes
 /// `x` `[B, S, in]` -> `[B, heads, S, out / heads]`.
 pub fn linear_heads<B: KernelBackend>(
-    linear: &Linear<B>,
+    layer: &LinearLayer<B>,
     x: Tensor<B, 3>,
     heads: usize,
 ) -> Tensor<B, 4> {
-    portable::linear_heads(linear, x, heads)
+    if mixed_on_host(layer, &x) {
+        let device = x.device();
+        let [b, s, _] = x.dims();
+        let n = layer.dims()[1];
+        let y = mixed_rows(layer, &host::f32_data(x), b * s, 0..n);
+        let hd = n / heads;
+        let out = host::split_heads(&y, b, s, heads, hd);
+        return Tensor::from_data(TensorData::new(out, [b, heads, s, hd]), &device);
+    }
+    match layer {
+        LinearLayer::Dense(l) => portable::linear_heads(l, x, heads),
+        LinearLayer::Quantized(q) => portable::linear_heads(&q.dequantize(x.dtype()), x, heads),
+    }
 }
 
 /// Phi-3's RMSNorm, `weight · x / sqrt(mean(x²) + eps)` over the last axis, statistics in f32.

@@ -7,7 +7,11 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear};
 use burn::tensor::{DType, Tensor, TensorData};
 
-use super::{host, mask, portable, HeadRange, KernelBackend, KeyRanges};
+use omnigen_core::{QuantScheme, QuantizedTensor};
+
+use super::{
+    host, mask, portable, HeadRange, KernelBackend, KeyRanges, LinearLayer, QuantizedLinear,
+};
 use crate::loader::Loader;
 use crate::ops;
 use crate::weights::RandomWeights;
@@ -206,4 +210,98 @@ fn linear_chunks_and_heads_match_linear() {
     let full = portable::linear(&no_bias, x.clone()); // [B, S, 4·6]
     let heads = portable::linear_heads(&no_bias, x, 4); // [B, 4, S, 6]
     assert_close(heads.swap_dims(1, 2).reshape([2, 3, 24]), full, 1e-5);
+}
+
+/// The dense f32 layer with the same values as `layer` (a converted or dequantised weight).
+fn as_f32(layer: &LinearLayer<B>) -> Linear<B> {
+    match layer {
+        LinearLayer::Dense(l) => Linear {
+            weight: Param::from_tensor(l.weight.val().cast(DType::F32)),
+            bias: l.bias.clone(),
+        },
+        LinearLayer::Quantized(q) => q.dequantize(DType::F32),
+    }
+}
+
+/// Every stored form of one random weight: bf16, f16, int8 and fp8 e4m3.
+fn stored_forms(d_in: usize, d_out: usize, bias: bool) -> Vec<LinearLayer<B>> {
+    let reader = RandomWeights { seed: 21 };
+    let ld = loader(&reader).sub("layer");
+    let mut layers = Vec::new();
+    for dtype in [DType::BF16, DType::F16] {
+        let ld = loader(&reader).with_weight_dtype(dtype).sub("layer");
+        layers.push(ld.linear_layer(d_in, d_out, bias).unwrap());
+    }
+    let w = crate::weights::read_f32(&reader, "layer.weight", &[d_out, d_in]).unwrap();
+    for scheme in [QuantScheme::Int8, QuantScheme::Fp8E4M3] {
+        let q = QuantizedTensor::quantize("layer.weight", scheme, &[d_out, d_in], &w).unwrap();
+        let b = bias.then(|| ld.param("bias", [d_out]).unwrap());
+        layers.push(LinearLayer::Quantized(QuantizedLinear::new(
+            q.values,
+            q.scales,
+            [d_out, d_in],
+            scheme,
+            b,
+            &default_device(),
+        )));
+    }
+    layers
+}
+
+#[test]
+fn mixed_linear_matches_the_f32_product_of_the_converted_weight() {
+    assert_eq!(ops::compute_dtype::<B>(DType::BF16), DType::F32);
+    assert_eq!(ops::compute_dtype::<B>(DType::F32), DType::F32);
+    // 1100 output features: two full blocks of 512 and a remainder.
+    let (d_in, d_out) = (40, 1100);
+    assert_eq!(host::linear_block_rows(d_in), 512);
+    let x = normal([2, 3, d_in], 22);
+    for layer in stored_forms(d_in, d_out, true) {
+        assert!(super::mixed_on_host(&layer, &x), "{:?}", layer.format());
+        let dense = as_f32(&layer);
+        assert_close(
+            ops::linear(&layer, x.clone()),
+            portable::linear(&dense, x.clone()),
+            1e-5,
+        );
+        let got: [_; 2] = ops::linear_chunks(&layer, x.clone());
+        let want: [_; 2] = portable::linear_chunks(&dense, x.clone());
+        for (g, w) in got.into_iter().zip(want) {
+            assert_close(g, w, 1e-5);
+        }
+    }
+    for layer in stored_forms(d_in, 96, false) {
+        let dense = as_f32(&layer);
+        assert_close(
+            ops::linear_heads(&layer, x.clone(), 4),
+            portable::linear_heads(&dense, x.clone(), 4),
+            1e-5,
+        );
+    }
+}
+
+#[test]
+fn quantized_layers_dequantise_on_the_portable_path() {
+    // The portable dequantisation (what GPU backends run) against the host decode table.
+    let (d_in, d_out) = (24, 10);
+    for layer in stored_forms(d_in, d_out, false).into_iter().skip(2) {
+        let LinearLayer::Quantized(q) = &layer else {
+            panic!("quantized forms come last");
+        };
+        let values = q.values.val().into_data().bytes.to_vec();
+        let scales = q.scales.val().into_data().into_vec::<f32>().unwrap();
+        let table = q.scheme.table();
+        let want: Vec<f32> = values
+            .iter()
+            .enumerate()
+            .map(|(i, &b)| table[b as usize] * scales[i / d_in])
+            .collect();
+        let got = q.dequantize(DType::F32).weight.val().transpose();
+        let want =
+            Tensor::<B, 2>::from_data(TensorData::new(want, [d_out, d_in]), &default_device());
+        assert_close(got, want, 0.0);
+        // Half-precision activations get a weight in their dtype.
+        assert_eq!(q.dequantize(DType::BF16).weight.val().dtype(), DType::BF16);
+        assert_eq!(layer.bytes(), (d_in * d_out + 4 * d_out) as u64);
+    }
 }

@@ -3,14 +3,13 @@
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::nn::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::{Error, Result, TransformerConfig};
 
 use crate::loader::Loader;
-use crate::ops::{self, KernelBackend};
+use crate::ops::{self, KernelBackend, LinearLayer};
 
 /// `Conv2d(C, D, kernel = stride = patch)` turning a latent into row-major patch tokens
 /// (`PatchEmbedMR`).
@@ -85,9 +84,9 @@ impl<B: Backend> PosEmbed<B> {
 #[derive(Module, Debug)]
 pub struct TimestepEmbedder<B: Backend> {
     /// `mlp.0`: `[D, 256]`.
-    pub mlp_0: Linear<B>,
+    pub mlp_0: LinearLayer<B>,
     /// `mlp.2`: `[D, D]` (`mlp.1` is the SiLU).
-    pub mlp_2: Linear<B>,
+    pub mlp_2: LinearLayer<B>,
     /// Width of the sinusoidal features (256).
     pub frequency_dim: usize,
 }
@@ -97,8 +96,8 @@ impl<B: Backend> TimestepEmbedder<B> {
     pub fn load(loader: &Loader<B>, config: &TransformerConfig) -> Result<Self> {
         let (d, f) = (config.hidden_size, config.time_step_dim);
         Ok(Self {
-            mlp_0: loader.sub("mlp.0").linear(f, d, true)?,
-            mlp_2: loader.sub("mlp.2").linear(d, d, true)?,
+            mlp_0: loader.sub("mlp.0").linear_layer(f, d, true)?,
+            mlp_2: loader.sub("mlp.2").linear_layer(d, d, true)?,
             frequency_dim: f,
         })
     }
@@ -108,7 +107,9 @@ impl<B: KernelBackend> TimestepEmbedder<B> {
     /// # Shapes
     /// `t` `[B]` (flow time in [0, 1], not scaled by 1000) -> `[B, D]`.
     pub fn forward(&self, t: Tensor<B, 1>) -> Tensor<B, 2> {
-        let dtype = self.mlp_0.weight.val().dtype();
+        // The bias is in the compute dtype; the weight may be stored narrower (bf16 weights
+        // with f32 compute) or quantized.
+        let dtype = self.mlp_0.bias().map_or(t.dtype(), |b| b.val().dtype());
         let features = timestep_features(t, self.frequency_dim).cast(dtype); // [B, 256]
         ops::linear(&self.mlp_2, silu(ops::linear(&self.mlp_0, features)))
     }

@@ -1,23 +1,22 @@
 //! adaLN final layer and unpatchify.
 
 use burn::module::Module;
-use burn::nn::Linear;
 use burn::tensor::activation::silu;
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor};
 use omnigen_core::{Result, TransformerConfig};
 
 use crate::loader::Loader;
-use crate::ops::{self, KernelBackend};
+use crate::ops::{self, KernelBackend, LinearLayer};
 
 /// `FinalLayer`: `LayerNorm(no affine, eps 1e-6)`, modulated by `(shift, scale)` from the
 /// timestep embedding, then `Linear(D -> p*p*C)`.
 #[derive(Module, Debug)]
 pub struct FinalLayer<B: Backend> {
     /// `adaLN_modulation.1`: `[2D, D]`, output rows shift | scale (`adaLN_modulation.0` is SiLU).
-    pub ada_ln_modulation_1: Linear<B>,
+    pub ada_ln_modulation_1: LinearLayer<B>,
     /// `linear`: `[p*p*C, D]`.
-    pub linear: Linear<B>,
+    pub linear: LinearLayer<B>,
     /// Model width `D`.
     pub hidden_size: usize,
 }
@@ -30,8 +29,10 @@ impl<B: Backend> FinalLayer<B> {
         let d = config.hidden_size;
         let out = config.patch_size * config.patch_size * config.in_channels;
         Ok(Self {
-            ada_ln_modulation_1: loader.sub("adaLN_modulation.1").linear(d, 2 * d, true)?,
-            linear: loader.sub("linear").linear(d, out, true)?,
+            ada_ln_modulation_1: loader
+                .sub("adaLN_modulation.1")
+                .linear_layer(d, 2 * d, true)?,
+            linear: loader.sub("linear").linear_layer(d, out, true)?,
             hidden_size: d,
         })
     }

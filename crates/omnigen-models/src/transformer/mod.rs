@@ -32,7 +32,7 @@ pub use rope::{LongRope, RopeTables};
 
 use crate::loader::Loader;
 use crate::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader, ModuleTable};
-use crate::ops::{self, AttentionBias, KernelBackend};
+use crate::ops::{self, AttentionBias, KernelBackend, WeightFormat};
 use crate::weights::{Bf16RoundedReader, WeightReader};
 use phi3::KeyValue;
 
@@ -165,6 +165,21 @@ pub struct OmniGenTransformer<B: Backend> {
     pub config: TransformerConfig,
 }
 
+/// Sums the bytes of every parameter a module holds, each in its own dtype.
+struct ParamBytes<'a>(&'a mut u64);
+
+impl<B: Backend> burn::module::ModuleVisitor<B> for ParamBytes<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D>>) {
+        let t = param.val();
+        *self.0 += (t.shape().num_elements() * t.dtype().size()) as u64;
+    }
+
+    fn visit_int<const D: usize>(&mut self, param: &burn::module::Param<Tensor<B, D, Int>>) {
+        let t = param.val();
+        *self.0 += (t.shape().num_elements() * t.dtype().size()) as u64;
+    }
+}
+
 /// Strict loading: a layer the config does not have is an error (the config does not describe
 /// the checkpoint, and the model would silently be a truncated one); any other tensor the model
 /// did not read is a warning listing them.
@@ -257,7 +272,9 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Self> {
-        let root = Loader::<B>::new(reader, device, dtype);
+        // Half-precision weights with f32 activations where the backend's linear takes them.
+        let compute = ops::compute_dtype::<B>(dtype);
+        let root = Loader::<B>::new(reader, device, compute).with_weight_dtype(dtype);
         Ok(Self {
             llm: Phi3Model::load(&root.sub("llm"), config)?,
             x_embedder: PatchEmbed::load(&root.sub("x_embedder"), config)?,
@@ -312,14 +329,44 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         let config = TransformerConfig::from_file(&config_path)?;
         let weights =
             TransformerWeights::new(WeightSource::open_files(&folder.transformer_weights()?)?)?;
+        let started = std::time::Instant::now();
         let model = Self::load_with(&weights, &config, device, dtype, options)?;
+        let secs = started.elapsed().as_secs_f64();
+        let bytes = model.weight_bytes();
+        tracing::info!(
+            bytes,
+            secs,
+            gb_per_s = bytes as f64 / 1e9 / secs.max(1e-9),
+            weights = %model.weight_format().name(),
+            "transformer loaded"
+        );
         check_unused(&weights.source().unread_keys(), &config, &config_path)?;
         Ok(model)
     }
 
     /// The parameter dtype.
     pub fn dtype(&self) -> DType {
-        self.final_layer.linear.weight.val().dtype()
+        self.llm.norm.weight.val().dtype()
+    }
+
+    /// How the decoder layers' linear weights are stored: the dtype asked for at load time
+    /// (bf16 weights on a CPU backend that computes in f32, see [`ops::compute_dtype`]), or the
+    /// checkpoint's quantization.
+    pub fn weight_format(&self) -> WeightFormat {
+        match self.llm.layers.first() {
+            Some(layer) => layer.mlp.down_proj.format(),
+            None => self.final_layer.linear.format(),
+        }
+    }
+
+    /// Bytes the loaded parameters and buffers hold, by their stored dtype and quantization.
+    pub fn weight_bytes(&self) -> u64 {
+        let mut bytes = 0u64;
+        let mut visitor = ParamBytes(&mut bytes);
+        self.visit(&mut visitor);
+        // `pos_embed` is a plain tensor, not a parameter: the visitor does not see it.
+        let table = &self.pos_embed.table;
+        bytes + (table.shape().num_elements() * table.dtype().size()) as u64
     }
 
     /// The uncached forward with the official semantics: the velocity of the noisy latents `x`

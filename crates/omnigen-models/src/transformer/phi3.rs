@@ -3,14 +3,14 @@
 //! position ids and an explicit additive mask, fused gate/up SwiGLU MLP.
 
 use burn::module::{Module, Param};
-use burn::nn::{Embedding, Linear};
+use burn::nn::Embedding;
 use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use omnigen_core::{Result, TransformerConfig};
 
 use super::rope::RopeTables;
 use crate::loader::Loader;
-use crate::ops::{self, AttentionBias, HeadRange, KernelBackend};
+use crate::ops::{self, AttentionBias, HeadRange, KernelBackend, LinearLayer};
 
 /// Root-mean-square layer norm: `weight * x / sqrt(mean(x^2) + eps)`, computed in f32.
 #[derive(Module, Debug)]
@@ -43,9 +43,9 @@ impl<B: KernelBackend> RmsNorm<B> {
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     /// `[3D, D]` fused projection.
-    pub qkv_proj: Linear<B>,
+    pub qkv_proj: LinearLayer<B>,
     /// `[D, D]` output projection.
-    pub o_proj: Linear<B>,
+    pub o_proj: LinearLayer<B>,
     /// Number of heads.
     pub num_heads: usize,
     /// Width of one head.
@@ -83,8 +83,8 @@ impl<B: Backend> Attention<B> {
     pub fn load(loader: &Loader<B>, config: &TransformerConfig) -> Result<Self> {
         let d = config.hidden_size;
         Ok(Self {
-            qkv_proj: loader.sub("qkv_proj").linear(d, 3 * d, false)?,
-            o_proj: loader.sub("o_proj").linear(d, d, false)?,
+            qkv_proj: loader.sub("qkv_proj").linear_layer(d, 3 * d, false)?,
+            o_proj: loader.sub("o_proj").linear_layer(d, d, false)?,
             num_heads: config.num_attention_heads,
             head_dim: config.head_dim(),
         })
@@ -130,9 +130,9 @@ impl<B: KernelBackend> Attention<B> {
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// `[2I, D]` fused gate and up projections.
-    pub gate_up_proj: Linear<B>,
+    pub gate_up_proj: LinearLayer<B>,
     /// `[D, I]` down projection.
-    pub down_proj: Linear<B>,
+    pub down_proj: LinearLayer<B>,
     /// `I`, the width of one half of `gate_up_proj`.
     pub intermediate_size: usize,
 }
@@ -142,8 +142,8 @@ impl<B: Backend> Mlp<B> {
     pub fn load(loader: &Loader<B>, config: &TransformerConfig) -> Result<Self> {
         let (d, i) = (config.hidden_size, config.intermediate_size);
         Ok(Self {
-            gate_up_proj: loader.sub("gate_up_proj").linear(d, 2 * i, false)?,
-            down_proj: loader.sub("down_proj").linear(i, d, false)?,
+            gate_up_proj: loader.sub("gate_up_proj").linear_layer(d, 2 * i, false)?,
+            down_proj: loader.sub("down_proj").linear_layer(i, d, false)?,
             intermediate_size: i,
         })
     }

@@ -3,7 +3,7 @@
 
 use burn::module::Module;
 use burn::nn::conv::Conv2d;
-use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
+use burn::nn::{GroupNorm, PaddingConfig2d};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -11,7 +11,7 @@ use burn::tensor::Tensor;
 use omnigen_core::{Error, Result};
 
 use crate::loader::Loader;
-use crate::ops::{self, KernelBackend};
+use crate::ops::{self, KernelBackend, LinearLayer};
 
 /// diffusers builds every VAE GroupNorm (resnets, attention, `conv_norm_out`) with this epsilon.
 pub(crate) const NORM_EPS: f64 = 1e-6;
@@ -78,19 +78,20 @@ impl<B: KernelBackend> ResnetBlock2D<B> {
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
     group_norm: GroupNorm<B>,
-    to_q: Linear<B>,
-    to_k: Linear<B>,
-    to_v: Linear<B>,
+    to_q: LinearLayer<B>,
+    to_k: LinearLayer<B>,
+    to_v: LinearLayer<B>,
     /// `to_out.0` in the checkpoint (`to_out.1` is a parameterless dropout).
-    to_out: Linear<B>,
+    to_out: LinearLayer<B>,
 }
 
 impl<B: KernelBackend> Attention<B> {
     pub(crate) fn load(ld: &Loader<B>, channels: usize, groups: usize) -> Result<Self> {
         // Checkpoints saved before diffusers 0.14 name the projections `query`/`key`/`value`/
         // `proj_attn`; diffusers renames them on load, so accept both.
-        let linear = |new: &str, old: &str| match ld.sub(new).linear(channels, channels, true) {
-            Err(Error::MissingTensor { .. }) => ld.sub(old).linear(channels, channels, true),
+        let linear = |new: &str, old: &str| match ld.sub(new).linear_layer(channels, channels, true)
+        {
+            Err(Error::MissingTensor { .. }) => ld.sub(old).linear_layer(channels, channels, true),
             other => other,
         };
         Ok(Self {

@@ -73,6 +73,11 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
             KvCache::Exact => Some(KvCacheMode::Exact),
             KvCache::Off => None,
         };
+        if request.offload_kv_cache && cache_mode.is_some() && !B::HOST_MEMORY {
+            // Said, not silently dropped: the official default is on, and a device backend
+            // keeps the cache in device memory.
+            info!("offload_kv_cache is not implemented on device backends: the kv cache stays in device memory");
+        }
 
         // 3. Process multi-modal instructions
         let started = Instant::now();

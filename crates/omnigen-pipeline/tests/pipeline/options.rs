@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 
 use burn::tensor::DType;
 use omnigen_core::Error;
+use omnigen_models::ops::{self, WeightFormat};
 use omnigen_models::scheduler::FlowMatchEulerScheduler;
 use omnigen_models::DefaultBackend as B;
 use omnigen_pipeline::{
@@ -123,12 +124,61 @@ fn half_precision_transformer_stays_close_to_f32() {
             .dtype(dtype)
             .build()
             .unwrap();
-        assert_eq!(pipe.transformer().dtype(), dtype);
+        assert_eq!(
+            pipe.transformer().weight_format(),
+            WeightFormat::Dense(dtype)
+        );
+        assert_eq!(pipe.transformer().dtype(), ops::compute_dtype::<B>(dtype));
         let ours = latents(&pipe.generate(&t2i()).unwrap());
         let d = max_abs_diff(&ours, &reference);
         println!("{dtype:?}: max |latents - f32| = {d:.3e}");
         assert!(d < tol, "{dtype:?} drifted {d} from f32");
         assert!(ours.iter().all(|v| v.is_finite()));
+    }
+}
+
+/// Relative L2 distance `|a - b| / |b|`.
+fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
+    let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
+    let den: f32 = b.iter().map(|y| y * y).sum();
+    (num / den).sqrt()
+}
+
+#[test]
+fn quantized_folders_load_and_generate_close_to_f32_in_both_layouts() {
+    use omnigen_core::{quantize_folder, QuantScheme};
+    let tmp = tempfile::tempdir().unwrap();
+    for (layout, dir) in [
+        ("official", model()),
+        ("diffusers", fixtures().join("A/model_diffusers")),
+    ] {
+        let f32p = OmniGenPipeline::<B>::from_dir(&dir, &Default::default()).unwrap();
+        let reference = latents(&f32p.generate(&t2i()).unwrap());
+        for (scheme, tol) in [(QuantScheme::Int8, 0.25f32), (QuantScheme::Fp8E4M3, 0.6)] {
+            let out = tmp.path().join(format!("{layout}-{scheme}"));
+            let report = quantize_folder(&dir, &out, scheme).unwrap();
+            // Two layers of four projections (diffusers stores q, k and v apart).
+            let per_layer = if layout == "official" { 4 } else { 6 };
+            assert_eq!(report.quantized, 2 * per_layer, "{layout}");
+            assert!(report.bytes_out < report.bytes_in, "{report:?}");
+            // An existing output is never overwritten.
+            match quantize_folder(&dir, &out, scheme) {
+                Err(Error::InvalidArgument { name, .. }) => assert_eq!(name, "output"),
+                other => panic!("{other:?}"),
+            }
+            let pipe = OmniGenPipeline::<B>::from_dir(&out, &Default::default()).unwrap();
+            let t = pipe.transformer();
+            assert_eq!(t.weight_format(), WeightFormat::Quantized(scheme));
+            let ours = latents(&pipe.generate(&t2i()).unwrap());
+            let (d, r) = (max_abs_diff(&ours, &reference), rel_l2(&ours, &reference));
+            println!("{layout} {scheme}: 4-step latents max abs {d:.3e}, rel L2 {r:.3e} vs f32");
+            assert!(d > 0.0, "{scheme}: quantization changed nothing");
+            assert!(d < tol, "{layout} {scheme} drifted {d} from f32");
+            // Quantizing a quantized folder is refused.
+            let again = tmp.path().join(format!("{layout}-{scheme}-again"));
+            assert!(quantize_folder(&out, &again, scheme).is_err());
+            assert!(!again.exists());
+        }
     }
 }
 
@@ -259,4 +309,54 @@ fn several_images_per_prompt_and_several_prompts() {
         .map(|(a, b)| (a - b).abs())
         .fold(0.0f32, f32::max);
     assert!(d < 1e-4, "joint and separate guidance differ by {d}");
+}
+
+#[test]
+fn the_weight_memory_model_counts_the_loaded_bytes_of_every_mode() {
+    use omnigen_core::{QuantScheme, TransformerConfig, TransformerWeights, WeightSource};
+    use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
+    use omnigen_models::weights::{QuantizingReader, WeightReader};
+    use omnigen_pipeline::memory::{transformer_weight_bytes, WeightMode};
+    let cfg = TransformerConfig::from_file(model().join("config.json")).unwrap();
+    let source = WeightSource::open(model().join("model.safetensors")).unwrap();
+    let values: u64 = source
+        .keys()
+        .iter()
+        .map(|k| source.shape(k).unwrap().iter().product::<usize>() as u64)
+        .sum();
+    let weights = TransformerWeights::new(source).unwrap();
+    for (dtype, quantized) in [
+        (DType::F32, None),
+        (DType::BF16, None),
+        (DType::F16, None),
+        (DType::F32, Some(QuantScheme::Int8)),
+        (DType::BF16, Some(QuantScheme::Fp8E4M3)),
+    ] {
+        let quantizing = quantized.map(|scheme| QuantizingReader {
+            base: &weights,
+            scheme,
+        });
+        let reader: &dyn WeightReader = match &quantizing {
+            Some(q) => q,
+            None => &weights,
+        };
+        let model = OmniGenTransformer::<B>::load_with(
+            reader,
+            &cfg,
+            &Default::default(),
+            dtype,
+            &LoadOptions::default(),
+        )
+        .unwrap();
+        let mode = WeightMode {
+            quantized,
+            weight_dtype: dtype,
+            compute_dtype: model.dtype(),
+        };
+        assert_eq!(
+            transformer_weight_bytes(&cfg, values, mode),
+            model.weight_bytes(),
+            "{dtype:?} {quantized:?}"
+        );
+    }
 }
