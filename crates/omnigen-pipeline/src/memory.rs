@@ -51,6 +51,30 @@ impl MemoryEstimate {
 /// Bytes every run holds beyond the loaded model, whatever its size.
 const FIXED_BYTES: u64 = 4 << 20;
 
+/// [`estimate`] for a transformer on backend `B` whose activations, caches and masks are in
+/// `compute_dtype` (the transformer's `dtype()`): the byte width and the attention forms
+/// (materialised scores, dense mask) follow from the backend's kernels.
+pub fn estimate_on<B: KernelBackend>(
+    batch: &ProcessedBatch,
+    cfg: &TransformerConfig,
+    vae: &VaeConfig,
+    vae_tile: Option<usize>,
+    compute_dtype: DType,
+    kv_cache: bool,
+) -> MemoryEstimate {
+    let bytes = if compute_dtype == DType::F32 { 4 } else { 2 };
+    estimate(
+        batch,
+        cfg,
+        vae,
+        vae_tile,
+        bytes,
+        kv_cache,
+        omnigen_models::ops::attention_materialises_scores::<B>(compute_dtype),
+        omnigen_models::ops::attention_mask_is_dense::<B>(compute_dtype),
+    )
+}
+
 /// Estimates the memory of a processed request.
 #[allow(clippy::too_many_arguments)]
 pub fn estimate(
@@ -210,19 +234,15 @@ impl RequestPlanner {
             .collect();
         let options = crate::pipeline::sampling::processor_options(request);
         let batch = self.processor.process(&prompts, &options)?;
-        // activations, caches and masks are in the compute dtype (f32 on the CPU backends
-        // whatever the weights' dtype)
+        // f32 on the CPU backends whatever the weights' dtype
         let compute = omnigen_models::ops::compute_dtype::<B>(self.dtype);
-        let weight_bytes = if compute == DType::F32 { 4 } else { 2 };
-        let est = estimate(
+        let est = estimate_on::<B>(
             &batch,
             &self.transformer,
             &self.vae,
             None,
-            weight_bytes,
+            compute,
             request.kv_cache != KvCache::Off,
-            omnigen_models::ops::attention_materialises_scores::<B>(compute),
-            omnigen_models::ops::attention_mask_is_dense::<B>(compute),
         );
         if let Some(available) = available {
             check(&est, available, &batch, request.max_input_image_size)?;

@@ -8,9 +8,9 @@
 
 use std::time::Instant;
 
-use burn::tensor::{DType, Tensor, TensorData};
+use burn::tensor::{Tensor, TensorData};
 use omnigen_core::{Error, Result};
-use omnigen_models::ops::{self, KernelBackend};
+use omnigen_models::ops::KernelBackend;
 use omnigen_models::scheduler::Scheduler;
 use omnigen_models::transformer::KvCacheMode;
 use tracing::{debug, info, info_span, warn};
@@ -195,20 +195,14 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
         if self.memory_limit.is_none() && !B::HOST_MEMORY {
             return Ok(None);
         }
-        let weight_bytes = match self.transformer.dtype() {
-            DType::F32 => 4,
-            _ => 2,
-        };
         let tile = self.vae.tiling().map(|t| t.tile_sample_size);
-        let est = crate::memory::estimate(
+        let est = crate::memory::estimate_on::<B>(
             batch,
             &self.transformer.config,
             self.vae.config(),
             tile,
-            weight_bytes,
+            self.transformer.dtype(),
             request.kv_cache != KvCache::Off,
-            ops::attention_materialises_scores::<B>(self.transformer.dtype()),
-            ops::attention_mask_is_dense::<B>(self.transformer.dtype()),
         );
         let available = self.memory_limit.or_else(crate::memory::available_memory);
         debug!(?est, ?available, "memory estimate");
