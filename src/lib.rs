@@ -24,8 +24,8 @@
 //! # }
 //! ```
 //!
-//! The backend is chosen at compile time: `flex` (default, CPU), `ndarray` (CPU) or `cuda`
-//! (`omnigen = { features = ["cuda"] }`); see `docs/backends.md`.
+//! The backend is chosen at compile time: `flex` (default, CPU), `ndarray` (CPU), `cuda` or `wgpu`
+//! (Vulkan, Metal, DX12) (`omnigen = { features = ["cuda"] }`); see `docs/backends.md`.
 #![deny(missing_docs)]
 
 pub use omnigen_core as core;
@@ -40,7 +40,12 @@ pub mod prelude {
     pub use omnigen_core::{Error, Result};
     pub use omnigen_models::scheduler::{FlowMatchEulerScheduler, Scheduler, SchedulerKind};
     pub use omnigen_models::KernelBackend;
-    #[cfg(any(feature = "flex", feature = "ndarray", feature = "cuda"))]
+    #[cfg(any(
+        feature = "flex",
+        feature = "ndarray",
+        feature = "cuda",
+        feature = "wgpu"
+    ))]
     pub use omnigen_models::{default_device, DefaultBackend};
     pub use omnigen_pipeline::{
         parse_sigmas, save_image, save_png, CancellationToken, CfgRange, ConditionImage,

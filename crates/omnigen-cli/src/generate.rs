@@ -54,6 +54,8 @@ impl From<InputLatentsArg> for InputLatents {
 /// Transformer weight dtype (`--dtype`).
 #[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DtypeArg {
+    /// bf16 on a GPU backend that has it, f32 on the CPU backends.
+    Auto,
     /// 32-bit float.
     #[value(alias = "float32")]
     F32,
@@ -65,12 +67,41 @@ pub enum DtypeArg {
     Bf16,
 }
 
-impl From<DtypeArg> for DType {
-    fn from(arg: DtypeArg) -> Self {
+impl DtypeArg {
+    /// The dtype asked for; `None` for `auto` (the pipeline picks it for its device).
+    pub fn dtype(self) -> Option<DType> {
+        match self {
+            DtypeArg::Auto => None,
+            DtypeArg::F32 => Some(DType::F32),
+            DtypeArg::F16 => Some(DType::F16),
+            DtypeArg::Bf16 => Some(DType::BF16),
+        }
+    }
+
+    /// The dtype on the compiled-in backend's default device, `auto` resolved.
+    pub fn resolved(self) -> DType {
+        self.dtype().unwrap_or_else(|| {
+            omnigen::models::ops::default_dtype::<DefaultBackend>(&Default::default())
+        })
+    }
+}
+
+/// The VAE's dtype (`--vae-dtype`).
+#[derive(ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VaeDtypeArg {
+    /// 32-bit float, as the official pipeline.
+    #[value(alias = "float32")]
+    F32,
+    /// bfloat16: half the VAE's memory (the SDXL VAE overflows in f16, which is not offered).
+    #[value(alias = "bfloat16")]
+    Bf16,
+}
+
+impl From<VaeDtypeArg> for DType {
+    fn from(arg: VaeDtypeArg) -> Self {
         match arg {
-            DtypeArg::F32 => DType::F32,
-            DtypeArg::F16 => DType::F16,
-            DtypeArg::Bf16 => DType::BF16,
+            VaeDtypeArg::F32 => DType::F32,
+            VaeDtypeArg::Bf16 => DType::BF16,
         }
     }
 }
@@ -197,11 +228,15 @@ pub struct GenerateArgs {
     /// Longest side input images are downscaled to.
     #[arg(long, default_value_t = 1024)]
     pub max_input_image_size: usize,
-    /// Transformer weight dtype. On the CPU backends bf16 / f16 mean weights stored in half
-    /// precision and computed in f32 (activations, norms and the residual stream in f32), at
-    /// the f32 speed with half the weight memory; device backends compute in that dtype.
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    /// Transformer weight dtype; `auto` is bf16 on a GPU backend that has it and f32 on the CPU
+    /// backends. On the CPU backends bf16 / f16 mean weights stored in half precision and
+    /// computed in f32 (activations, norms and the residual stream in f32), at the f32 speed
+    /// with half the weight memory; device backends compute in that dtype.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     pub dtype: DtypeArg,
+    /// The VAE's dtype.
+    #[arg(long, value_enum, default_value_t = VaeDtypeArg::F32)]
+    pub vae_dtype: VaeDtypeArg,
     /// Keep the transformer (`model`) or the kv cache (`kv`) in host memory (comma-separated
     /// or repeated). A documented no-op on the CPU backends, whose tensors live in host memory;
     /// not implemented on device backends yet (refused).
@@ -417,7 +452,8 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
     }
 
     let mut builder = OmniGenPipeline::<DefaultBackend>::builder(&args.model)
-        .dtype(args.dtype.into())
+        .dtype(args.dtype.resolved())
+        .vae_dtype(args.vae_dtype.into())
         .memory_limit(args.memory_limit.map(|mib| mib.saturating_mul(1 << 20)))
         .download_progress(true);
     for lora in &args.loras {
@@ -519,7 +555,8 @@ mod tests {
         assert_eq!((args.guidance_scale, args.img_guidance_scale), (3.0, 1.6));
         assert_eq!(args.kv_cache, KvCacheArg::Official);
         assert_eq!(args.input_latents, InputLatentsArg::Sample);
-        assert_eq!(args.dtype, DtypeArg::F32);
+        assert_eq!(args.dtype, DtypeArg::Auto);
+        assert_eq!(args.vae_dtype, VaeDtypeArg::F32);
         assert_eq!(args.max_input_image_size, 1024);
         assert_eq!(args.lora_scale, 1.0);
         assert!(!args.joint_cfg && !args.no_metadata && !args.use_input_image_size_as_output);
@@ -542,15 +579,20 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(args.kv_cache, KvCacheArg::Off);
-        assert_eq!(DType::from(args.dtype), DType::BF16);
+        assert_eq!(args.dtype.dtype(), Some(DType::BF16));
         let request = args.request().unwrap();
         assert_eq!(request.kv_cache, KvCache::Off);
         assert_eq!(request.input_latents, InputLatents::Mean);
         assert!(!request.separate_cfg_infer);
         assert_eq!(
-            DType::from(parse(&["--dtype", "f16"]).unwrap().dtype),
-            DType::F16
+            parse(&["--dtype", "f16"]).unwrap().dtype.dtype(),
+            Some(DType::F16)
         );
+        assert_eq!(
+            DType::from(parse(&["--vae-dtype", "bf16"]).unwrap().vae_dtype),
+            DType::BF16
+        );
+        assert!(parse(&["--vae-dtype", "f16"]).is_err());
         assert_eq!(
             parse(&["--kv-cache", "exact"]).unwrap().kv_cache,
             KvCacheArg::Exact
@@ -575,7 +617,7 @@ mod tests {
         assert!(offload_note(&[]).unwrap().is_none());
         assert!(parse(&["--offload", "disk"]).is_err());
         let err = parse(&["--dtype", "f64"]).unwrap_err().to_string();
-        assert!(err.contains("f32, f16, bf16"), "{err}");
+        assert!(err.contains("auto, f32, f16, bf16"), "{err}");
         let err = parse(&["--input-latents", "mode"]).unwrap_err().to_string();
         assert!(err.contains("sample, mean"), "{err}");
     }

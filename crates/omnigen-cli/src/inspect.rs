@@ -309,12 +309,13 @@ impl Report {
         }
         self.render_modes(out)?;
         if self.vae.is_some() {
-            // The pipeline loads the VAE in f32 whatever the transformer's dtype.
+            // The pipeline loads the VAE in f32 unless --vae-dtype bf16.
             writeln!(
                 out,
-                "  generate --dtype keeps the vae in f32: {} with f32, {} with bf16 or f16",
+                "  generate --dtype keeps the vae in f32: {} with f32, {} with bf16 or f16 ({} with --vae-dtype bf16 too)",
                 bytes(tw.values * 4 + vae_values * 4),
-                bytes(tw.values * 2 + vae_values * 4)
+                bytes(tw.values * 2 + vae_values * 4),
+                bytes(tw.values * 2 + vae_values * 2)
             )?;
         }
         Ok(())

@@ -16,6 +16,11 @@ pub mod vae;
 pub mod weights;
 
 pub use backend::tune_host_allocator;
-#[cfg(any(feature = "flex", feature = "ndarray", feature = "cuda"))]
+#[cfg(any(
+    feature = "flex",
+    feature = "ndarray",
+    feature = "cuda",
+    feature = "wgpu"
+))]
 pub use backend::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
 pub use ops::KernelBackend;

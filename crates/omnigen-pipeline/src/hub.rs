@@ -27,6 +27,7 @@ pub fn looks_like_hub_id(s: &str) -> bool {
 }
 
 /// The layout a hub repository ships in: diffusers conversions are named `*-diffusers`.
+#[cfg_attr(not(feature = "hub"), allow(dead_code))]
 fn layout_for(id: &str) -> FolderLayout {
     if id.ends_with("-diffusers") {
         FolderLayout::Diffusers
@@ -35,6 +36,7 @@ fn layout_for(id: &str) -> FolderLayout {
     }
 }
 
+#[cfg_attr(not(feature = "hub"), allow(dead_code))]
 fn files_for(id: &str) -> &'static [&'static str] {
     layout_for(id).hub_files()
 }

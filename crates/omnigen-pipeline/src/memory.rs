@@ -53,7 +53,7 @@ const FIXED_BYTES: u64 = 4 << 20;
 
 /// [`estimate`] for a transformer on backend `B` whose activations, caches and masks are in
 /// `compute_dtype` (the transformer's `dtype()`): the byte width and the attention forms
-/// (materialised scores, dense mask) follow from the backend's kernels.
+/// (score tiles, dense mask) follow from the backend's kernels.
 pub fn estimate_on<B: KernelBackend>(
     batch: &ProcessedBatch,
     cfg: &TransformerConfig,
@@ -70,12 +70,16 @@ pub fn estimate_on<B: KernelBackend>(
         vae_tile,
         bytes,
         kv_cache,
-        omnigen_models::ops::attention_materialises_scores::<B>(compute_dtype),
+        omnigen_models::ops::attention_score_tile::<B>(compute_dtype),
         omnigen_models::ops::attention_mask_is_dense::<B>(compute_dtype),
     )
 }
 
 /// Estimates the memory of a processed request.
+///
+/// `score_tile`: the most attention scores one query tile holds (from
+/// [`attention_score_tile`](omnigen_models::ops::attention_score_tile)), `None` where the
+/// attention holds no score tensor; `dense_mask`: whether the mask becomes a dense bias.
 #[allow(clippy::too_many_arguments)]
 pub fn estimate(
     batch: &ProcessedBatch,
@@ -84,7 +88,7 @@ pub fn estimate(
     vae_tile: Option<usize>,
     weight_bytes: u64,
     kv_cache: bool,
-    scores_materialised: bool,
+    score_tile: Option<u64>,
     dense_mask: bool,
 ) -> MemoryEstimate {
     let f32b = 4u64;
@@ -100,8 +104,17 @@ pub fn estimate(
     let call = |rows: u64, s: u64, cond: u64, n: u64| -> (u64, u64, u64, u64) {
         // residual + normed input + fused qkv + attention output + fused gate/up + its product
         let mut act = m(m(rows, s), 6 * d + 3 * i) * f32b;
-        if scores_materialised {
-            act = act.saturating_add(m(m(rows, heads), m(s, s)) * f32b);
+        if let Some(tile) = score_tile {
+            // one query tile of scores: in the weights' dtype, then the f32 softmax and its
+            // input, then the probabilities back in the weights' dtype
+            let held = omnigen_models::ops::attention_scores_held(
+                tile,
+                rows as usize,
+                heads as usize,
+                s as usize,
+                s as usize,
+            );
+            act = act.saturating_add(m(held, 2 * weight_bytes + 2 * f32b));
         }
         // The attention mask of `q` query rows: key ranges (two u32 per query) for the host
         // kernel; otherwise a dense bias in the weights' dtype, built through boolean

@@ -22,7 +22,9 @@ use omnigen::pipeline::{GenerationOptions, SchedulerKind};
 use omnigen::prelude::*;
 use serde_json::Value;
 
-use crate::generate::{parse_scheduler, DtypeArg, FormatArg, InputLatentsArg, KvCacheArg};
+use crate::generate::{
+    parse_scheduler, DtypeArg, FormatArg, InputLatentsArg, KvCacheArg, VaeDtypeArg,
+};
 use manifest::{Defaults, Job, SweepValue};
 use results::{Record, RecordedError, Results, Status, Times};
 
@@ -92,9 +94,12 @@ pub struct BatchArgs {
     /// Default longest side input images are downscaled to [default: 1024].
     #[arg(long)]
     pub max_input_image_size: Option<usize>,
-    /// Transformer weight dtype.
-    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    /// Transformer weight dtype (as `omnigen generate --dtype`).
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
     pub dtype: DtypeArg,
+    /// The VAE's dtype.
+    #[arg(long, value_enum, default_value_t = VaeDtypeArg::F32)]
+    pub vae_dtype: VaeDtypeArg,
     /// PEFT LoRA adapter folder merged into the transformer at load time (repeatable).
     #[arg(long = "lora")]
     pub loras: Vec<PathBuf>,
@@ -337,7 +342,7 @@ fn batch(args: BatchArgs) -> anyhow::Result<()> {
     };
     let planner = model_dir
         .as_deref()
-        .map(|dir| RequestPlanner::from_dir(dir, args.dtype.into()))
+        .map(|dir| RequestPlanner::from_dir(dir, args.dtype.resolved()))
         .transpose()?;
     let available = args
         .memory_limit
@@ -457,7 +462,8 @@ fn batch(args: BatchArgs) -> anyhow::Result<()> {
     let mut interrupted = false;
     if !pending.is_empty() {
         let mut builder = OmniGenPipeline::<DefaultBackend>::builder(&args.model)
-            .dtype(args.dtype.into())
+            .dtype(args.dtype.resolved())
+            .vae_dtype(args.vae_dtype.into())
             .memory_limit(args.memory_limit.map(|mib| mib.saturating_mul(1 << 20)))
             .download_progress(true);
         for lora in &args.loras {

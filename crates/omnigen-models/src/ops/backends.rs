@@ -44,3 +44,6 @@ where
 // models choose their dtype at run time, not through the backend type.)
 #[cfg(feature = "cuda")]
 impl KernelBackend for burn::backend::Cuda {}
+
+#[cfg(feature = "wgpu")]
+impl KernelBackend for burn::backend::Wgpu {}

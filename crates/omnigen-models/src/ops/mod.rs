@@ -10,7 +10,7 @@
 //! | [`rms_norm`] | one threaded pass per row block | burn ops, statistics in f32 |
 //! | [`silu_mul`] | one threaded pass | `up * silu(gate)` |
 //! | [`rope`] | one pass over the heads, in place from the fused projection | `x·cos + rotate_half(x)·sin` |
-//! | [`attention`] | flash-style tiles (64 queries × 256 keys, online softmax) reading the mask's [`KeyRanges`], into `[B, S, D]` | burn's `attention` with the additive bias expanded on the device ([`attention_bias`]) |
+//! | [`attention`] | flash-style tiles (64 queries × 512 keys, online softmax) reading the mask's [`KeyRanges`], into `[B, S, D]` | the additive bias expanded on the device ([`attention_bias`]); burn's `attention` where it is fused ([`KernelBackend::FUSED_ATTENTION`]), else query tiles of at most 64 Mi scores, softmax in f32 as the official eager attention |
 //! | [`group_norm_silu`] | one threaded pass per group | burn's `GroupNorm` then `silu` |
 //! | [`conv3x3`] | nine shifted GEMMs accumulated in place (from 256 input channels) | burn's `conv2d` |
 //!
@@ -90,17 +90,50 @@ pub fn compute_dtype<B: KernelBackend>(weight_dtype: DType) -> DType {
     }
 }
 
+/// The transformer dtype `--dtype auto` means on `device`: bf16 on a device backend that
+/// computes in it (a GPU: half the memory, the tensor cores' rate, as the official pipeline
+/// runs), f32 on the CPU backends (whose host kernels compute in f32) and on devices without
+/// bf16 (WGSL, for one, has no bf16 type).
+pub fn default_dtype<B: KernelBackend>(device: &B::Device) -> DType {
+    if !B::HOST_MEMORY && B::supports_dtype(device, DType::BF16) {
+        DType::BF16
+    } else {
+        DType::F32
+    }
+}
+
 /// Whether the host kernels run on `x`: an f32 tensor of a backend with
 /// [`KernelBackend::HOST_KERNELS`].
 fn on_host<B: KernelBackend, const D: usize>(x: &Tensor<B, D>) -> bool {
     B::HOST_KERNELS && x.dtype() == DType::F32
 }
 
-/// Whether an [`attention`] over tensors of `dtype` holds a full `[B, H, S, T]` f32 score
-/// tensor at once (what the memory guard must count).
-pub fn attention_materialises_scores<B: KernelBackend>(dtype: DType) -> bool {
+/// The query tiles of the portable attention on `B`: none where burn's own is fused.
+fn score_tile<B: KernelBackend>() -> Option<u64> {
+    (!B::FUSED_ATTENTION).then_some(portable::ATTENTION_TILE_SCORES)
+}
+
+/// The most attention scores an [`attention`] over tensors of `dtype` holds at once (what the
+/// memory guard must count): `None` where its kernel keeps only cache-sized tiles (the host
+/// kernel, a backend with [`KernelBackend::FUSED_ATTENTION`]), otherwise the size of one query
+/// tile, `Some(n)`: a call holds [`attention_scores_held`] of them.
+pub fn attention_score_tile<B: KernelBackend>(dtype: DType) -> Option<u64> {
     let host = B::HOST_KERNELS && dtype == DType::F32;
-    !(host || B::FUSED_ATTENTION)
+    if host {
+        None
+    } else {
+        score_tile::<B>()
+    }
+}
+
+/// Scores held at once by an attention over `[b, h, s, t]` scores split into query tiles of
+/// at most `tile` scores (whole query rows, at least one).
+pub fn attention_scores_held(tile: u64, b: usize, h: usize, s: usize, t: usize) -> u64 {
+    let rows = portable::attention_tile_rows(tile, b, h, s, t);
+    (b as u64)
+        .saturating_mul(h as u64)
+        .saturating_mul(rows as u64)
+        .saturating_mul(t as u64)
 }
 
 /// Whether [`attention_bias`] expands the mask to a dense `[B, 1, S, T]` tensor for tensors of
@@ -350,13 +383,23 @@ pub fn attention<B: KernelBackend>(
 ) -> Tensor<B, 3> {
     match &bias.repr {
         BiasRepr::Ranges(ranges) if on_host(&q.tensor) => host::attention(q, k, v, ranges),
-        BiasRepr::Additive(additive) => {
-            portable::attention(q.narrowed(), k.narrowed(), v.narrowed(), additive.clone())
-        }
+        BiasRepr::Additive(additive) => portable::attention(
+            q.narrowed(),
+            k.narrowed(),
+            v.narrowed(),
+            additive.clone(),
+            score_tile::<B>(),
+        ),
         // Ranges prepared for another dtype than q's: expand them here.
         BiasRepr::Ranges(ranges) => {
             let additive = mask::additive_bias(ranges, q.tensor.dtype(), &q.tensor.device());
-            portable::attention(q.narrowed(), k.narrowed(), v.narrowed(), additive)
+            portable::attention(
+                q.narrowed(),
+                k.narrowed(),
+                v.narrowed(),
+                additive,
+                score_tile::<B>(),
+            )
         }
     }
 }
@@ -394,6 +437,6 @@ pub fn conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B,
 #[cfg(all(
     test,
     any(feature = "flex", feature = "ndarray"),
-    not(feature = "cuda")
+    not(any(feature = "cuda", feature = "wgpu"))
 ))]
 mod tests;

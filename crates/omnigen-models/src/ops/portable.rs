@@ -2,7 +2,7 @@
 
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear};
-use burn::tensor::activation::silu;
+use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -112,15 +112,83 @@ pub(super) fn rope<B: Backend>(
 }
 
 /// `q` `[B, H, S, hd]`, `k`, `v` `[B, H, T, hd]`, `bias` `[B, 1, S, T]` -> `[B, S, H·hd]`.
+///
+/// With `tile` `None` (a backend whose own `attention` never holds the whole score tensor),
+/// burn's `attention`; otherwise query tiles of at most `tile` scores each
+/// ([`ATTENTION_TILE_SCORES`] from [`super::attention`]), so a 1024² request never holds its
+/// `[B, H, S, S]` scores (4.4 GB in f32 for two guidance rows of 4,140 tokens), only one tile.
 pub(super) fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     bias: Tensor<B, 4>,
+    tile: Option<u64>,
 ) -> Tensor<B, 3> {
     let [b, h, s, hd] = q.dims();
-    let out = burn_attention(q, k, v, None, Some(bias), AttentionModuleOptions::default()); // [B, H, S, hd]
+    let t = k.dims()[2];
+    let out = if let Some(tile) = tile {
+        let rows = attention_tile_rows(tile, b, h, s, t);
+        if rows >= s {
+            attention_tile(q, k, v, bias)
+        } else {
+            let tiles = (0..s)
+                .step_by(rows)
+                .map(|start| {
+                    let n = rows.min(s - start);
+                    attention_tile(
+                        q.clone().narrow(2, start, n),
+                        k.clone(),
+                        v.clone(),
+                        bias.clone().narrow(2, start, n),
+                    )
+                })
+                .collect();
+            Tensor::cat(tiles, 2)
+        }
+    } else {
+        burn_attention(q, k, v, None, Some(bias), AttentionModuleOptions::default())
+    }; // [B, H, S, hd]
     out.swap_dims(1, 2).reshape([b, s, h * hd])
+}
+
+/// Scores one query tile of the portable attention holds at most (64 Mi: 256 MiB in f32).
+pub(crate) const ATTENTION_TILE_SCORES: u64 = 1 << 26;
+
+/// Query rows per tile when one tile may hold `tile_scores` scores of a `[B, H, ·, T]` score
+/// tensor: at least one row, at most `s`.
+pub(crate) fn attention_tile_rows(
+    tile_scores: u64,
+    b: usize,
+    h: usize,
+    s: usize,
+    t: usize,
+) -> usize {
+    let per_row = (b as u64)
+        .saturating_mul(h as u64)
+        .saturating_mul(t as u64)
+        .max(1);
+    usize::try_from(tile_scores / per_row)
+        .unwrap_or(usize::MAX)
+        .clamp(1, s.max(1))
+}
+
+/// One query tile as the official eager Phi-3 attention computes it: scores in the inputs'
+/// dtype, the softmax in f32, the probabilities back in the inputs' dtype for the product
+/// with `v`.
+///
+/// # Shapes
+/// `q` `[B, H, n, hd]`, `k`, `v` `[B, H, T, hd]`, `bias` `[B, 1, n, T]` -> `[B, H, n, hd]`.
+fn attention_tile<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    bias: Tensor<B, 4>,
+) -> Tensor<B, 4> {
+    let dtype = q.dtype();
+    let scale = (q.dims()[3] as f64).sqrt().recip();
+    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + bias; // [B, H, n, T]
+    let probs = softmax(scores.cast(DType::F32), 3).cast(dtype);
+    probs.matmul(v)
 }
 
 pub(super) fn group_norm_silu<B: Backend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {

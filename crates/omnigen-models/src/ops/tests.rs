@@ -122,10 +122,28 @@ fn attention_host_matches_portable_with_a_mask() {
         (b * s * 8) as u64,
         "the host form keeps only the ranges"
     );
+    let (qn, kn, vn) = (
+        q.clone().narrowed(),
+        k.clone().narrowed(),
+        v.clone().narrowed(),
+    );
+    let whole = portable::attention(qn.clone(), kn.clone(), vn.clone(), dense_bias(&mask), None);
     assert_close(
         ops::attention(q.clone(), k.clone(), v.clone(), &host),
-        portable::attention(q.narrowed(), k.narrowed(), v.narrowed(), dense_bias(&mask)),
+        whole.clone(),
         1e-5,
+    );
+    // The query tiles of the GPU backends (three rows per tile: three tiles) against burn's
+    // attention in one piece.
+    let tile = (b * h * s * 3) as u64;
+    assert_close(
+        portable::attention(qn, kn, vn, dense_bias(&mask), Some(tile)),
+        whole,
+        1e-5,
+    );
+    assert_eq!(
+        ops::attention_scores_held(tile, b, h, s, s),
+        (b * h * 3 * s) as u64
     );
     // Two blocks of query rows over keys spanning three tiles, with ranges starting and ending
     // inside tiles and a block that skips whole tiles (as a cache's T > S does).
@@ -140,7 +158,27 @@ fn attention_host_matches_portable_with_a_mask() {
         .collect();
     let mask = KeyRanges::new(1, s, t, ranges).unwrap();
     let host = ops::attention_bias::<B>(&mask, DType::F32, &default_device());
-    let want = portable::attention(q.clone(), kv.clone(), kv.clone() * 0.5, dense_bias(&mask));
+    let want = portable::attention(
+        q.clone(),
+        kv.clone(),
+        kv.clone() * 0.5,
+        dense_bias(&mask),
+        None,
+    );
+    // Tiles of one query row, and a tile smaller than one row (still one row).
+    for tile in [(h * t) as u64, 1] {
+        assert_close(
+            portable::attention(
+                q.clone(),
+                kv.clone(),
+                kv.clone() * 0.5,
+                dense_bias(&mask),
+                Some(tile),
+            ),
+            want.clone(),
+            1e-5,
+        );
+    }
     assert_close(
         ops::attention(
             HeadRange::all(q.clone()),

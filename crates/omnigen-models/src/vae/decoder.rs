@@ -57,7 +57,7 @@ impl<B: KernelBackend> UpDecoderBlock2D<B> {
 /// diffusers' `Decoder` (group norm output, no latent embeddings).
 #[derive(Module, Debug)]
 pub struct Decoder<B: Backend> {
-    conv_in: Conv2d<B>,
+    pub(super) conv_in: Conv2d<B>,
     mid_block: UNetMidBlock2D<B>,
     up_blocks: Vec<UpDecoderBlock2D<B>>,
     conv_norm_out: GroupNorm<B>,

@@ -187,6 +187,12 @@ impl<B: KernelBackend> AutoencoderKL<B> {
         Ok(self)
     }
 
+    /// The dtype the VAE computes in (its weights'); [`encode`](Self::encode) and
+    /// [`decode`](Self::decode) take and return f32 whatever it is.
+    pub fn dtype(&self) -> DType {
+        self.decoder.conv_in.weight.val().dtype()
+    }
+
     /// Encodes images `[B, in_channels, H, W]` in `[-1, 1]` (sides multiples of the downsample
     /// factor) into the posterior over latents `[B, latent, H/f, W/f]`. Tiled when tiling is on
     /// and a side exceeds the tile.
@@ -198,12 +204,14 @@ impl<B: KernelBackend> AutoencoderKL<B> {
             self.config.in_channels,
             self.downsample_factor(),
         )?;
+        let dtype = self.dtype();
         let encode_tile = |x: Tensor<B, 4>| {
-            let moments = self.encoder.forward(x); // [B, 2*latent, h, w]
-            match &self.quant_conv {
+            let moments = self.encoder.forward(cast(x, dtype)); // [B, 2*latent, h, w]
+            let moments = match &self.quant_conv {
                 Some(conv) => conv.forward(moments),
                 None => moments,
-            }
+            };
+            cast(moments, DType::F32)
         };
         let moments = match self.plans()? {
             Some((plan, _)) if h > plan.tile || w > plan.tile => {
@@ -241,12 +249,14 @@ impl<B: KernelBackend> AutoencoderKL<B> {
     pub fn decode(&self, z: Tensor<B, 4>) -> Result<Tensor<B, 4>> {
         let [_, _, h, w] = z.dims();
         check_input("latents", z.dims(), self.config.latent_channels, 1)?;
+        let dtype = self.dtype();
         let decode_tile = |z: Tensor<B, 4>| {
+            let z = cast(z, dtype);
             let z = match &self.post_quant_conv {
                 Some(conv) => conv.forward(z),
                 None => z,
             }; // [B, latent, h, w]
-            self.decoder.forward(z) // [B, out, h*f, w*f]
+            cast(self.decoder.forward(z), DType::F32) // [B, out, h*f, w*f]
         };
         Ok(match self.plans()? {
             Some((_, plan)) if h > plan.tile || w > plan.tile => {
@@ -311,4 +321,13 @@ fn check_config(config: &VaeConfig) -> Result<()> {
     config
         .validate()
         .map_err(|e| Error::invalid_argument("config", e.to_string()))
+}
+
+/// `x` in `dtype` (no op when it already is).
+fn cast<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() == dtype {
+        x
+    } else {
+        x.cast(dtype)
+    }
 }

@@ -4,11 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
-use burn::tensor::{DType, Int, Tensor};
+use burn::tensor::{Int, Tensor};
 use omnigen_models::transformer::{KeyRanges, OmniGenTransformer, TransformerCondition};
 use omnigen_models::{default_device, DefaultBackend};
 use omnigen_test_support::{
-    assert_close_tensors, fixture, parse_spans, read_json, tensor_max_abs_diff, SafetensorsFile,
+    assert_close_tensors, fixture, parse_spans, read_json, tensor_max_abs_diff, test_dtype,
+    SafetensorsFile,
 };
 
 pub type B = DefaultBackend;
@@ -197,7 +198,7 @@ pub fn replay_case(model: &OmniGenTransformer<B>, dir: &Path, name: &str) -> f32
 }
 
 pub fn load_model(dir: &Path) -> OmniGenTransformer<B> {
-    OmniGenTransformer::from_dir(dir, &default_device(), DType::F32).expect("model loads")
+    OmniGenTransformer::from_dir(dir, &default_device(), test_dtype()).expect("model loads")
 }
 
 pub fn max_abs<const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> f32 {

@@ -6,7 +6,7 @@ use omnigen_core::VaeConfig;
 use omnigen_models::vae::AutoencoderKL;
 use omnigen_models::weights::RandomWeights;
 use omnigen_models::{default_device, DefaultBackend};
-use omnigen_test_support::{tensor_max_abs_diff, Dtype, SafetensorsFile};
+use omnigen_test_support::{tensor_max_abs_diff, test_dtype, Dtype, SafetensorsFile};
 
 pub use omnigen_test_support::fixture;
 
@@ -22,7 +22,7 @@ pub fn vae_of(set: &str) -> AutoencoderKL<B> {
     AutoencoderKL::from_dir(
         &fixture(format!("{set}/model/vae")),
         &default_device(),
-        DType::F32,
+        test_dtype(),
     )
     .expect("load tiny VAE")
 }

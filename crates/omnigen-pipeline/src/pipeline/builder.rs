@@ -19,7 +19,9 @@ use crate::processor::OmniGenProcessor;
 pub struct PipelineBuilder<B: Backend> {
     model_dir: PathBuf,
     device: B::Device,
-    dtype: DType,
+    /// `None`: [`default_dtype`](omnigen_models::ops::default_dtype) for the device.
+    dtype: Option<DType>,
+    vae_dtype: DType,
     vae_tiling: Option<TilingConfig>,
     download_progress: bool,
     memory_limit: Option<u64>,
@@ -61,10 +63,20 @@ impl<B: KernelBackend> PipelineBuilder<B> {
         self
     }
 
-    /// Transformer weight dtype (`F32` default; `BF16`/`F16` halve memory). The VAE stays f32,
-    /// as in the official pipeline (the SDXL VAE overflows in f16).
+    /// Transformer weight dtype: `F32`, `BF16` or `F16` (half the memory). Default: bf16 on a
+    /// GPU backend that has it, f32 on the CPU backends
+    /// ([`default_dtype`](omnigen_models::ops::default_dtype)); on the CPU backends half-precision
+    /// weights are computed in f32.
     pub fn dtype(mut self, dtype: DType) -> Self {
-        self.dtype = dtype;
+        self.dtype = Some(dtype);
+        self
+    }
+
+    /// The VAE's dtype: `F32` (default, as the official pipeline) or `BF16` (half the VAE's
+    /// activation memory; its error is in docs/parity.md). `F16` is refused: the SDXL VAE
+    /// overflows in f16.
+    pub fn vae_dtype(mut self, dtype: DType) -> Self {
+        self.vae_dtype = dtype;
         self
     }
 
@@ -85,18 +97,41 @@ impl<B: KernelBackend> PipelineBuilder<B> {
         let folder = ModelFolder::open(&model_dir)?;
         // Checked before anything is read so that an incomplete download fails at once.
         let vae_dir = folder.vae_dir()?;
-        if !matches!(self.dtype, DType::F32 | DType::F16 | DType::BF16) {
+        let dtype = self
+            .dtype
+            .unwrap_or_else(|| omnigen_models::ops::default_dtype::<B>(&self.device));
+        if !matches!(dtype, DType::F32 | DType::F16 | DType::BF16) {
             return Err(Error::invalid_argument(
                 "dtype",
-                format!("{:?} is not f32, f16 or bf16", self.dtype),
+                format!("{dtype:?} is not f32, f16 or bf16"),
             ));
+        }
+        if !matches!(self.vae_dtype, DType::F32 | DType::BF16) {
+            return Err(Error::invalid_argument(
+                "vae_dtype",
+                format!(
+                    "{:?} is not f32 or bf16 (the SDXL VAE overflows in f16)",
+                    self.vae_dtype
+                ),
+            ));
+        }
+        for (name, dtype) in [("dtype", dtype), ("vae_dtype", self.vae_dtype)] {
+            if !B::supports_dtype(&self.device, dtype) {
+                return Err(Error::invalid_argument(
+                    name,
+                    format!(
+                        "{dtype:?} is not supported by this backend on {:?}; use f32",
+                        self.device
+                    ),
+                ));
+            }
         }
         let start = Instant::now();
         let _span = info_span!("load", dir = %model_dir.display()).entered();
         let processor = OmniGenProcessor::from_tokenizer_file(folder.tokenizer()?)?;
         let transformer =
-            OmniGenTransformer::from_folder(&folder, &self.device, self.dtype, &self.load_options)?;
-        let vae = AutoencoderKL::from_dir(&vae_dir, &self.device, DType::F32)?
+            OmniGenTransformer::from_folder(&folder, &self.device, dtype, &self.load_options)?;
+        let vae = AutoencoderKL::from_dir(&vae_dir, &self.device, self.vae_dtype)?
             .with_tiling(self.vae_tiling)?;
         info!(
             elapsed_ms = start.elapsed().as_millis() as u64,
@@ -128,7 +163,8 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
         PipelineBuilder {
             model_dir: model_dir.into(),
             device: Default::default(),
-            dtype: DType::F32,
+            dtype: None,
+            vae_dtype: DType::F32,
             vae_tiling: None,
             download_progress: false,
             memory_limit: None,
@@ -137,14 +173,15 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
     }
 
     /// Loads a local model directory or a hub id (e.g. [`DEFAULT_MODEL_ID`]) onto the default
-    /// device in f32.
+    /// device in the default dtype (f32 on the CPU backends, bf16 on a GPU that has it).
     ///
     /// [`DEFAULT_MODEL_ID`]: crate::hub::DEFAULT_MODEL_ID
     pub fn from_pretrained(id_or_dir: &str) -> Result<Self> {
         Self::builder(id_or_dir).build()
     }
 
-    /// Loads the model in `model_dir` onto `device` in f32.
+    /// Loads the model in `model_dir` onto `device` in the default dtype (f32 on the CPU
+    /// backends, bf16 on a GPU that has it).
     pub fn from_dir(model_dir: impl AsRef<Path>, device: &B::Device) -> Result<Self> {
         Self::builder(model_dir.as_ref())
             .device(device.clone())

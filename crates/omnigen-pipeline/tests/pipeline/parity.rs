@@ -122,7 +122,10 @@ impl Case {
 }
 
 pub(crate) fn pipeline(set: &str) -> OmniGenPipeline<B> {
-    OmniGenPipeline::from_dir(fixtures().join(set).join("model"), &Default::default()).unwrap()
+    OmniGenPipeline::builder(fixtures().join(set).join("model"))
+        .dtype(omnigen_test_support::test_dtype())
+        .build()
+        .unwrap()
 }
 
 fn case_names(set: &str) -> Vec<String> {
