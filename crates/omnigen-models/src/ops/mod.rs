@@ -102,6 +102,24 @@ pub fn default_dtype<B: KernelBackend>(device: &B::Device) -> DType {
     }
 }
 
+/// Refuses a `dtype` the backend cannot compute in on `device` (WGSL has no bf16, for one) with
+/// an [`Error::InvalidArgument`](omnigen_core::Error) naming `what`, before any tensor of it is
+/// made: a kernel would otherwise fail deep inside the backend.
+pub fn check_dtype<B: KernelBackend>(
+    device: &B::Device,
+    what: &str,
+    dtype: DType,
+) -> omnigen_core::Result<()> {
+    if B::supports_dtype(device, dtype) {
+        Ok(())
+    } else {
+        Err(omnigen_core::Error::invalid_argument(
+            what,
+            format!("{dtype:?} is not supported by this backend on {device:?}; use f32"),
+        ))
+    }
+}
+
 /// Whether the host kernels run on `x`: an f32 tensor of a backend with
 /// [`KernelBackend::HOST_KERNELS`].
 fn on_host<B: KernelBackend, const D: usize>(x: &Tensor<B, D>) -> bool {

@@ -8,6 +8,23 @@ use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{DType, Tensor};
 
+/// `a · b`, `a` `[..., m, k]`, `b` `[..., k, n]` -> `[..., m, n]`.
+///
+/// burn 0.21's fusion of a one-row product (`m = 1`) whose right-hand side is a strided view (a
+/// transposed weight, `kᵀ`) with the elementwise ops that follow it computes wrong values on the
+/// cubecl backends (seen on wgpu: `tests/transformer/device_ops.rs`), while the same product of
+/// two or more rows is right. A one-row product therefore runs as two identical rows; the
+/// products it concerns (the time embedding and the final layer's modulation of one guidance row,
+/// a last query tile of one row) are tiny.
+fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    if a.dims()[D - 2] != 1 {
+        return a.matmul(b);
+    }
+    Tensor::cat(vec![a.clone(), a], D - 2)
+        .matmul(b)
+        .narrow(D - 2, 0, 1)
+}
+
 /// burn's `Linear::forward` unsqueezes the weight to the input's rank, and burn-flex
 /// materialises that reshape of the transposed (PyTorch-layout) view on every call. Flattening
 /// the contiguous input to 2-D instead lets the GEMM read the transposed weight by its strides.
@@ -20,7 +37,7 @@ pub(super) fn linear<B: Backend, const D: usize>(
     let rows = dims[..D - 1].iter().product();
     let w = linear.weight.val(); // [in, out]
     dims[D - 1] = w.dims()[1];
-    let y = x.reshape([rows, d_in]).matmul(w);
+    let y = matmul(x.reshape([rows, d_in]), w);
     let y = match &linear.bias {
         Some(bias) => y + bias.val().unsqueeze::<2>(),
         None => y,
@@ -39,7 +56,7 @@ pub(super) fn linear_chunks<B: Backend, const N: usize>(
     let w = linear.weight.val(); // [in, out]
     let part = w.dims()[1] / N;
     std::array::from_fn(|c| {
-        let y = x.clone().matmul(w.clone().narrow(1, c * part, part)); // [B·S, part]
+        let y = matmul(x.clone(), w.clone().narrow(1, c * part, part)); // [B·S, part]
         let y = match &linear.bias {
             Some(bias) => y + bias.val().narrow(0, c * part, part).unsqueeze::<2>(),
             None => y,
@@ -65,7 +82,7 @@ pub(super) fn linear_heads<B: Backend>(
         .transpose() // [out, in], contiguous
         .reshape([1, heads, d_out / heads, d_in])
         .swap_dims(2, 3); // [1, heads, in, hd]
-    x.unsqueeze_dim::<4>(1).matmul(w) // [B, heads, S, hd]
+    matmul(x.unsqueeze_dim::<4>(1), w) // [B, heads, S, hd]
 }
 
 pub(super) fn rms_norm<B: Backend>(
@@ -186,9 +203,9 @@ fn attention_tile<B: Backend>(
 ) -> Tensor<B, 4> {
     let dtype = q.dtype();
     let scale = (q.dims()[3] as f64).sqrt().recip();
-    let scores = q.matmul(k.swap_dims(2, 3)).mul_scalar(scale) + bias; // [B, H, n, T]
+    let scores = matmul(q, k.swap_dims(2, 3)).mul_scalar(scale) + bias; // [B, H, n, T]
     let probs = softmax(scores.cast(DType::F32), 3).cast(dtype);
-    probs.matmul(v)
+    matmul(probs, v)
 }
 
 pub(super) fn group_norm_silu<B: Backend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {

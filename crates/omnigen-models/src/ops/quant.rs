@@ -21,7 +21,7 @@ pub enum LinearLayer<B: Backend> {
 /// A weight-only quantized linear layer: `y = x · (q · s)ᵀ + b`, one scale per output feature.
 #[derive(Module, Debug)]
 pub struct QuantizedLinear<B: Backend> {
-    /// The stored bytes `[out, in]` (PyTorch layout): an `I8` tensor for int8, a `U8` tensor of
+    /// The stored bytes `[out, in]` (PyTorch layout; `I32` on devices without byte integers): an `I8` tensor for int8, a `U8` tensor of
     /// fp8 e4m3 bit patterns.
     pub values: Param<Tensor<B, 2, Int>>,
     /// One f32 scale per output feature, `[out]`.
@@ -116,13 +116,23 @@ impl<B: Backend> QuantizedLinear<B> {
         bias: Option<Param<Tensor<B, 1>>>,
         device: &B::Device,
     ) -> Self {
+        // One byte per weight where the device has byte integers; WGSL has none, so on wgpu
+        // the codes are held as i32 (four times the bytes, the same values).
         let values: Tensor<B, 2, Int> = match scheme {
-            QuantScheme::Int8 => {
+            QuantScheme::Int8 if B::supports_dtype(device, DType::I8) => {
                 let v: Vec<i8> = values.into_iter().map(|b| b as i8).collect();
                 Tensor::from_data(TensorData::new(v, shape), (device, DType::I8))
             }
-            QuantScheme::Fp8E4M3 => {
+            QuantScheme::Fp8E4M3 if B::supports_dtype(device, DType::U8) => {
                 Tensor::from_data(TensorData::new(values, shape), (device, DType::U8))
+            }
+            QuantScheme::Int8 => {
+                let v: Vec<i32> = values.into_iter().map(|b| i32::from(b as i8)).collect();
+                Tensor::from_data(TensorData::new(v, shape), (device, DType::I32))
+            }
+            QuantScheme::Fp8E4M3 => {
+                let v: Vec<i32> = values.into_iter().map(i32::from).collect();
+                Tensor::from_data(TensorData::new(v, shape), (device, DType::I32))
             }
         };
         let out = shape[0];

@@ -243,6 +243,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         dtype: DType,
         options: &LoadOptions,
     ) -> Result<Self> {
+        ops::check_dtype::<B>(device, "dtype", ops::compute_dtype::<B>(dtype))?;
         let adapters = options
             .lora
             .iter()

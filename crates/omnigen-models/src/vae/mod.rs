@@ -117,6 +117,7 @@ impl<B: KernelBackend> AutoencoderKL<B> {
         dtype: DType,
     ) -> Result<Self> {
         check_config(config)?;
+        crate::ops::check_dtype::<B>(device, "dtype", dtype)?;
         let ld = Loader::<B>::new(reader, device, dtype);
         let moments = 2 * config.latent_channels;
         let quant_conv = if config.use_quant_conv {

@@ -3,6 +3,7 @@
 //! dtypes, parameter counts and LoRA merges.
 
 mod cases;
+mod device_ops;
 mod dtype;
 mod kv_cache;
 mod layouts;

@@ -115,17 +115,8 @@ impl<B: KernelBackend> PipelineBuilder<B> {
                 ),
             ));
         }
-        for (name, dtype) in [("dtype", dtype), ("vae_dtype", self.vae_dtype)] {
-            if !B::supports_dtype(&self.device, dtype) {
-                return Err(Error::invalid_argument(
-                    name,
-                    format!(
-                        "{dtype:?} is not supported by this backend on {:?}; use f32",
-                        self.device
-                    ),
-                ));
-            }
-        }
+        omnigen_models::ops::check_dtype::<B>(&self.device, "dtype", dtype)?;
+        omnigen_models::ops::check_dtype::<B>(&self.device, "vae_dtype", self.vae_dtype)?;
         let start = Instant::now();
         let _span = info_span!("load", dir = %model_dir.display()).entered();
         let processor = OmniGenProcessor::from_tokenizer_file(folder.tokenizer()?)?;

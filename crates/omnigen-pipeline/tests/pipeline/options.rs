@@ -137,6 +137,41 @@ fn half_precision_transformer_stays_close_to_f32() {
     }
 }
 
+#[test]
+fn a_bf16_vae_decodes_close_to_f32_and_f16_is_refused() {
+    let f32p = OmniGenPipeline::<B>::from_dir(model(), &Default::default()).unwrap();
+    let reference = f32p.generate(&t2i()).unwrap();
+    let pipe = OmniGenPipeline::<B>::builder(model())
+        .vae_dtype(DType::BF16)
+        .build()
+        .unwrap();
+    let ours = pipe.generate(&t2i()).unwrap();
+    // The transformer is untouched (f32), so the latents are identical; only the decode differs.
+    assert_eq!(latents(&ours), latents(&reference));
+    let levels =
+        omnigen_test_support::max_level_diff(ours.images[0].as_raw(), reference.images[0].as_raw());
+    println!("bf16 VAE: max level difference {levels}");
+    assert!(levels <= 8, "a bf16 VAE decode is {levels} levels from f32");
+    let err = OmniGenPipeline::<B>::builder(model())
+        .vae_dtype(DType::F16)
+        .build()
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(err.contains("vae_dtype") && err.contains("f16"), "{err}");
+}
+
+/// The default dtype is the device's (f32 on the CPU backends, bf16 on a GPU that has it).
+#[test]
+fn the_default_dtype_follows_the_backend() {
+    let pipe = OmniGenPipeline::<B>::from_dir(model(), &Default::default()).unwrap();
+    let want = ops::compute_dtype::<B>(ops::default_dtype::<B>(&Default::default()));
+    assert_eq!(pipe.transformer().dtype(), want);
+    if <B as ops::KernelBackend>::HOST_MEMORY {
+        assert_eq!(want, DType::F32);
+    }
+}
+
 /// Relative L2 distance `|a - b| / |b|`.
 fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
     let num: f32 = a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum();
