@@ -26,6 +26,7 @@ mod host;
 mod mask;
 mod portable;
 mod quant;
+mod winograd;
 
 pub use quant::{LinearLayer, QuantizedLinear, WeightFormat};
 
@@ -381,12 +382,47 @@ pub fn group_norm_silu<B: KernelBackend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> 
 /// `x` `[B, C_in, H, W]` -> `[B, C_out, H, W]`.
 pub fn conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     debug_assert!(conv.kernel_size == [3, 3] && conv.stride == [1, 1] && conv.groups == 1);
-    let c_in = x.dims()[1];
-    match &conv.bias {
-        Some(bias) if on_host(&x) && c_in >= host::SHIFTED_GEMM_MIN_CHANNELS => {
-            host::conv3x3(x, conv.weight.val(), bias.val())
+    let [_, c_in, h, w] = x.dims();
+    let c_out = conv.weight.dims()[0];
+    let Some(bias) = conv.bias.as_ref().filter(|_| on_host(&x)) else {
+        return portable::conv3x3(conv, x);
+    };
+    match Conv3x3Kernel::choose(c_in, c_out, h, w) {
+        Conv3x3Kernel::Winograd4 => {
+            winograd::conv3x3_tensor(&winograd::F4, x, conv.weight.val(), bias.val())
         }
-        _ => portable::conv3x3(conv, x),
+        Conv3x3Kernel::Winograd2 => {
+            winograd::conv3x3_tensor(&winograd::F2, x, conv.weight.val(), bias.val())
+        }
+        Conv3x3Kernel::ShiftedGemm => host::conv3x3(x, conv.weight.val(), bias.val()),
+        Conv3x3Kernel::Portable => portable::conv3x3(conv, x),
+    }
+}
+
+/// The host kernels of [`conv3x3`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Conv3x3Kernel {
+    /// Winograd F(4×4, 3×3) (`ops/winograd.rs`).
+    Winograd4,
+    /// Winograd F(2×2, 3×3).
+    Winograd2,
+    /// Nine shifted GEMMs (`host::conv3x3`).
+    ShiftedGemm,
+    /// burn's `conv2d`.
+    Portable,
+}
+
+impl Conv3x3Kernel {
+    /// The kernel for a convolution of `c_in` → `c_out` channels at `h`×`w` on the host.
+    fn choose(c_in: usize, c_out: usize, h: usize, w: usize) -> Self {
+        let _ = (c_out, h, w);
+        if c_in >= winograd::MIN_CHANNELS {
+            Self::Winograd4
+        } else if c_in >= host::SHIFTED_GEMM_MIN_CHANNELS {
+            Self::ShiftedGemm
+        } else {
+            Self::Portable
+        }
     }
 }
 

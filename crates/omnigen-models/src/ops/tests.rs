@@ -10,7 +10,8 @@ use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::{QuantScheme, QuantizedTensor};
 
 use super::{
-    host, mask, portable, HeadRange, KernelBackend, KeyRanges, LinearLayer, QuantizedLinear,
+    host, mask, portable, winograd, Conv3x3Kernel, HeadRange, KernelBackend, KeyRanges,
+    LinearLayer, QuantizedLinear,
 };
 use crate::loader::Loader;
 use crate::ops;
@@ -194,6 +195,175 @@ fn shifted_gemm_conv_matches_conv2d() {
     for (b, h, w) in [(1, 5, 7), (2, 8, 3)] {
         let x = normal([b, c_in, h, w], 17);
         assert_layer_op_close(&conv, x, ops::conv3x3, portable::conv3x3, 1e-4);
+    }
+}
+
+/// Max abs difference of `got` from `want`, and the same relative to `want`'s max abs value.
+fn abs_and_rel_diff(got: Tensor<B, 4>, want: Tensor<B, 4>) -> (f32, f32) {
+    assert_eq!(got.dims(), want.dims());
+    let scale: f32 = want.clone().abs().max().into_scalar();
+    let diff: f32 = (got - want).abs().max().into_scalar();
+    (diff, diff / scale.max(f32::MIN_POSITIVE))
+}
+
+/// A 3×3 convolution `c_in` → `c_out` with weights at the checkpoint scale of
+/// [`RandomWeights`] (uniform in `±1/sqrt(9·c_in)`, bias `±0.1`).
+fn conv3x3_layer(c_in: usize, c_out: usize, seed: u64) -> Conv2d<B> {
+    loader(&RandomWeights { seed })
+        .conv2d(c_in, c_out, 3, 1, 1)
+        .unwrap()
+}
+
+/// Both Winograd kernels, called directly, against `conv2d`.
+fn winograd_kernels(conv: &Conv2d<B>, x: Tensor<B, 4>) -> [(&'static str, Tensor<B, 4>); 2] {
+    let (w, b) = (conv.weight.val(), conv.bias.as_ref().unwrap().val());
+    [
+        (
+            "F(2x2)",
+            winograd::conv3x3_tensor(&winograd::F2, x.clone(), w.clone(), b.clone()),
+        ),
+        ("F(4x4)", winograd::conv3x3_tensor(&winograd::F4, x, w, b)),
+    ]
+}
+
+#[test]
+fn winograd_conv_matches_conv2d_on_odd_shapes() {
+    // Sizes that are not multiples of either tile (and a 1×1 image, all border), one and
+    // several images, channel counts on both sides of the dispatch thresholds.
+    for (b, c_in, c_out, h, w) in [
+        (1, 3, 5, 7, 9),
+        (2, 17, 6, 5, 3),
+        (1, 8, 4, 1, 1),
+        (3, 70, 33, 13, 11),
+        (2, 300, 20, 6, 10),
+        (1, 64, 64, 18, 17),
+    ] {
+        let conv = conv3x3_layer(c_in, c_out, 21);
+        let x = normal([b, c_in, h, w], 22);
+        let want = portable::conv3x3(&conv, x.clone());
+        for (name, got) in winograd_kernels(&conv, x) {
+            let (abs, rel) = abs_and_rel_diff(got, want.clone());
+            assert!(
+                rel < 1e-5,
+                "{name} {b}×{c_in}→{c_out}×{h}×{w}: max abs diff {abs:e} (rel {rel:e})"
+            );
+        }
+    }
+}
+
+#[test]
+fn conv3x3_dispatch_matches_conv2d() {
+    // One convolution per host kernel the dispatch can pick, small enough for a test.
+    let mut seen = Vec::new();
+    for (b, c_in, c_out, h, w) in [
+        (2, 4, 16, 9, 7),
+        (1, 32, 8, 10, 10),
+        (2, 64, 24, 11, 6),
+        (1, 128, 16, 8, 12),
+        (1, 256, 16, 5, 7),
+        (2, 512, 8, 4, 6),
+    ] {
+        let conv = conv3x3_layer(c_in, c_out, 23);
+        let x = normal([b, c_in, h, w], 24);
+        let (abs, rel) = abs_and_rel_diff(
+            ops::conv3x3(&conv, x.clone()),
+            portable::conv3x3(&conv, x),
+        );
+        let kernel = Conv3x3Kernel::choose(c_in, c_out, h, w);
+        assert!(
+            rel < 1e-5,
+            "{kernel:?} {b}×{c_in}→{c_out}×{h}×{w}: max abs diff {abs:e} (rel {rel:e})"
+        );
+        seen.push(kernel);
+    }
+    assert!(seen.contains(&Conv3x3Kernel::Portable) && seen.len() > 1);
+}
+
+/// The error figures of `ops/winograd.rs` and docs/performance.md: each host kernel against
+/// the portable direct convolution at a VAE size (512 → 512 channels, 64×64).
+/// `cargo test --release -p omnigen-models --lib winograd_error -- --ignored --nocapture`
+#[test]
+#[ignore = "seconds of convolution; prints the error figures"]
+fn winograd_error_at_the_vae_scale() {
+    let conv = conv3x3_layer(512, 512, 25);
+    let x = normal([1, 512, 64, 64], 26);
+    let want = portable::conv3x3(&conv, x.clone());
+    let std: f32 = want.clone().powf_scalar(2.0).mean().sqrt().into_scalar();
+    eprintln!("output std {std:.3}");
+    let (w, b) = (conv.weight.val(), conv.bias.as_ref().unwrap().val());
+    let shifted = host::conv3x3(x.clone(), w, b);
+    for (name, got) in winograd_kernels(&conv, x)
+        .into_iter()
+        .chain([("shifted GEMM", shifted)])
+    {
+        let (abs, rel) = abs_and_rel_diff(got, want.clone());
+        eprintln!("{name}: max abs diff {abs:.2e}, relative to max |y| {rel:.2e}");
+        assert!(rel < 1e-5);
+    }
+}
+
+/// Process CPU time (all threads), seconds.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn cpu_seconds() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// CPU seconds per call of each 3×3 kernel at the VAE's layer sizes (best of 3), and the
+/// direct-convolution GFLOP per CPU-second; the data behind [`Conv3x3Kernel::choose`].
+/// `RAYON_NUM_THREADS=1 cargo test --release -p omnigen-models --lib conv3x3_kernel_cpu_time
+/// -- --ignored --nocapture` (`OMNIGEN_CONV_SIZES=c_in,c_out,h,w;...` for other sizes).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+#[ignore = "a measurement, minutes of CPU time"]
+fn conv3x3_kernel_cpu_time() {
+    let sizes: Vec<[usize; 4]> = match std::env::var("OMNIGEN_CONV_SIZES") {
+        Ok(s) => s
+            .split(';')
+            .map(|t| {
+                let v: Vec<usize> = t.split(',').map(|n| n.trim().parse().unwrap()).collect();
+                [v[0], v[1], v[2], v[3]]
+            })
+            .collect(),
+        Err(_) => vec![[512, 512, 64, 64], [256, 256, 128, 128], [128, 128, 128, 128]],
+    };
+    for [c_in, c_out, h, w] in sizes {
+        let conv = conv3x3_layer(c_in, c_out, 27);
+        let x = normal([1, c_in, h, w], 28);
+        let gflop = 2.0 * 9.0 * (c_in * c_out * h * w) as f64 * 1e-9;
+        let (wt, bs) = (conv.weight.val(), conv.bias.as_ref().unwrap().val());
+        let kernels: [(&str, &dyn Fn() -> Tensor<B, 4>); 4] = [
+            ("burn conv2d", &|| portable::conv3x3(&conv, x.clone())),
+            ("shifted GEMM", &|| {
+                host::conv3x3(x.clone(), wt.clone(), bs.clone())
+            }),
+            ("Winograd F(2x2)", &|| {
+                winograd::conv3x3_tensor(&winograd::F2, x.clone(), wt.clone(), bs.clone())
+            }),
+            ("Winograd F(4x4)", &|| {
+                winograd::conv3x3_tensor(&winograd::F4, x.clone(), wt.clone(), bs.clone())
+            }),
+        ];
+        for (name, run) in kernels {
+            let best = (0..3)
+                .map(|_| {
+                    let t0 = cpu_seconds();
+                    let y = run();
+                    let t = cpu_seconds() - t0;
+                    drop(y);
+                    t
+                })
+                .fold(f64::INFINITY, f64::min);
+            eprintln!(
+                "{c_in}->{c_out} {h}x{w} {name}: {best:.4} CPU s, {:.1} GFLOP/CPU-s",
+                gflop / best
+            );
+        }
     }
 }
 
