@@ -415,6 +415,10 @@ enum Conv3x3Kernel {
 impl Conv3x3Kernel {
     /// The kernel for a convolution of `c_in` → `c_out` channels at `h`×`w` on the host.
     fn choose(c_in: usize, c_out: usize, h: usize, w: usize) -> Self {
+        #[cfg(test)]
+        if let Some(kernel) = tests::FORCE_CONV3X3.get() {
+            return kernel;
+        }
         let _ = (c_out, h, w);
         if c_in >= winograd::MIN_CHANNELS {
             Self::Winograd4

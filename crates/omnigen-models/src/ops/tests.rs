@@ -198,6 +198,13 @@ fn shifted_gemm_conv_matches_conv2d() {
     }
 }
 
+thread_local! {
+    /// A kernel that [`Conv3x3Kernel::choose`] returns for every convolution on this thread
+    /// (where the dispatch runs), to compare whole models across kernels.
+    pub(super) static FORCE_CONV3X3: std::cell::Cell<Option<Conv3x3Kernel>> =
+        const { std::cell::Cell::new(None) };
+}
+
 /// Max abs difference of `got` from `want`, and the same relative to `want`'s max abs value.
 fn abs_and_rel_diff(got: Tensor<B, 4>, want: Tensor<B, 4>) -> (f32, f32) {
     assert_eq!(got.dims(), want.dims());
@@ -299,6 +306,46 @@ fn winograd_error_at_the_vae_scale() {
         let (abs, rel) = abs_and_rel_diff(got, want.clone());
         eprintln!("{name}: max abs diff {abs:.2e}, relative to max |y| {rel:.2e}");
         assert!(rel < 1e-4);
+    }
+}
+
+/// A whole decode of the SDXL-architecture VAE (the committed medium config, random weights
+/// at the checkpoint scale) with the dispatched kernels against one with burn's direct
+/// `conv2d` for every 3×3 convolution: the error the Winograd kernels add end to end.
+/// `cargo test --release -p omnigen-models --lib winograd_vae_decode -- --ignored --nocapture`
+#[test]
+#[ignore = "seconds: two decodes at the real width"]
+fn winograd_vae_decode_matches_direct_convolutions() {
+    let config = omnigen_core::VaeConfig::from_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../benches/configs/medium/vae/config.json"
+    ))
+    .unwrap();
+    let vae = crate::vae::AutoencoderKL::<B>::load(
+        &RandomWeights { seed: 0 },
+        &config,
+        &default_device(),
+        DType::F32,
+    )
+    .unwrap();
+    let z = normal([1, 4, 32, 32], 29);
+    let decode = |kernel| {
+        FORCE_CONV3X3.set(kernel);
+        let y = vae.decode(z.clone()).unwrap();
+        FORCE_CONV3X3.set(None);
+        y
+    };
+    let want = decode(Some(Conv3x3Kernel::Portable));
+    for kernel in [
+        Some(Conv3x3Kernel::ShiftedGemm),
+        Some(Conv3x3Kernel::Winograd2),
+        Some(Conv3x3Kernel::Winograd4),
+        None,
+    ] {
+        let (abs, rel) = abs_and_rel_diff(decode(kernel), want.clone());
+        let name = kernel.map_or("dispatched".to_string(), |k| format!("{k:?}"));
+        eprintln!("decode 256x256, {name}: max abs diff {abs:.2e} (relative to max |y| {rel:.2e})");
+        assert!(rel < 1e-3);
     }
 }
 

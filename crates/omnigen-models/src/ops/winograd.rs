@@ -121,15 +121,24 @@ impl OutPtr {
     }
 }
 
-/// The transformed weight `U = G g Gᵀ` of `weight` `[C_out, C_in, 3, 3]`, laid out
+thread_local! {
+    /// The transformed weight's buffer, kept by the calling thread from one convolution to the
+    /// next: at 512 channels it is tens of MB, which the allocator would otherwise map and
+    /// fault in afresh on every call (a cost of the order of the GEMMs at 64×64).
+    static WEIGHT_BUFFER: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The transformed weight `U = G g Gᵀ` of `weight` `[C_out, C_in, 3, 3]` into `u`, laid out
 /// `[C_out, A², C_in]` (so that the GEMM of position `ξ` reads rows with stride `A²·C_in`).
 fn transform_weight<const M: usize, const A: usize>(
     tf: &Winograd<M, A>,
     weight: &[f32],
     c_out: usize,
     c_in: usize,
-) -> Vec<f32> {
-    let mut u = vec![0f32; c_out * A * A * c_in];
+    u: &mut Vec<f32>,
+) {
+    u.clear();
+    u.resize(c_out * A * A * c_in, 0.0);
     let wide = wide_simd();
     u.par_chunks_mut(A * A * c_in)
         .zip(weight.par_chunks(9 * c_in))
@@ -145,7 +154,6 @@ fn transform_weight<const M: usize, const A: usize>(
                 transform_filter(tf, w, u, scratch);
             },
         );
-    u
 }
 
 /// `U = G g Gᵀ` of one output channel's filters `w` `[C_in, 3, 3]` into `u` `[A², C_in]`
@@ -398,7 +406,27 @@ pub(super) fn conv3x3<const M: usize, const A: usize>(
     debug_assert_eq!(x.len(), b * c_in * h * w);
     debug_assert_eq!(weight.len(), c_out * c_in * 9);
     debug_assert_eq!(bias.len(), c_out);
-    let u = transform_weight(tf, weight, c_out, c_in);
+    // A fresh buffer where the thread's own is in use (a convolution run from inside
+    // another one's parallel loop).
+    WEIGHT_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut u) => conv3x3_with(tf, x, [b, c_in, h, w], weight, bias, c_out, &mut u),
+        Err(_) => conv3x3_with(tf, x, [b, c_in, h, w], weight, bias, c_out, &mut Vec::new()),
+    })
+}
+
+/// [`conv3x3`] with `u` as the buffer of the transformed weight.
+#[allow(clippy::too_many_arguments)]
+fn conv3x3_with<const M: usize, const A: usize>(
+    tf: &Winograd<M, A>,
+    x: &[f32],
+    [b, c_in, h, w]: [usize; 4],
+    weight: &[f32],
+    bias: &[f32],
+    c_out: usize,
+    u: &mut Vec<f32>,
+) -> Vec<f32> {
+    transform_weight(tf, weight, c_out, c_in, u);
+    let u = &u[..];
     let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
     let g = Geometry {
         c_in,
