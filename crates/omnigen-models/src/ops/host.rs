@@ -13,7 +13,6 @@
 //! that no f32 copy of a whole layer ever exists.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::PadMode;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
@@ -672,16 +671,9 @@ pub(super) fn cast_or_copy<T: bytemuck::Pod>(bytes: &[u8]) -> std::borrow::Cow<'
     }
 }
 
-/// Input channels from which [`conv3x3`] runs as nine shifted GEMMs.
-///
-/// burn-flex's convolution builds an im2col copy of every output tile (`9·C_in` floats per
-/// output pixel) and scatters the GEMM result back; from 256 input channels the nine GEMMs
-/// `[C_out, C_in] × [C_in, H·(W+2)]` over shifted views of the padded input, accumulated in
-/// place, do the same work without that traffic. Below, K = C_in is too short for an
-/// efficient GEMM and burn's convolution is faster (docs/performance.md has the measurements).
-pub(super) const SHIFTED_GEMM_MIN_CHANNELS: usize = 256;
-
-/// A 3×3, stride-1, padding-1 convolution as nine shifted GEMMs accumulated in place.
+/// A 3×3, stride-1, padding-1 convolution as nine shifted GEMMs accumulated in place: the
+/// host kernel before Winograd (`ops/winograd.rs`), which replaced it at every size measured;
+/// kept as the tests' and measurements' baseline.
 ///
 /// With the input zero-padded to `[C_in, (H+3)·(W+2)]` (one extra bottom row so every window
 /// fits), output pixel `(y, x)` of the padded-width grid `y·(W+2)+x` reads tap `(dy, dx)` at
@@ -689,6 +681,7 @@ pub(super) const SHIFTED_GEMM_MIN_CHANNELS: usize = 256;
 /// `C += W_tap · X_window` (bias as the initial value) whose left operand is read with strides
 /// straight from the PyTorch-layout weight `[C_out, C_in, 3, 3]`; the two junk columns per row
 /// are dropped at the end.
+#[cfg(test)]
 pub(super) fn conv3x3<B: Backend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
@@ -701,7 +694,7 @@ pub(super) fn conv3x3<B: Backend>(
     let wp = w + 2;
     let l = (h + 3) * wp; // padded plane
     let n = h * wp; // output on the padded-width grid
-    let xs = f32_data(x.pad((1, 1, 1, 2), PadMode::Constant(0.0)));
+    let xs = f32_data(x.pad((1, 1, 1, 2), burn::tensor::ops::PadMode::Constant(0.0)));
     let ws = f32_data(weight);
     let bs = f32_data(bias);
     let mut out = vec![0f32; b * c_out * n];

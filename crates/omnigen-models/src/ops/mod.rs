@@ -12,7 +12,7 @@
 //! | [`rope`] | one pass over the heads, in place from the fused projection | `x·cos + rotate_half(x)·sin` |
 //! | [`attention`] | flash-style tiles (64 queries × 256 keys, online softmax) reading the mask's [`KeyRanges`], into `[B, S, D]` | burn's `attention` with the additive bias expanded on the device ([`attention_bias`]) |
 //! | [`group_norm_silu`] | one threaded pass per group | burn's `GroupNorm` then `silu` |
-//! | [`conv3x3`] | nine shifted GEMMs accumulated in place (from 256 input channels) | burn's `conv2d` |
+//! | [`conv3x3`] | Winograd F(4×4, 3×3), or F(2×2, 3×3) for images of fewer than 36 tiles: batched GEMMs over the transformed tiles | burn's `conv2d` |
 //!
 //! # Where a new kernel goes
 //! A kernel for one family of backends (a fused GPU kernel, a quantized or bf16 GEMM) is a new
@@ -382,19 +382,21 @@ pub fn group_norm_silu<B: KernelBackend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> 
 /// `x` `[B, C_in, H, W]` -> `[B, C_out, H, W]`.
 pub fn conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     debug_assert!(conv.kernel_size == [3, 3] && conv.stride == [1, 1] && conv.groups == 1);
-    let [_, c_in, h, w] = x.dims();
+    let [b, c_in, h, w] = x.dims();
     let c_out = conv.weight.dims()[0];
     let Some(bias) = conv.bias.as_ref().filter(|_| on_host(&x)) else {
         return portable::conv3x3(conv, x);
     };
-    match Conv3x3Kernel::choose(c_in, c_out, h, w) {
+    match Conv3x3Kernel::choose(b, c_in, c_out, h, w) {
         Conv3x3Kernel::Winograd4 => {
             winograd::conv3x3_tensor(&winograd::F4, x, conv.weight.val(), bias.val())
         }
         Conv3x3Kernel::Winograd2 => {
             winograd::conv3x3_tensor(&winograd::F2, x, conv.weight.val(), bias.val())
         }
+        #[cfg(test)]
         Conv3x3Kernel::ShiftedGemm => host::conv3x3(x, conv.weight.val(), bias.val()),
+        #[cfg(test)]
         Conv3x3Kernel::Portable => portable::conv3x3(conv, x),
     }
 }
@@ -406,26 +408,34 @@ enum Conv3x3Kernel {
     Winograd4,
     /// Winograd F(2×2, 3×3).
     Winograd2,
-    /// Nine shifted GEMMs (`host::conv3x3`).
+    /// Nine shifted GEMMs (`host::conv3x3`), the host kernel before Winograd: a baseline for
+    /// the tests and measurements.
+    #[cfg(test)]
     ShiftedGemm,
-    /// burn's `conv2d`.
+    /// burn's `conv2d` on the host, likewise.
+    #[cfg(test)]
     Portable,
 }
 
 impl Conv3x3Kernel {
-    /// The kernel for a convolution of `c_in` → `c_out` channels at `h`×`w` on the host.
-    fn choose(c_in: usize, c_out: usize, h: usize, w: usize) -> Self {
+    /// The kernel for a convolution of `b` images of `c_in` → `c_out` channels at `h`×`w` on
+    /// the host.
+    ///
+    /// Measured in CPU time per call at the VAE's layer sizes, from 3 to 512 channels and
+    /// 8×8 to 256×256 (docs/performance.md): F(4×4) is the fastest kernel wherever the
+    /// image has a few dozen tiles; below, the cost of its weight transform (4× the weight's
+    /// size, for few GEMM columns) makes F(2×2) faster. burn's `conv2d` and the shifted GEMMs
+    /// were slower than one of them at every size tried.
+    fn choose(b: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> Self {
         #[cfg(test)]
-        if let Some(kernel) = tests::FORCE_CONV3X3.get() {
-            return kernel;
+        if let Some(rule) = tests::CONV3X3_RULE.get() {
+            return rule(b, c_in, c_out, h, w);
         }
-        let _ = (c_out, h, w);
-        if c_in >= winograd::MIN_CHANNELS {
+        let _ = (c_in, c_out);
+        if b * h.div_ceil(4) * w.div_ceil(4) >= winograd::F4_MIN_TILES {
             Self::Winograd4
-        } else if c_in >= host::SHIFTED_GEMM_MIN_CHANNELS {
-            Self::ShiftedGemm
         } else {
-            Self::Portable
+            Self::Winograd2
         }
     }
 }

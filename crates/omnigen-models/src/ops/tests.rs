@@ -188,7 +188,7 @@ fn group_norm_silu_host_matches_portable() {
 
 #[test]
 fn shifted_gemm_conv_matches_conv2d() {
-    let (c_in, c_out) = (host::SHIFTED_GEMM_MIN_CHANNELS, 40);
+    let (c_in, c_out) = (256, 40);
     let conv: Conv2d<B> = loader(&RandomWeights { seed: 3 })
         .conv2d(c_in, c_out, 3, 1, 1)
         .unwrap();
@@ -198,11 +198,31 @@ fn shifted_gemm_conv_matches_conv2d() {
     }
 }
 
+/// A rule choosing the 3×3 kernel from `(b, c_in, c_out, h, w)`.
+type Conv3x3Rule = fn(usize, usize, usize, usize, usize) -> Conv3x3Kernel;
+
 thread_local! {
-    /// A kernel that [`Conv3x3Kernel::choose`] returns for every convolution on this thread
-    /// (where the dispatch runs), to compare whole models across kernels.
-    pub(super) static FORCE_CONV3X3: std::cell::Cell<Option<Conv3x3Kernel>> =
+    /// A rule that [`Conv3x3Kernel::choose`] defers to on this thread (where the dispatch
+    /// runs), to compare whole models across kernels.
+    pub(super) static CONV3X3_RULE: std::cell::Cell<Option<Conv3x3Rule>> =
         const { std::cell::Cell::new(None) };
+}
+
+/// The dispatch before Winograd: shifted GEMMs from 256 input channels, else burn's conv2d.
+fn shifted_gemm_rule(_: usize, c_in: usize, _: usize, _: usize, _: usize) -> Conv3x3Kernel {
+    if c_in >= 256 {
+        Conv3x3Kernel::ShiftedGemm
+    } else {
+        Conv3x3Kernel::Portable
+    }
+}
+
+/// `f` with [`CONV3X3_RULE`] set to `rule` (`None`: the real dispatch).
+fn with_conv3x3_rule<R>(rule: Option<Conv3x3Rule>, f: impl FnOnce() -> R) -> R {
+    CONV3X3_RULE.set(rule);
+    let r = f();
+    CONV3X3_RULE.set(None);
+    r
 }
 
 /// Max abs difference of `got` from `want`, and the same relative to `want`'s max abs value.
@@ -260,15 +280,17 @@ fn winograd_conv_matches_conv2d_on_odd_shapes() {
 
 #[test]
 fn conv3x3_dispatch_matches_conv2d() {
-    // One convolution per host kernel the dispatch can pick, small enough for a test.
+    // Each kernel the dispatch picks, with channel counts and image sizes on both sides of
+    // its thresholds.
     let mut seen = Vec::new();
     for (b, c_in, c_out, h, w) in [
         (2, 4, 16, 9, 7),
         (1, 32, 8, 10, 10),
         (2, 64, 24, 11, 6),
-        (1, 128, 16, 8, 12),
+        (1, 128, 16, 24, 25),
         (1, 256, 16, 5, 7),
         (2, 512, 8, 4, 6),
+        (3, 300, 7, 17, 9),
     ] {
         let conv = conv3x3_layer(c_in, c_out, 23);
         let x = normal([b, c_in, h, w], 24);
@@ -276,14 +298,14 @@ fn conv3x3_dispatch_matches_conv2d() {
             ops::conv3x3(&conv, x.clone()),
             portable::conv3x3(&conv, x),
         );
-        let kernel = Conv3x3Kernel::choose(c_in, c_out, h, w);
+        let kernel = Conv3x3Kernel::choose(b, c_in, c_out, h, w);
         assert!(
             rel < 1e-5,
             "{kernel:?} {b}×{c_in}→{c_out}×{h}×{w}: max abs diff {abs:e} (rel {rel:e})"
         );
         seen.push(kernel);
     }
-    assert!(seen.contains(&Conv3x3Kernel::Portable) && seen.len() > 1);
+    assert!(seen.contains(&Conv3x3Kernel::Winograd2) && seen.contains(&Conv3x3Kernel::Winograd4));
 }
 
 /// The error figures of `ops/winograd.rs` and docs/performance.md: each host kernel against
@@ -329,23 +351,60 @@ fn winograd_vae_decode_matches_direct_convolutions() {
     )
     .unwrap();
     let z = normal([1, 4, 32, 32], 29);
-    let decode = |kernel| {
-        FORCE_CONV3X3.set(kernel);
-        let y = vae.decode(z.clone()).unwrap();
-        FORCE_CONV3X3.set(None);
-        y
-    };
-    let want = decode(Some(Conv3x3Kernel::Portable));
-    for kernel in [
-        Some(Conv3x3Kernel::ShiftedGemm),
-        Some(Conv3x3Kernel::Winograd2),
-        Some(Conv3x3Kernel::Winograd4),
-        None,
-    ] {
-        let (abs, rel) = abs_and_rel_diff(decode(kernel), want.clone());
-        let name = kernel.map_or("dispatched".to_string(), |k| format!("{k:?}"));
+    let decode = |rule| with_conv3x3_rule(rule, || vae.decode(z.clone()).unwrap());
+    let want = decode(Some(|_, _, _, _, _| Conv3x3Kernel::Portable));
+    let rules: [(&str, Option<Conv3x3Rule>); 4] = [
+        ("shifted GEMM", Some(|_, _, _, _, _| Conv3x3Kernel::ShiftedGemm)),
+        ("Winograd F(2x2)", Some(|_, _, _, _, _| Conv3x3Kernel::Winograd2)),
+        ("Winograd F(4x4)", Some(|_, _, _, _, _| Conv3x3Kernel::Winograd4)),
+        ("as dispatched", None),
+    ];
+    for (name, rule) in rules {
+        let (abs, rel) = abs_and_rel_diff(decode(rule), want.clone());
         eprintln!("decode 256x256, {name}: max abs diff {abs:.2e} (relative to max |y| {rel:.2e})");
         assert!(rel < 1e-3);
+    }
+}
+
+/// CPU seconds of a whole decode of the SDXL-architecture VAE (medium config, random weights)
+/// to `OMNIGEN_DECODE_PX`² pixels (default 512), with the 3×3 kernels as dispatched against
+/// the dispatch before Winograd ([`shifted_gemm_rule`]), in alternating rounds (best of 3).
+/// `RAYON_NUM_THREADS=1 cargo test --release -p omnigen-models --lib vae_decode_cpu_time --
+/// --ignored --nocapture`
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+#[ignore = "a measurement, minutes of CPU time"]
+fn vae_decode_cpu_time() {
+    crate::tune_host_allocator();
+    let px: usize = std::env::var("OMNIGEN_DECODE_PX").map_or(512, |v| v.parse().unwrap());
+    let config = omnigen_core::VaeConfig::from_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../benches/configs/medium/vae/config.json"
+    ))
+    .unwrap();
+    let vae = crate::vae::AutoencoderKL::<B>::load(
+        &RandomWeights { seed: 0 },
+        &config,
+        &default_device(),
+        DType::F32,
+    )
+    .unwrap();
+    let z = normal([1, 4, px / 8, px / 8], 30);
+    let rules: [(&str, Option<Conv3x3Rule>); 2] = [
+        ("before (shifted GEMM >= 256 ch, else burn)", Some(shifted_gemm_rule)),
+        ("Winograd (as dispatched)", None),
+    ];
+    let mut best = [f64::INFINITY; 2];
+    for _ in 0..3 {
+        for ((_, rule), best) in rules.iter().zip(&mut best) {
+            let t0 = cpu_seconds();
+            let y = with_conv3x3_rule(*rule, || vae.decode(z.clone()).unwrap());
+            *best = best.min(cpu_seconds() - t0);
+            drop(y);
+        }
+    }
+    for ((name, _), best) in rules.iter().zip(best) {
+        eprintln!("decode {px}x{px}, {name}: {best:.2} CPU s");
     }
 }
 

@@ -82,8 +82,9 @@ pub(super) const F4: Winograd<4, 6> = Winograd {
     ],
 };
 
-/// Input channels from which [`conv3x3`](super::conv3x3) runs as Winograd.
-pub(super) const MIN_CHANNELS: usize = 64;
+/// F(4×4) tiles (over the batch) from which [`conv3x3`](super::conv3x3) runs as F(4×4)
+/// rather than F(2×2): a 24×24 image, where the two were measured equal.
+pub(super) const F4_MIN_TILES: usize = 36;
 
 /// Tiles per GEMM block: enough columns for the GEMM to run near its peak, few enough that a
 /// block's transformed tiles (`(m+2)²·(C_in + C_out)` floats per tile) stay tens of MB.
