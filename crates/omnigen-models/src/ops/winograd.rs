@@ -90,15 +90,19 @@ pub(super) const F4_MIN_TILES: usize = 36;
 /// block's transformed tiles (`(m+2)²·(C_in + C_out)` floats per tile) stay tens of MB.
 const TARGET_TILES: usize = 256;
 
-/// `dst += c · src`, skipping the transforms' zero coefficients (the loops vectorise; `0·x`
-/// cannot be folded away by the compiler since `x` may be infinite).
+/// `dst[t] = init + Σ_k c[k] · src[k][t]`, in one pass over `dst` (the loop vectorises; a
+/// zero coefficient costs a multiply-add like the others, which is cheaper than a pass over
+/// `dst` per nonzero term).
 #[inline(always)]
-fn axpy(dst: &mut [f32], c: f32, src: &[f32]) {
-    if c == 0.0 {
-        return;
-    }
-    for (d, &s) in dst.iter_mut().zip(src) {
-        *d += c * s;
+fn combine<const N: usize>(dst: &mut [f32], init: f32, c: &[f32; N], src: [&[f32]; N]) {
+    let n = dst.len();
+    let src = src.map(|s| &s[..n]);
+    for (t, d) in dst.iter_mut().enumerate() {
+        let mut acc = init;
+        for k in 0..N {
+            acc += c[k] * src[k][t];
+        }
+        *d = acc;
     }
 }
 
@@ -138,8 +142,8 @@ fn transform_weight<const M: usize, const A: usize>(
     c_in: usize,
     u: &mut Vec<f32>,
 ) {
-    u.clear();
-    u.resize(c_out * A * A * c_in, 0.0);
+    resize(u, c_out * A * A * c_in);
+    let u = &mut u[..c_out * A * A * c_in];
     let wide = wide_simd();
     u.par_chunks_mut(A * A * c_in)
         .zip(weight.par_chunks(9 * c_in))
@@ -157,9 +161,9 @@ fn transform_weight<const M: usize, const A: usize>(
         );
 }
 
-/// `U = G g Gᵀ` of one output channel's filters `w` `[C_in, 3, 3]` into `u` `[A², C_in]`
-/// (zeroed): the nine taps as rows over the input channels, then `G g` row by row and
-/// `(G g) Gᵀ` column by column, each an axpy over the channels.
+/// `U = G g Gᵀ` of one output channel's filters `w` `[C_in, 3, 3]` into `u` `[A², C_in]`:
+/// the nine taps as rows over the input channels, then `G g` row by row and `(G g) Gᵀ`
+/// column by column, each a pass over the channels.
 #[inline(always)]
 fn transform_filter<const M: usize, const A: usize>(
     tf: &Winograd<M, A>,
@@ -174,21 +178,20 @@ fn transform_filter<const M: usize, const A: usize>(
             taps[t * c_in + ci] = v;
         }
     }
-    gg.fill(0.0);
+    let taps = &*taps;
     for i in 0..A {
         for b in 0..3 {
             let dst = &mut gg[(i * 3 + b) * c_in..(i * 3 + b + 1) * c_in];
-            for a in 0..3 {
-                axpy(dst, tf.g[i][a], &taps[(a * 3 + b) * c_in..(a * 3 + b + 1) * c_in]);
-            }
+            let src = std::array::from_fn(|a| &taps[(a * 3 + b) * c_in..]);
+            combine(dst, 0.0, &tf.g[i], src);
         }
     }
+    let gg = &*gg;
     for i in 0..A {
         for j in 0..A {
             let dst = &mut u[(i * A + j) * c_in..(i * A + j + 1) * c_in];
-            for b in 0..3 {
-                axpy(dst, tf.g[j][b], &gg[(i * 3 + b) * c_in..(i * 3 + b + 1) * c_in]);
-            }
+            let src = std::array::from_fn(|b| &gg[(i * 3 + b) * c_in..]);
+            combine(dst, 0.0, &tf.g[j], src);
         }
     }
 }
@@ -204,9 +207,12 @@ struct Workspace {
     scratch: Vec<f32>,
 }
 
+/// Grows `buf` to at least `len` floats; the kernels write every element they read, so the
+/// buffers are not cleared between uses.
 fn resize(buf: &mut Vec<f32>, len: usize) {
-    buf.clear();
-    buf.resize(len, 0.0);
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
 }
 
 /// The geometry of one convolution: `th`×`tw` tiles per image, padded rows of `lw` floats.
@@ -221,7 +227,7 @@ struct Geometry {
     lw: usize,
 }
 
-/// Whether to run the transforms compiled for AVX2 (their axpys 8 lanes wide).
+/// Whether to run the transforms compiled for AVX2 (their passes 8 lanes wide).
 fn wide_simd() -> bool {
     #[cfg(target_arch = "x86_64")]
     {
@@ -245,7 +251,7 @@ macro_rules! avx2_variant {
 }
 
 /// `V[ξ][c][tile] = (Bᵀ d B)[ξ]` for the tiles of tile rows `r0..r1` into `ws.v`
-/// (`[A², C_in, tiles]`, zeroed): per channel, the vertical pass `Bᵀ d` over whole zero-padded
+/// (`[A², C_in, tiles]`): per channel, the vertical pass `Bᵀ d` over whole zero-padded
 /// rows, then the horizontal pass over all tiles of the block at once, each position of the
 /// tile (`phase`) first gathered into a contiguous run.
 #[inline(always)]
@@ -265,7 +271,6 @@ fn input_transform<const M: usize, const A: usize>(
     let (vert, phases) = rest.split_at_mut(A * rows * lw);
     let phases = &mut phases[..A * nb];
     for c in 0..c_in {
-        vert.fill(0.0);
         for r in r0..r1 {
             let (bi, ty) = (r / th, r % th);
             let plane = &x[(bi * c_in + c) * h * w..(bi * c_in + c + 1) * h * w];
@@ -277,32 +282,30 @@ fn input_transform<const M: usize, const A: usize>(
                     pad[k * lw + 1..k * lw + 1 + w].copy_from_slice(&plane[y * w..(y + 1) * w]);
                 }
             }
+            let pad = &*pad;
             for i in 0..A {
                 let at = (i * rows + r - r0) * lw;
-                let dst = &mut vert[at..at + lw];
-                for k in 0..A {
-                    axpy(dst, tf.bt[i][k], &pad[k * lw..(k + 1) * lw]);
-                }
+                let src = std::array::from_fn(|k| &pad[k * lw..]);
+                combine(&mut vert[at..at + lw], 0.0, &tf.bt[i], src);
             }
         }
         for i in 0..A {
-            for k in 0..A {
-                let phase = &mut phases[k * nb..(k + 1) * nb];
-                for (row, p) in vert[i * rows * lw..(i + 1) * rows * lw]
-                    .chunks_exact(lw)
-                    .zip(phase.chunks_exact_mut(tw))
-                {
-                    for (p, &v) in p.iter_mut().zip(row[k..].iter().step_by(M)) {
-                        *p = v;
+            for (row, loc) in vert[i * rows * lw..(i + 1) * rows * lw]
+                .chunks_exact(lw)
+                .zip((0..nb).step_by(tw))
+            {
+                // The A positions of each tile, each into a contiguous run over the tiles.
+                for (tx, win) in row.windows(A).step_by(M).enumerate() {
+                    for (k, &v) in win.iter().enumerate() {
+                        phases[k * nb + loc + tx] = v;
                     }
                 }
             }
+            let phases = &*phases;
             for j in 0..A {
                 let at = ((i * A + j) * c_in + c) * nb;
-                let dst = &mut ws.v[at..at + nb];
-                for k in 0..A {
-                    axpy(dst, tf.bt[j][k], &phases[k * nb..(k + 1) * nb]);
-                }
+                let src = std::array::from_fn(|k| &phases[k * nb..]);
+                combine(&mut ws.v[at..at + nb], 0.0, &tf.bt[j], src);
             }
         }
     }
@@ -330,23 +333,18 @@ fn output_transform<const M: usize, const A: usize>(
     let (vout, line) = rest.split_at_mut(M * nb);
     let line = &mut line[..M * tw];
     for co in 0..c_out {
-        horiz.fill(0.0);
         for i in 0..A {
             for jo in 0..M {
                 let dst = &mut horiz[(i * M + jo) * nb..(i * M + jo + 1) * nb];
-                for j in 0..A {
-                    let at = ((i * A + j) * c_out + co) * nb;
-                    axpy(dst, tf.at[jo][j], &ws.m[at..at + nb]);
-                }
+                let src = std::array::from_fn(|j| &ws.m[((i * A + j) * c_out + co) * nb..]);
+                combine(dst, 0.0, &tf.at[jo], src);
             }
         }
+        let horiz = &*horiz;
         for io in 0..M {
             for jo in 0..M {
-                let dst = &mut vout[jo * nb..(jo + 1) * nb];
-                dst.fill(bias[co]);
-                for i in 0..A {
-                    axpy(dst, tf.at[io][i], &horiz[(i * M + jo) * nb..(i * M + jo + 1) * nb]);
-                }
+                let src = std::array::from_fn(|i| &horiz[(i * M + jo) * nb..]);
+                combine(&mut vout[jo * nb..(jo + 1) * nb], bias[co], &tf.at[io], src);
             }
             for r in r0..r1 {
                 let (bi, ty) = (r / th, r % th);
@@ -458,6 +456,7 @@ fn conv3x3_with<const M: usize, const A: usize>(
         let (rows, nb) = (r1 - r0, (r1 - r0) * tw);
         resize(&mut ws.v, A * A * c_in * nb);
         resize(&mut ws.m, A * A * c_out * nb);
+        // Every buffer only grows, so a thread's later blocks and calls reuse it as it is.
         let input_len = A * g.lw + A * rows * g.lw + A * nb;
         let output_len = A * M * nb + M * nb + M * tw;
         resize(&mut ws.scratch, input_len.max(output_len));
