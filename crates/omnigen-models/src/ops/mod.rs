@@ -389,16 +389,43 @@ pub fn conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B,
     };
     match Conv3x3Kernel::choose(b, c_in, c_out, h, w) {
         Conv3x3Kernel::Winograd4 => {
-            winograd::conv3x3_tensor(&winograd::F4, x, conv.weight.val(), bias.val())
+            winograd::conv3x3_tensor(&winograd::F4, x, false, conv.weight.val(), bias.val())
         }
         Conv3x3Kernel::Winograd2 => {
-            winograd::conv3x3_tensor(&winograd::F2, x, conv.weight.val(), bias.val())
+            winograd::conv3x3_tensor(&winograd::F2, x, false, conv.weight.val(), bias.val())
         }
         #[cfg(test)]
         Conv3x3Kernel::ShiftedGemm => host::conv3x3(x, conv.weight.val(), bias.val()),
         #[cfg(test)]
         Conv3x3Kernel::Portable => portable::conv3x3(conv, x),
     }
+}
+
+/// Nearest-neighbour 2× upsampling, then [`conv3x3`] (diffusers' `Upsample2D`).
+///
+/// The host's Winograd kernels read each source pixel for the four it becomes, so the
+/// upsampled tensor (4× the input) is never materialised; elsewhere it is, by broadcasting
+/// each pixel to a 2×2 block.
+///
+/// # Shapes
+/// `x` `[B, C_in, H, W]` -> `[B, C_out, 2H, 2W]`.
+pub fn upsample2x_conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, c_in, h, w] = x.dims();
+    let c_out = conv.weight.dims()[0];
+    if let Some(bias) = conv.bias.as_ref().filter(|_| on_host(&x)) {
+        let (weight, bias) = (conv.weight.val(), bias.val());
+        match Conv3x3Kernel::choose(b, c_in, c_out, 2 * h, 2 * w) {
+            Conv3x3Kernel::Winograd4 => {
+                return winograd::conv3x3_tensor(&winograd::F4, x, true, weight, bias)
+            }
+            Conv3x3Kernel::Winograd2 => {
+                return winograd::conv3x3_tensor(&winograd::F2, x, true, weight, bias)
+            }
+            #[cfg(test)]
+            _ => {}
+        }
+    }
+    conv3x3(conv, portable::upsample_nearest2x(x))
 }
 
 /// The host kernels of [`conv3x3`].

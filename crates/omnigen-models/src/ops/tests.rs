@@ -247,9 +247,12 @@ fn winograd_kernels(conv: &Conv2d<B>, x: Tensor<B, 4>) -> [(&'static str, Tensor
     [
         (
             "F(2x2)",
-            winograd::conv3x3_tensor(&winograd::F2, x.clone(), w.clone(), b.clone()),
+            winograd::conv3x3_tensor(&winograd::F2, x.clone(), false, w.clone(), b.clone()),
         ),
-        ("F(4x4)", winograd::conv3x3_tensor(&winograd::F4, x, w, b)),
+        (
+            "F(4x4)",
+            winograd::conv3x3_tensor(&winograd::F4, x, false, w, b),
+        ),
     ]
 }
 
@@ -306,6 +309,17 @@ fn conv3x3_dispatch_matches_conv2d() {
         seen.push(kernel);
     }
     assert!(seen.contains(&Conv3x3Kernel::Winograd2) && seen.contains(&Conv3x3Kernel::Winograd4));
+}
+
+#[test]
+fn upsample_conv_matches_conv2d_of_the_upsampled_input() {
+    for (b, c_in, c_out, h, w) in [(1, 5, 3, 3, 4), (2, 40, 9, 7, 5), (1, 64, 16, 16, 12)] {
+        let conv = conv3x3_layer(c_in, c_out, 31);
+        let x = normal([b, c_in, h, w], 32);
+        let want = portable::conv3x3(&conv, portable::upsample_nearest2x(x.clone()));
+        let (abs, rel) = abs_and_rel_diff(ops::upsample2x_conv3x3(&conv, x), want);
+        assert!(rel < 1e-5, "{b}×{c_in}→{c_out}×{h}×{w}: max abs diff {abs:e} (rel {rel:e})");
+    }
 }
 
 /// The error figures of `ops/winograd.rs` and docs/performance.md: each host kernel against
@@ -455,10 +469,10 @@ fn conv3x3_kernel_cpu_time() {
                 host::conv3x3(x.clone(), wt.clone(), bs.clone())
             }),
             ("Winograd F(2x2)", &|| {
-                winograd::conv3x3_tensor(&winograd::F2, x.clone(), wt.clone(), bs.clone())
+                winograd::conv3x3_tensor(&winograd::F2, x.clone(), false, wt.clone(), bs.clone())
             }),
             ("Winograd F(4x4)", &|| {
-                winograd::conv3x3_tensor(&winograd::F4, x.clone(), wt.clone(), bs.clone())
+                winograd::conv3x3_tensor(&winograd::F4, x.clone(), false, wt.clone(), bs.clone())
             }),
         ];
         let only = std::env::var("OMNIGEN_CONV_KERNEL").unwrap_or_default();

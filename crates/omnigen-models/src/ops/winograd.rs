@@ -215,9 +215,12 @@ fn resize(buf: &mut Vec<f32>, len: usize) {
     }
 }
 
-/// The geometry of one convolution: `th`×`tw` tiles per image, padded rows of `lw` floats.
+/// The geometry of one convolution: `th`×`tw` tiles per image, padded rows of `lw` floats;
+/// `h`×`w` is the convolution's input and output size, `upsample` says the input is the
+/// nearest-neighbour 2× of `x` (`h/2`×`w/2`).
 #[derive(Clone, Copy)]
 struct Geometry {
+    upsample: bool,
     c_in: usize,
     c_out: usize,
     h: usize,
@@ -267,19 +270,31 @@ fn input_transform<const M: usize, const A: usize>(
     } = g;
     let rows = r1 - r0;
     let nb = rows * tw;
+    let (sh, sw) = if g.upsample { (h / 2, w / 2) } else { (h, w) };
     let (pad, rest) = ws.scratch.split_at_mut(A * lw);
     let (vert, phases) = rest.split_at_mut(A * rows * lw);
     let phases = &mut phases[..A * nb];
     for c in 0..c_in {
         for r in r0..r1 {
             let (bi, ty) = (r / th, r % th);
-            let plane = &x[(bi * c_in + c) * h * w..(bi * c_in + c + 1) * h * w];
+            let plane = &x[(bi * c_in + c) * sh * sw..(bi * c_in + c + 1) * sh * sw];
             pad.fill(0.0);
             for k in 0..A {
                 let y = (ty * M + k) as isize - 1;
-                if (0..h as isize).contains(&y) {
-                    let y = y as usize;
-                    pad[k * lw + 1..k * lw + 1 + w].copy_from_slice(&plane[y * w..(y + 1) * w]);
+                if !(0..h as isize).contains(&y) {
+                    continue;
+                }
+                let dst = &mut pad[k * lw + 1..k * lw + 1 + w];
+                if g.upsample {
+                    // Each source pixel twice across, each source row for two rows: the
+                    // nearest-neighbour 2× read in place.
+                    let src = &plane[(y as usize / 2) * sw..(y as usize / 2 + 1) * sw];
+                    for (pair, &v) in dst.chunks_exact_mut(2).zip(src) {
+                        pair[0] = v;
+                        pair[1] = v;
+                    }
+                } else {
+                    dst.copy_from_slice(&plane[y as usize * w..(y as usize + 1) * w]);
                 }
             }
             let pad = &*pad;
@@ -391,25 +406,34 @@ avx2_variant!(output_transform => output_transform_avx2(
     out: &OutPtr
 ));
 
-/// A 3×3, stride-1, padding-1 convolution of `x` `[B, C_in, H, W]` (row-major) by `weight`
-/// `[C_out, C_in, 3, 3]` plus `bias` `[C_out]` with F(`M`×`M`, 3×3): `[B, C_out, H, W]`.
+/// A 3×3, stride-1, padding-1 convolution of `x` `[B, C_in, H, W]` (row-major; with
+/// `upsample`, the nearest-neighbour 2× of `x` `[B, C_in, H/2, W/2]`, `H` and `W` even) by
+/// `weight` `[C_out, C_in, 3, 3]` plus `bias` `[C_out]` with F(`M`×`M`, 3×3):
+/// `[B, C_out, H, W]`.
+#[allow(clippy::too_many_arguments)]
 pub(super) fn conv3x3<const M: usize, const A: usize>(
     tf: &Winograd<M, A>,
     x: &[f32],
     [b, c_in, h, w]: [usize; 4],
+    upsample: bool,
     weight: &[f32],
     bias: &[f32],
     c_out: usize,
 ) -> Vec<f32> {
     debug_assert_eq!(A, M + 2);
-    debug_assert_eq!(x.len(), b * c_in * h * w);
+    let scale = if upsample { 4 } else { 1 };
+    debug_assert!(!upsample || (h % 2 == 0 && w % 2 == 0));
+    debug_assert_eq!(x.len() * scale, b * c_in * h * w);
     debug_assert_eq!(weight.len(), c_out * c_in * 9);
     debug_assert_eq!(bias.len(), c_out);
     // A fresh buffer where the thread's own is in use (a convolution run from inside
     // another one's parallel loop).
     WEIGHT_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
-        Ok(mut u) => conv3x3_with(tf, x, [b, c_in, h, w], weight, bias, c_out, &mut u),
-        Err(_) => conv3x3_with(tf, x, [b, c_in, h, w], weight, bias, c_out, &mut Vec::new()),
+        Ok(mut u) => conv3x3_with(tf, x, [b, c_in, h, w], upsample, weight, bias, c_out, &mut u),
+        Err(_) => {
+            let u = &mut Vec::new();
+            conv3x3_with(tf, x, [b, c_in, h, w], upsample, weight, bias, c_out, u)
+        }
     })
 }
 
@@ -419,6 +443,7 @@ fn conv3x3_with<const M: usize, const A: usize>(
     tf: &Winograd<M, A>,
     x: &[f32],
     [b, c_in, h, w]: [usize; 4],
+    upsample: bool,
     weight: &[f32],
     bias: &[f32],
     c_out: usize,
@@ -428,6 +453,7 @@ fn conv3x3_with<const M: usize, const A: usize>(
     let u = &u[..];
     let (th, tw) = (h.div_ceil(M), w.div_ceil(M));
     let g = Geometry {
+        upsample,
         c_in,
         c_out,
         h,
@@ -515,17 +541,20 @@ fn conv3x3_with<const M: usize, const A: usize>(
 }
 
 /// [`conv3x3`] on tensors: `x` `[B, C_in, H, W]`, `weight` `[C_out, C_in, 3, 3]`, `bias`
-/// `[C_out]` (f32, host memory) -> `[B, C_out, H, W]`.
+/// `[C_out]` (f32, host memory) -> `[B, C_out, H, W]`; with `upsample`, of the
+/// nearest-neighbour 2× of `x`: `[B, C_out, 2H, 2W]`.
 pub(super) fn conv3x3_tensor<B: KernelBackend, const M: usize, const A: usize>(
     tf: &Winograd<M, A>,
     x: Tensor<B, 4>,
+    upsample: bool,
     weight: Tensor<B, 4>,
     bias: Tensor<B, 1>,
 ) -> Tensor<B, 4> {
     let device = x.device();
-    let dims = x.dims();
+    let [b, c_in, h, w] = x.dims();
+    let (h, w) = if upsample { (2 * h, 2 * w) } else { (h, w) };
     let c_out = weight.dims()[0];
-    assert_eq!(weight.dims(), [c_out, dims[1], 3, 3], "conv3x3: weight shape");
+    assert_eq!(weight.dims(), [c_out, c_in, 3, 3], "conv3x3: weight shape");
     let bias = f32_data(bias);
     // Borrowed where the backend lends its buffers: no copy of the input or the weight.
     let y = with_float_bytes(x, |xb| {
@@ -533,12 +562,13 @@ pub(super) fn conv3x3_tensor<B: KernelBackend, const M: usize, const A: usize>(
             conv3x3(
                 tf,
                 &cast_or_copy::<f32>(xb),
-                dims,
+                [b, c_in, h, w],
+                upsample,
                 &cast_or_copy::<f32>(wb),
                 &bias,
                 c_out,
             )
         })
     });
-    Tensor::from_data(TensorData::new(y, [dims[0], c_out, dims[2], dims[3]]), &device)
+    Tensor::from_data(TensorData::new(y, [b, c_out, h, w]), &device)
 }
