@@ -458,7 +458,10 @@ pub(super) fn group_norm_silu<B: Backend>(
         .enumerate()
         .for_each(|(i, (o, xi))| {
             let g = i % groups;
-            let (gamma, beta) = (&gamma[g * cpg..(g + 1) * cpg], &beta[g * cpg..(g + 1) * cpg]);
+            let (gamma, beta) = (
+                &gamma[g * cpg..(g + 1) * cpg],
+                &beta[g * cpg..(g + 1) * cpg],
+            );
             #[cfg(target_arch = "x86_64")]
             if wide {
                 // SAFETY: the CPU has AVX2 (checked above).

@@ -297,10 +297,8 @@ fn conv3x3_dispatch_matches_conv2d() {
     ] {
         let conv = conv3x3_layer(c_in, c_out, 23);
         let x = normal([b, c_in, h, w], 24);
-        let (abs, rel) = abs_and_rel_diff(
-            ops::conv3x3(&conv, x.clone()),
-            portable::conv3x3(&conv, x),
-        );
+        let (abs, rel) =
+            abs_and_rel_diff(ops::conv3x3(&conv, x.clone()), portable::conv3x3(&conv, x));
         let kernel = Conv3x3Kernel::choose(b, c_in, c_out, h, w);
         assert!(
             rel < 1e-5,
@@ -318,7 +316,10 @@ fn upsample_conv_matches_conv2d_of_the_upsampled_input() {
         let x = normal([b, c_in, h, w], 32);
         let want = portable::conv3x3(&conv, portable::upsample_nearest2x(x.clone()));
         let (abs, rel) = abs_and_rel_diff(ops::upsample2x_conv3x3(&conv, x), want);
-        assert!(rel < 1e-5, "{b}×{c_in}→{c_out}×{h}×{w}: max abs diff {abs:e} (rel {rel:e})");
+        assert!(
+            rel < 1e-5,
+            "{b}×{c_in}→{c_out}×{h}×{w}: max abs diff {abs:e} (rel {rel:e})"
+        );
     }
 }
 
@@ -368,9 +369,18 @@ fn winograd_vae_decode_matches_direct_convolutions() {
     let decode = |rule| with_conv3x3_rule(rule, || vae.decode(z.clone()).unwrap());
     let want = decode(Some(|_, _, _, _, _| Conv3x3Kernel::Portable));
     let rules: [(&str, Option<Conv3x3Rule>); 4] = [
-        ("shifted GEMM", Some(|_, _, _, _, _| Conv3x3Kernel::ShiftedGemm)),
-        ("Winograd F(2x2)", Some(|_, _, _, _, _| Conv3x3Kernel::Winograd2)),
-        ("Winograd F(4x4)", Some(|_, _, _, _, _| Conv3x3Kernel::Winograd4)),
+        (
+            "shifted GEMM",
+            Some(|_, _, _, _, _| Conv3x3Kernel::ShiftedGemm),
+        ),
+        (
+            "Winograd F(2x2)",
+            Some(|_, _, _, _, _| Conv3x3Kernel::Winograd2),
+        ),
+        (
+            "Winograd F(4x4)",
+            Some(|_, _, _, _, _| Conv3x3Kernel::Winograd4),
+        ),
         ("as dispatched", None),
     ];
     for (name, rule) in rules {
@@ -406,11 +416,17 @@ fn vae_decode_cpu_time() {
     .unwrap();
     let z = normal([1, 4, px / 8, px / 8], 30);
     let rules: [(&str, Option<Conv3x3Rule>); 2] = [
-        ("before (shifted GEMM >= 256 ch, else burn)", Some(shifted_gemm_rule)),
+        (
+            "before (shifted GEMM >= 256 ch, else burn)",
+            Some(shifted_gemm_rule),
+        ),
         ("Winograd (as dispatched)", None),
     ];
     let only = std::env::var("OMNIGEN_DECODE_RULE").unwrap_or_default();
-    let rules: Vec<_> = rules.into_iter().filter(|(n, _)| n.contains(only.as_str())).collect();
+    let rules: Vec<_> = rules
+        .into_iter()
+        .filter(|(n, _)| n.contains(only.as_str()))
+        .collect();
     let mut best = vec![f64::INFINITY; rules.len()];
     for _ in 0..3 {
         for ((_, rule), best) in rules.iter().zip(&mut best) {
@@ -456,7 +472,11 @@ fn conv3x3_kernel_cpu_time() {
                 [v[0], v[1], v[2], v[3]]
             })
             .collect(),
-        Err(_) => vec![[512, 512, 64, 64], [256, 256, 128, 128], [128, 128, 128, 128]],
+        Err(_) => vec![
+            [512, 512, 64, 64],
+            [256, 256, 128, 128],
+            [128, 128, 128, 128],
+        ],
     };
     for [c_in, c_out, h, w] in sizes {
         let conv = conv3x3_layer(c_in, c_out, 27);

@@ -11,17 +11,25 @@
 //!
 //! The price is rounding: the transforms add and scale values of both signs, so the result is
 //! less accurate than a direct convolution's, by a factor that grows with `m` (the transform
-//! coefficients of F(4×4) reach 8, F(2×2)'s are ±1 and ½). Measured against the portable
-//! direct convolution (burn's `conv2d`), 512 → 512 channels at 64×64, unit-variance input and
-//! weights at the VAE checkpoint's scale (uniform, std ≈ `1/sqrt(9·C_in)`), outputs of std
-//! ≈ 1: F(2×2) max abs error 2.1e-6 (relative to the output's max: 4.7e-7), F(4×4) 5.4e-6
-//! (1.2e-6), the direct f32 GEMM convolution of `host.rs` 1.9e-6; see
-//! `winograd_error_at_the_vae_scale` in `ops/tests.rs` and docs/performance.md.
+//! coefficients of F(4×4) reach 8 and its weight transform's 1/24, F(2×2)'s are ±1 and ½).
+//! Measured against burn's direct `conv2d` (f32), 512 → 512 channels at 64×64, input uniform
+//! in ±1.7 (std ≈ 1), weights uniform in `±1/sqrt(9·C_in)` (the scale of [`RandomWeights`],
+//! PyTorch's default initialisation), outputs of std 0.58 and max |y| ≈ 2.9: F(2×2) max abs
+//! difference 3.2e-6 (1.1e-6 of max |y|), F(4×4) 6.1e-5 (2.1e-5), the nine shifted GEMMs of
+//! `host.rs` 4.8e-7 (1.7e-7). A whole decode of the SDXL-architecture VAE to 256² (random
+//! weights at that scale) differs from one with `conv2d` everywhere by 5.3e-5 at most
+//! (1.6e-5 of max |y|; a 255-level image moves by < 0.01 level). See
+//! `winograd_error_at_the_vae_scale` and `winograd_vae_decode_matches_direct_convolutions` in
+//! `ops/tests.rs`, and docs/performance.md.
+//!
+//! [`RandomWeights`]: crate::weights::RandomWeights
 //!
 //! Memory: the transformed weight (`(m+2)²/9` times the weight) is built per call, which is
 //! cheap next to the convolution at the VAE's sizes and keeps module records in the
-//! checkpoint's layout; the transformed tiles are held one block of tile rows at a time per
-//! thread, so the working set does not grow with the image.
+//! checkpoint's layout; its buffer stays with the calling thread between calls. The
+//! transformed tiles and GEMM results are held one block of tile rows (at most
+//! `TARGET_TILES` tiles) at a time per thread, so the working set does not grow with the
+//! image.
 
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
@@ -266,7 +274,13 @@ fn input_transform<const M: usize, const A: usize>(
     ws: &mut Workspace,
 ) {
     let Geometry {
-        c_in, h, w, th, tw, lw, ..
+        c_in,
+        h,
+        w,
+        th,
+        tw,
+        lw,
+        ..
     } = g;
     let rows = r1 - r0;
     let nb = rows * tw;
@@ -340,7 +354,12 @@ fn output_transform<const M: usize, const A: usize>(
     out: &OutPtr,
 ) {
     let Geometry {
-        c_out, h, w, th, tw, ..
+        c_out,
+        h,
+        w,
+        th,
+        tw,
+        ..
     } = g;
     let rows = r1 - r0;
     let nb = rows * tw;
@@ -429,7 +448,16 @@ pub(super) fn conv3x3<const M: usize, const A: usize>(
     // A fresh buffer where the thread's own is in use (a convolution run from inside
     // another one's parallel loop).
     WEIGHT_BUFFER.with(|buffer| match buffer.try_borrow_mut() {
-        Ok(mut u) => conv3x3_with(tf, x, [b, c_in, h, w], upsample, weight, bias, c_out, &mut u),
+        Ok(mut u) => conv3x3_with(
+            tf,
+            x,
+            [b, c_in, h, w],
+            upsample,
+            weight,
+            bias,
+            c_out,
+            &mut u,
+        ),
         Err(_) => {
             let u = &mut Vec::new();
             conv3x3_with(tf, x, [b, c_in, h, w], upsample, weight, bias, c_out, u)
@@ -476,67 +504,69 @@ fn conv3x3_with<const M: usize, const A: usize>(
     let out_ptr = &out_ptr;
     let wide = wide_simd();
 
-    (0..blocks).into_par_iter().for_each_init(Workspace::default, |ws, blk| {
-        let r0 = blk * rows_per_block;
-        let r1 = (r0 + rows_per_block).min(tile_rows);
-        let (rows, nb) = (r1 - r0, (r1 - r0) * tw);
-        resize(&mut ws.v, A * A * c_in * nb);
-        resize(&mut ws.m, A * A * c_out * nb);
-        // Every buffer only grows, so a thread's later blocks and calls reuse it as it is.
-        let input_len = A * g.lw + A * rows * g.lw + A * nb;
-        let output_len = A * M * nb + M * nb + M * tw;
-        resize(&mut ws.scratch, input_len.max(output_len));
+    (0..blocks)
+        .into_par_iter()
+        .for_each_init(Workspace::default, |ws, blk| {
+            let r0 = blk * rows_per_block;
+            let r1 = (r0 + rows_per_block).min(tile_rows);
+            let (rows, nb) = (r1 - r0, (r1 - r0) * tw);
+            resize(&mut ws.v, A * A * c_in * nb);
+            resize(&mut ws.m, A * A * c_out * nb);
+            // Every buffer only grows, so a thread's later blocks and calls reuse it as it is.
+            let input_len = A * g.lw + A * rows * g.lw + A * nb;
+            let output_len = A * M * nb + M * nb + M * tw;
+            resize(&mut ws.scratch, input_len.max(output_len));
 
-        #[cfg(target_arch = "x86_64")]
-        if wide {
-            // SAFETY: the CPU has AVX2 (`wide_simd`).
-            unsafe { input_transform_avx2(tf, x, g, (r0, r1), ws) };
-        } else {
-            input_transform(tf, x, g, (r0, r1), ws);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        input_transform(tf, x, g, (r0, r1), ws);
-        for xi in 0..A * A {
-            let dst = &mut ws.m[xi * c_out * nb..(xi + 1) * c_out * nb];
-            let rhs = &ws.v[xi * c_in * nb..(xi + 1) * c_in * nb];
-            // SAFETY: dst is c_out×nb row-major; the lhs is c_out×c_in from element xi·c_in of
-            // `u` ([C_out, A², C_in]) with row stride A²·c_in, its last element
-            // (c_out-1)·A²·c_in + xi·c_in + c_in - 1 inside `u`; the rhs is c_in×nb
-            // row-major; the three do not alias.
-            unsafe {
-                gemm::gemm(
-                    c_out,
-                    nb,
-                    c_in,
-                    dst.as_mut_ptr(),
-                    1,
-                    nb as isize,
-                    false,
-                    u.as_ptr().add(xi * c_in),
-                    1,
-                    (A * A * c_in) as isize,
-                    rhs.as_ptr(),
-                    1,
-                    nb as isize,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the CPU has AVX2 (`wide_simd`).
+                unsafe { input_transform_avx2(tf, x, g, (r0, r1), ws) };
+            } else {
+                input_transform(tf, x, g, (r0, r1), ws);
             }
-        }
-        #[cfg(target_arch = "x86_64")]
-        if wide {
-            // SAFETY: as above.
-            unsafe { output_transform_avx2(tf, bias, g, (r0, r1), ws, out_ptr) };
-        } else {
+            #[cfg(not(target_arch = "x86_64"))]
+            input_transform(tf, x, g, (r0, r1), ws);
+            for xi in 0..A * A {
+                let dst = &mut ws.m[xi * c_out * nb..(xi + 1) * c_out * nb];
+                let rhs = &ws.v[xi * c_in * nb..(xi + 1) * c_in * nb];
+                // SAFETY: dst is c_out×nb row-major; the lhs is c_out×c_in from element xi·c_in of
+                // `u` ([C_out, A², C_in]) with row stride A²·c_in, its last element
+                // (c_out-1)·A²·c_in + xi·c_in + c_in - 1 inside `u`; the rhs is c_in×nb
+                // row-major; the three do not alias.
+                unsafe {
+                    gemm::gemm(
+                        c_out,
+                        nb,
+                        c_in,
+                        dst.as_mut_ptr(),
+                        1,
+                        nb as isize,
+                        false,
+                        u.as_ptr().add(xi * c_in),
+                        1,
+                        (A * A * c_in) as isize,
+                        rhs.as_ptr(),
+                        1,
+                        nb as isize,
+                        0.0,
+                        1.0,
+                        false,
+                        false,
+                        false,
+                        gemm::Parallelism::None,
+                    );
+                }
+            }
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: as above.
+                unsafe { output_transform_avx2(tf, bias, g, (r0, r1), ws, out_ptr) };
+            } else {
+                output_transform(tf, bias, g, (r0, r1), ws, out_ptr);
+            }
+            #[cfg(not(target_arch = "x86_64"))]
             output_transform(tf, bias, g, (r0, r1), ws, out_ptr);
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        output_transform(tf, bias, g, (r0, r1), ws, out_ptr);
-    });
+        });
     out
 }
 
