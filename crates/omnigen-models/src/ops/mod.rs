@@ -13,6 +13,7 @@
 //! | [`attention`] | flash-style tiles (64 queries × 256 keys, online softmax) reading the mask's [`KeyRanges`], into `[B, S, D]` | burn's `attention` with the additive bias expanded on the device ([`attention_bias`]) |
 //! | [`group_norm_silu`] | one threaded pass per group | burn's `GroupNorm` then `silu` |
 //! | [`conv3x3`] | Winograd F(4×4, 3×3), or F(2×2, 3×3) for images of fewer than 36 tiles: batched GEMMs over the transformed tiles | burn's `conv2d` |
+//! | [`upsample2x_conv3x3`] | the Winograd kernels of [`conv3x3`], reading the nearest 2× in place | nearest 2× by broadcasting, then [`conv3x3`] |
 //!
 //! # Where a new kernel goes
 //! A kernel for one family of backends (a fused GPU kernel, a quantized or bf16 GEMM) is a new
