@@ -453,7 +453,8 @@ impl Conv3x3Kernel {
     /// 8×8 to 256×256 (docs/performance.md): F(4×4) is the fastest kernel wherever the
     /// image has a few dozen tiles; below, the cost of its weight transform (4× the weight's
     /// size, for few GEMM columns) makes F(2×2) faster. burn's `conv2d` and the shifted GEMMs
-    /// were slower than one of them at every size tried.
+    /// were slower than one of them at every size tried but the decoder's 4-channel `conv_in`
+    /// at 64×64, by milliseconds, too little for a rule of its own.
     fn choose(b: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> Self {
         #[cfg(test)]
         if let Some(rule) = tests::CONV3X3_RULE.get() {
