@@ -429,6 +429,18 @@ pub fn upsample2x_conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -
     conv3x3(conv, portable::upsample_nearest2x(x))
 }
 
+/// A rule choosing the 3×3 kernel from `(b, c_in, c_out, h, w)`.
+#[cfg(test)]
+type Conv3x3Rule = fn(usize, usize, usize, usize, usize) -> Conv3x3Kernel;
+
+#[cfg(test)]
+thread_local! {
+    /// A rule that [`Conv3x3Kernel::choose`] defers to on this thread (where the dispatch
+    /// runs), for the tests to compare whole models across kernels.
+    static CONV3X3_RULE: std::cell::Cell<Option<Conv3x3Rule>> =
+        const { std::cell::Cell::new(None) };
+}
+
 /// The host kernels of [`conv3x3`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Conv3x3Kernel {
@@ -457,7 +469,7 @@ impl Conv3x3Kernel {
     /// at 64×64, by milliseconds, too little for a rule of its own.
     fn choose(b: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> Self {
         #[cfg(test)]
-        if let Some(rule) = tests::CONV3X3_RULE.get() {
+        if let Some(rule) = CONV3X3_RULE.get() {
             return rule(b, c_in, c_out, h, w);
         }
         let _ = (c_in, c_out);

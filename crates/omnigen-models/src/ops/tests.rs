@@ -10,8 +10,8 @@ use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::{QuantScheme, QuantizedTensor};
 
 use super::{
-    host, mask, portable, winograd, Conv3x3Kernel, HeadRange, KernelBackend, KeyRanges,
-    LinearLayer, QuantizedLinear,
+    host, mask, portable, winograd, Conv3x3Kernel, Conv3x3Rule, HeadRange, KernelBackend,
+    KeyRanges, LinearLayer, QuantizedLinear, CONV3X3_RULE,
 };
 use crate::loader::Loader;
 use crate::ops;
@@ -196,16 +196,6 @@ fn shifted_gemm_conv_matches_conv2d() {
         let x = normal([b, c_in, h, w], 17);
         assert_layer_op_close(&conv, x, ops::conv3x3, portable::conv3x3, 1e-4);
     }
-}
-
-/// A rule choosing the 3×3 kernel from `(b, c_in, c_out, h, w)`.
-type Conv3x3Rule = fn(usize, usize, usize, usize, usize) -> Conv3x3Kernel;
-
-thread_local! {
-    /// A rule that [`Conv3x3Kernel::choose`] defers to on this thread (where the dispatch
-    /// runs), to compare whole models across kernels.
-    pub(super) static CONV3X3_RULE: std::cell::Cell<Option<Conv3x3Rule>> =
-        const { std::cell::Cell::new(None) };
 }
 
 /// The dispatch before Winograd: shifted GEMMs from 256 input channels, else burn's conv2d.
