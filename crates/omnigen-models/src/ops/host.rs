@@ -13,7 +13,6 @@
 //! that no f32 copy of a whole layer ever exists.
 
 use burn::tensor::backend::Backend;
-use burn::tensor::ops::PadMode;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
@@ -437,7 +436,8 @@ impl AttentionScratch {
 }
 
 /// `silu(group_norm(x))` for an affine GroupNorm, one thread per (batch, group): statistics
-/// accumulated in f64, then normalise, affine and SiLU in a single pass. `x` `[B, C, H, W]`.
+/// accumulated in f64 (over vectorised f32 partial sums), then normalise, affine and SiLU
+/// (with [`exp_f32`], so that the pass vectorises) in a single pass. `x` `[B, C, H, W]`.
 pub(super) fn group_norm_silu<B: Backend>(
     x: Tensor<B, 4>,
     gamma: Tensor<B, 1>,
@@ -451,30 +451,90 @@ pub(super) fn group_norm_silu<B: Backend>(
     let cpg = c / groups;
     let (gamma, beta, xs) = (f32_data(gamma), f32_data(beta), f32_data(x));
     let mut out = vec![0f32; b * c * hw];
+    #[cfg(target_arch = "x86_64")]
+    let wide = std::arch::is_x86_feature_detected!("avx2");
     out.par_chunks_mut(cpg * hw)
         .zip(xs.par_chunks(cpg * hw))
         .enumerate()
         .for_each(|(i, (o, xi))| {
             let g = i % groups;
-            let len = xi.len() as f64;
-            let mean = xi.iter().map(|&v| f64::from(v)).sum::<f64>() / len;
-            let var = xi
-                .iter()
-                .map(|&v| (f64::from(v) - mean).powi(2))
-                .sum::<f64>()
-                / len;
-            let inv = 1.0 / (var + eps).sqrt();
-            for (ch, (oc, xc)) in o.chunks_exact_mut(hw).zip(xi.chunks_exact(hw)).enumerate() {
-                let cidx = g * cpg + ch;
-                let a = (f64::from(gamma[cidx]) * inv) as f32;
-                let s = (f64::from(beta[cidx]) - mean * f64::from(gamma[cidx]) * inv) as f32;
-                for (y, &v) in oc.iter_mut().zip(xc) {
-                    let t = v * a + s;
-                    *y = t / (1.0 + (-t).exp());
-                }
+            let (gamma, beta) = (
+                &gamma[g * cpg..(g + 1) * cpg],
+                &beta[g * cpg..(g + 1) * cpg],
+            );
+            #[cfg(target_arch = "x86_64")]
+            if wide {
+                // SAFETY: the CPU has AVX2 (checked above).
+                unsafe { group_norm_silu_group_avx2(xi, o, gamma, beta, hw, eps) };
+                return;
             }
+            group_norm_silu_group(xi, o, gamma, beta, hw, eps);
         });
     Tensor::from_data(TensorData::new(out, [b, c, h, w]), &device)
+}
+
+/// `Σ f(x)` over `xs` in f64, from f32 partial sums over runs of at most 4096 values in 16
+/// lanes (so that the loop vectorises; the f32 partials carry at most ~12 bits of growth).
+#[inline(always)]
+fn sum_f64(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
+    let mut total = 0f64;
+    for run in xs.chunks(4096) {
+        let mut acc = [0f32; 16];
+        let mut lanes = run.chunks_exact(16);
+        for c in &mut lanes {
+            for (a, &v) in acc.iter_mut().zip(c) {
+                *a += f(v);
+            }
+        }
+        let tail: f32 = lanes.remainder().iter().map(|&v| f(v)).sum();
+        total += acc.iter().map(|&a| f64::from(a)).sum::<f64>() + f64::from(tail);
+    }
+    total
+}
+
+/// One group of [`group_norm_silu`]: `xi` its `cpg` channels of `hw` values into `o`, with the
+/// group's `gamma` and `beta`; statistics two-pass, accumulated in f64.
+#[inline(always)]
+fn group_norm_silu_group(
+    xi: &[f32],
+    o: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    hw: usize,
+    eps: f64,
+) {
+    let len = xi.len() as f64;
+    let mean = sum_f64(xi, |v| v) / len;
+    let m32 = mean as f32;
+    // Deviations from the f32-rounded mean; the rounding's share (mean - m32)² is added back.
+    let var = sum_f64(xi, |v| (v - m32) * (v - m32)) / len - (mean - f64::from(m32)).powi(2);
+    let inv = 1.0 / (var.max(0.0) + eps).sqrt();
+    for ((oc, xc), (&ga, &be)) in o
+        .chunks_exact_mut(hw)
+        .zip(xi.chunks_exact(hw))
+        .zip(gamma.iter().zip(beta))
+    {
+        let a = (f64::from(ga) * inv) as f32;
+        let s = (f64::from(be) - mean * f64::from(ga) * inv) as f32;
+        for (y, &v) in oc.iter_mut().zip(xc) {
+            let t = v * a + s;
+            *y = t / (1.0 + exp_f32(-t));
+        }
+    }
+}
+
+/// [`group_norm_silu_group`] compiled for AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn group_norm_silu_group_avx2(
+    xi: &[f32],
+    o: &mut [f32],
+    gamma: &[f32],
+    beta: &[f32],
+    hw: usize,
+    eps: f64,
+) {
+    group_norm_silu_group(xi, o, gamma, beta, hw, eps)
 }
 
 /// `[B·S, H·hd]` rows (a fused projection's output) as `[B, H, S, hd]`, heads in parallel.
@@ -672,16 +732,9 @@ pub(super) fn cast_or_copy<T: bytemuck::Pod>(bytes: &[u8]) -> std::borrow::Cow<'
     }
 }
 
-/// Input channels from which [`conv3x3`] runs as nine shifted GEMMs.
-///
-/// burn-flex's convolution builds an im2col copy of every output tile (`9·C_in` floats per
-/// output pixel) and scatters the GEMM result back; from 256 input channels the nine GEMMs
-/// `[C_out, C_in] × [C_in, H·(W+2)]` over shifted views of the padded input, accumulated in
-/// place, do the same work without that traffic. Below, K = C_in is too short for an
-/// efficient GEMM and burn's convolution is faster (docs/performance.md has the measurements).
-pub(super) const SHIFTED_GEMM_MIN_CHANNELS: usize = 256;
-
-/// A 3×3, stride-1, padding-1 convolution as nine shifted GEMMs accumulated in place.
+/// A 3×3, stride-1, padding-1 convolution as nine shifted GEMMs accumulated in place: the
+/// host kernel before Winograd (`ops/winograd.rs`), which replaced it at every size measured;
+/// kept as the tests' and measurements' baseline.
 ///
 /// With the input zero-padded to `[C_in, (H+3)·(W+2)]` (one extra bottom row so every window
 /// fits), output pixel `(y, x)` of the padded-width grid `y·(W+2)+x` reads tap `(dy, dx)` at
@@ -689,6 +742,7 @@ pub(super) const SHIFTED_GEMM_MIN_CHANNELS: usize = 256;
 /// `C += W_tap · X_window` (bias as the initial value) whose left operand is read with strides
 /// straight from the PyTorch-layout weight `[C_out, C_in, 3, 3]`; the two junk columns per row
 /// are dropped at the end.
+#[cfg(test)]
 pub(super) fn conv3x3<B: Backend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
@@ -701,7 +755,7 @@ pub(super) fn conv3x3<B: Backend>(
     let wp = w + 2;
     let l = (h + 3) * wp; // padded plane
     let n = h * wp; // output on the padded-width grid
-    let xs = f32_data(x.pad((1, 1, 1, 2), PadMode::Constant(0.0)));
+    let xs = f32_data(x.pad((1, 1, 1, 2), burn::tensor::ops::PadMode::Constant(0.0)));
     let ws = f32_data(weight);
     let bs = f32_data(bias);
     let mut out = vec![0f32; b * c_out * n];

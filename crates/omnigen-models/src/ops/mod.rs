@@ -12,7 +12,8 @@
 //! | [`rope`] | one pass over the heads, in place from the fused projection | `x·cos + rotate_half(x)·sin` |
 //! | [`attention`] | flash-style tiles (64 queries × 512 keys, online softmax) reading the mask's [`KeyRanges`], into `[B, S, D]` | the additive bias expanded on the device ([`attention_bias`]); burn's `attention` where it is fused ([`KernelBackend::FUSED_ATTENTION`]), else query tiles of at most 64 Mi scores, softmax in f32 as the official eager attention |
 //! | [`group_norm_silu`] | one threaded pass per group | burn's `GroupNorm` then `silu` |
-//! | [`conv3x3`] | nine shifted GEMMs accumulated in place (from 256 input channels) | burn's `conv2d` |
+//! | [`conv3x3`] | Winograd F(4×4, 3×3), or F(2×2, 3×3) for images of fewer than 36 tiles: batched GEMMs over the transformed tiles | burn's `conv2d` |
+//! | [`upsample2x_conv3x3`] | the Winograd kernels of [`conv3x3`], reading the nearest 2× in place | nearest 2× by broadcasting, then [`conv3x3`] |
 //!
 //! # Where a new kernel goes
 //! A kernel for one family of backends (a fused GPU kernel, a quantized or bf16 GEMM) is a new
@@ -26,6 +27,7 @@ mod host;
 mod mask;
 mod portable;
 mod quant;
+mod winograd;
 
 pub use quant::{LinearLayer, QuantizedLinear, WeightFormat};
 
@@ -442,12 +444,101 @@ pub fn group_norm_silu<B: KernelBackend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> 
 /// `x` `[B, C_in, H, W]` -> `[B, C_out, H, W]`.
 pub fn conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     debug_assert!(conv.kernel_size == [3, 3] && conv.stride == [1, 1] && conv.groups == 1);
-    let c_in = x.dims()[1];
-    match &conv.bias {
-        Some(bias) if on_host(&x) && c_in >= host::SHIFTED_GEMM_MIN_CHANNELS => {
-            host::conv3x3(x, conv.weight.val(), bias.val())
+    let [b, c_in, h, w] = x.dims();
+    let c_out = conv.weight.dims()[0];
+    let Some(bias) = conv.bias.as_ref().filter(|_| on_host(&x)) else {
+        return portable::conv3x3(conv, x);
+    };
+    match Conv3x3Kernel::choose(b, c_in, c_out, h, w) {
+        Conv3x3Kernel::Winograd4 => {
+            winograd::conv3x3_tensor(&winograd::F4, x, false, conv.weight.val(), bias.val())
         }
-        _ => portable::conv3x3(conv, x),
+        Conv3x3Kernel::Winograd2 => {
+            winograd::conv3x3_tensor(&winograd::F2, x, false, conv.weight.val(), bias.val())
+        }
+        #[cfg(test)]
+        Conv3x3Kernel::ShiftedGemm => host::conv3x3(x, conv.weight.val(), bias.val()),
+        #[cfg(test)]
+        Conv3x3Kernel::Portable => portable::conv3x3(conv, x),
+    }
+}
+
+/// Nearest-neighbour 2× upsampling, then [`conv3x3`] (diffusers' `Upsample2D`).
+///
+/// The host's Winograd kernels read each source pixel for the four it becomes, so the
+/// upsampled tensor (4× the input) is never materialised; elsewhere it is, by broadcasting
+/// each pixel to a 2×2 block.
+///
+/// # Shapes
+/// `x` `[B, C_in, H, W]` -> `[B, C_out, 2H, 2W]`.
+pub fn upsample2x_conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, c_in, h, w] = x.dims();
+    let c_out = conv.weight.dims()[0];
+    if let Some(bias) = conv.bias.as_ref().filter(|_| on_host(&x)) {
+        let (weight, bias) = (conv.weight.val(), bias.val());
+        match Conv3x3Kernel::choose(b, c_in, c_out, 2 * h, 2 * w) {
+            Conv3x3Kernel::Winograd4 => {
+                return winograd::conv3x3_tensor(&winograd::F4, x, true, weight, bias)
+            }
+            Conv3x3Kernel::Winograd2 => {
+                return winograd::conv3x3_tensor(&winograd::F2, x, true, weight, bias)
+            }
+            #[cfg(test)]
+            _ => {}
+        }
+    }
+    conv3x3(conv, portable::upsample_nearest2x(x))
+}
+
+/// A rule choosing the 3×3 kernel from `(b, c_in, c_out, h, w)`.
+#[cfg(test)]
+type Conv3x3Rule = fn(usize, usize, usize, usize, usize) -> Conv3x3Kernel;
+
+#[cfg(test)]
+thread_local! {
+    /// A rule that [`Conv3x3Kernel::choose`] defers to on this thread (where the dispatch
+    /// runs), for the tests to compare whole models across kernels.
+    static CONV3X3_RULE: std::cell::Cell<Option<Conv3x3Rule>> =
+        const { std::cell::Cell::new(None) };
+}
+
+/// The host kernels of [`conv3x3`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Conv3x3Kernel {
+    /// Winograd F(4×4, 3×3) (`ops/winograd.rs`).
+    Winograd4,
+    /// Winograd F(2×2, 3×3).
+    Winograd2,
+    /// Nine shifted GEMMs (`host::conv3x3`), the host kernel before Winograd: a baseline for
+    /// the tests and measurements.
+    #[cfg(test)]
+    ShiftedGemm,
+    /// burn's `conv2d` on the host, likewise.
+    #[cfg(test)]
+    Portable,
+}
+
+impl Conv3x3Kernel {
+    /// The kernel for a convolution of `b` images of `c_in` → `c_out` channels at `h`×`w` on
+    /// the host.
+    ///
+    /// Measured in CPU time per call at the VAE's layer sizes, from 3 to 512 channels and
+    /// 8×8 to 256×256 (docs/performance.md): F(4×4) is the fastest kernel wherever the
+    /// image has a few dozen tiles; below, the cost of its weight transform (4× the weight's
+    /// size, for few GEMM columns) makes F(2×2) faster. burn's `conv2d` and the shifted GEMMs
+    /// were slower than one of them at every size tried but the decoder's 4-channel `conv_in`
+    /// at 64×64, by milliseconds, too little for a rule of its own.
+    fn choose(b: usize, c_in: usize, c_out: usize, h: usize, w: usize) -> Self {
+        #[cfg(test)]
+        if let Some(rule) = CONV3X3_RULE.get() {
+            return rule(b, c_in, c_out, h, w);
+        }
+        let _ = (c_in, c_out);
+        if b * h.div_ceil(4) * w.div_ceil(4) >= winograd::F4_MIN_TILES {
+            Self::Winograd4
+        } else {
+            Self::Winograd2
+        }
     }
 }
 

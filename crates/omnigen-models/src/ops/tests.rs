@@ -10,7 +10,8 @@ use burn::tensor::{DType, Tensor, TensorData};
 use omnigen_core::{QuantScheme, QuantizedTensor};
 
 use super::{
-    host, mask, portable, HeadRange, KernelBackend, KeyRanges, LinearLayer, QuantizedLinear,
+    host, mask, portable, winograd, Conv3x3Kernel, Conv3x3Rule, HeadRange, KernelBackend,
+    KeyRanges, LinearLayer, QuantizedLinear, CONV3X3_RULE,
 };
 use crate::loader::Loader;
 use crate::ops;
@@ -225,13 +226,325 @@ fn group_norm_silu_host_matches_portable() {
 
 #[test]
 fn shifted_gemm_conv_matches_conv2d() {
-    let (c_in, c_out) = (host::SHIFTED_GEMM_MIN_CHANNELS, 40);
+    let (c_in, c_out) = (256, 40);
     let conv: Conv2d<B> = loader(&RandomWeights { seed: 3 })
         .conv2d(c_in, c_out, 3, 1, 1)
         .unwrap();
     for (b, h, w) in [(1, 5, 7), (2, 8, 3)] {
         let x = normal([b, c_in, h, w], 17);
         assert_layer_op_close(&conv, x, ops::conv3x3, portable::conv3x3, 1e-4);
+    }
+}
+
+/// The dispatch before Winograd: shifted GEMMs from 256 input channels, else burn's conv2d.
+fn shifted_gemm_rule(_: usize, c_in: usize, _: usize, _: usize, _: usize) -> Conv3x3Kernel {
+    if c_in >= 256 {
+        Conv3x3Kernel::ShiftedGemm
+    } else {
+        Conv3x3Kernel::Portable
+    }
+}
+
+/// `f` with [`CONV3X3_RULE`] set to `rule` (`None`: the real dispatch).
+fn with_conv3x3_rule<R>(rule: Option<Conv3x3Rule>, f: impl FnOnce() -> R) -> R {
+    CONV3X3_RULE.set(rule);
+    let r = f();
+    CONV3X3_RULE.set(None);
+    r
+}
+
+/// Max abs difference of `got` from `want`, and the same relative to `want`'s max abs value.
+fn abs_and_rel_diff(got: Tensor<B, 4>, want: Tensor<B, 4>) -> (f32, f32) {
+    assert_eq!(got.dims(), want.dims());
+    let scale: f32 = want.clone().abs().max().into_scalar();
+    let diff: f32 = (got - want).abs().max().into_scalar();
+    (diff, diff / scale.max(f32::MIN_POSITIVE))
+}
+
+/// A 3×3 convolution `c_in` → `c_out` with weights at the checkpoint scale of
+/// [`RandomWeights`] (uniform in `±1/sqrt(9·c_in)`, bias `±0.1`).
+fn conv3x3_layer(c_in: usize, c_out: usize, seed: u64) -> Conv2d<B> {
+    loader(&RandomWeights { seed })
+        .conv2d(c_in, c_out, 3, 1, 1)
+        .unwrap()
+}
+
+/// Both Winograd kernels, called directly, against `conv2d`.
+fn winograd_kernels(conv: &Conv2d<B>, x: Tensor<B, 4>) -> [(&'static str, Tensor<B, 4>); 2] {
+    let (w, b) = (conv.weight.val(), conv.bias.as_ref().unwrap().val());
+    [
+        (
+            "F(2x2)",
+            winograd::conv3x3_tensor(&winograd::F2, x.clone(), false, w.clone(), b.clone()),
+        ),
+        (
+            "F(4x4)",
+            winograd::conv3x3_tensor(&winograd::F4, x, false, w, b),
+        ),
+    ]
+}
+
+#[test]
+fn winograd_conv_matches_conv2d_on_odd_shapes() {
+    // Sizes that are not multiples of either tile (and a 1×1 image, all border), one and
+    // several images, channel counts on both sides of the dispatch thresholds.
+    for (b, c_in, c_out, h, w) in [
+        (1, 3, 5, 7, 9),
+        (2, 17, 6, 5, 3),
+        (1, 8, 4, 1, 1),
+        (3, 70, 33, 13, 11),
+        (2, 300, 20, 6, 10),
+        (1, 64, 64, 18, 17),
+    ] {
+        let conv = conv3x3_layer(c_in, c_out, 21);
+        let x = normal([b, c_in, h, w], 22);
+        let want = portable::conv3x3(&conv, x.clone());
+        for (name, got) in winograd_kernels(&conv, x) {
+            let (abs, rel) = abs_and_rel_diff(got, want.clone());
+            assert!(
+                rel < 1e-5,
+                "{name} {b}×{c_in}→{c_out}×{h}×{w}: max abs diff {abs:e} (rel {rel:e})"
+            );
+        }
+    }
+}
+
+#[test]
+fn conv3x3_dispatch_matches_conv2d() {
+    // Each kernel the dispatch picks, with channel counts and image sizes on both sides of
+    // its thresholds.
+    let mut seen = Vec::new();
+    for (b, c_in, c_out, h, w) in [
+        (2, 4, 16, 9, 7),
+        (1, 32, 8, 10, 10),
+        (2, 64, 24, 11, 6),
+        (1, 128, 16, 24, 25),
+        (1, 256, 16, 5, 7),
+        (2, 512, 8, 4, 6),
+        (3, 300, 7, 17, 9),
+    ] {
+        let conv = conv3x3_layer(c_in, c_out, 23);
+        let x = normal([b, c_in, h, w], 24);
+        let (abs, rel) =
+            abs_and_rel_diff(ops::conv3x3(&conv, x.clone()), portable::conv3x3(&conv, x));
+        let kernel = Conv3x3Kernel::choose(b, c_in, c_out, h, w);
+        assert!(
+            rel < 1e-5,
+            "{kernel:?} {b}×{c_in}→{c_out}×{h}×{w}: max abs diff {abs:e} (rel {rel:e})"
+        );
+        seen.push(kernel);
+    }
+    assert!(seen.contains(&Conv3x3Kernel::Winograd2) && seen.contains(&Conv3x3Kernel::Winograd4));
+}
+
+#[test]
+fn upsample_conv_matches_conv2d_of_the_upsampled_input() {
+    for (b, c_in, c_out, h, w) in [(1, 5, 3, 3, 4), (2, 40, 9, 7, 5), (1, 64, 16, 16, 12)] {
+        let conv = conv3x3_layer(c_in, c_out, 31);
+        let x = normal([b, c_in, h, w], 32);
+        let want = portable::conv3x3(&conv, portable::upsample_nearest2x(x.clone()));
+        let (abs, rel) = abs_and_rel_diff(ops::upsample2x_conv3x3(&conv, x), want);
+        assert!(
+            rel < 1e-5,
+            "{b}×{c_in}→{c_out}×{h}×{w}: max abs diff {abs:e} (rel {rel:e})"
+        );
+    }
+}
+
+/// The error figures of `ops/winograd.rs` and docs/performance.md: each host kernel against
+/// the portable direct convolution at a VAE size (512 → 512 channels, 64×64).
+/// `cargo test --release -p omnigen-models --lib winograd_error -- --ignored --nocapture`
+#[test]
+#[ignore = "seconds of convolution; prints the error figures"]
+fn winograd_error_at_the_vae_scale() {
+    let conv = conv3x3_layer(512, 512, 25);
+    let x = normal([1, 512, 64, 64], 26);
+    let want = portable::conv3x3(&conv, x.clone());
+    let std: f32 = want.clone().powf_scalar(2.0).mean().sqrt().into_scalar();
+    eprintln!("output std {std:.3}");
+    let (w, b) = (conv.weight.val(), conv.bias.as_ref().unwrap().val());
+    let shifted = host::conv3x3(x.clone(), w, b);
+    for (name, got) in winograd_kernels(&conv, x)
+        .into_iter()
+        .chain([("shifted GEMM", shifted)])
+    {
+        let (abs, rel) = abs_and_rel_diff(got, want.clone());
+        eprintln!("{name}: max abs diff {abs:.2e}, relative to max |y| {rel:.2e}");
+        assert!(rel < 1e-4);
+    }
+}
+
+/// A whole decode of the SDXL-architecture VAE (the committed medium config, random weights
+/// at the checkpoint scale) with the dispatched kernels against one with burn's direct
+/// `conv2d` for every 3×3 convolution: the error the Winograd kernels add end to end.
+/// `cargo test --release -p omnigen-models --lib winograd_vae_decode -- --ignored --nocapture`
+#[test]
+#[ignore = "seconds: two decodes at the real width"]
+fn winograd_vae_decode_matches_direct_convolutions() {
+    let config = omnigen_core::VaeConfig::from_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../benches/configs/medium/vae/config.json"
+    ))
+    .unwrap();
+    let vae = crate::vae::AutoencoderKL::<B>::load(
+        &RandomWeights { seed: 0 },
+        &config,
+        &default_device(),
+        DType::F32,
+    )
+    .unwrap();
+    let z = normal([1, 4, 32, 32], 29);
+    let decode = |rule| with_conv3x3_rule(rule, || vae.decode(z.clone()).unwrap());
+    let want = decode(Some(|_, _, _, _, _| Conv3x3Kernel::Portable));
+    let rules: [(&str, Option<Conv3x3Rule>); 4] = [
+        (
+            "shifted GEMM",
+            Some(|_, _, _, _, _| Conv3x3Kernel::ShiftedGemm),
+        ),
+        (
+            "Winograd F(2x2)",
+            Some(|_, _, _, _, _| Conv3x3Kernel::Winograd2),
+        ),
+        (
+            "Winograd F(4x4)",
+            Some(|_, _, _, _, _| Conv3x3Kernel::Winograd4),
+        ),
+        ("as dispatched", None),
+    ];
+    for (name, rule) in rules {
+        let (abs, rel) = abs_and_rel_diff(decode(rule), want.clone());
+        eprintln!("decode 256x256, {name}: max abs diff {abs:.2e} (relative to max |y| {rel:.2e})");
+        assert!(rel < 1e-3);
+    }
+}
+
+/// CPU seconds of a whole decode of the SDXL-architecture VAE (medium config, random weights)
+/// to `OMNIGEN_DECODE_PX`² pixels (default 512), with the 3×3 kernels as dispatched against
+/// the dispatch before Winograd ([`shifted_gemm_rule`]), in alternating rounds (best of 3;
+/// `OMNIGEN_DECODE_RULE=Winograd` for the one whose name contains it).
+/// `RAYON_NUM_THREADS=1 cargo test --release -p omnigen-models --lib vae_decode_cpu_time --
+/// --ignored --nocapture`
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+#[ignore = "a measurement, minutes of CPU time"]
+fn vae_decode_cpu_time() {
+    crate::tune_host_allocator();
+    let px: usize = std::env::var("OMNIGEN_DECODE_PX").map_or(512, |v| v.parse().unwrap());
+    let config = omnigen_core::VaeConfig::from_file(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../benches/configs/medium/vae/config.json"
+    ))
+    .unwrap();
+    let vae = crate::vae::AutoencoderKL::<B>::load(
+        &RandomWeights { seed: 0 },
+        &config,
+        &default_device(),
+        DType::F32,
+    )
+    .unwrap();
+    let z = normal([1, 4, px / 8, px / 8], 30);
+    let rules: [(&str, Option<Conv3x3Rule>); 2] = [
+        (
+            "before (shifted GEMM >= 256 ch, else burn)",
+            Some(shifted_gemm_rule),
+        ),
+        ("Winograd (as dispatched)", None),
+    ];
+    let only = std::env::var("OMNIGEN_DECODE_RULE").unwrap_or_default();
+    let rules: Vec<_> = rules
+        .into_iter()
+        .filter(|(n, _)| n.contains(only.as_str()))
+        .collect();
+    let mut best = vec![f64::INFINITY; rules.len()];
+    for _ in 0..3 {
+        for ((_, rule), best) in rules.iter().zip(&mut best) {
+            let t0 = cpu_seconds();
+            let y = with_conv3x3_rule(*rule, || vae.decode(z.clone()).unwrap());
+            *best = best.min(cpu_seconds() - t0);
+            drop(y);
+        }
+    }
+    for ((name, _), best) in rules.iter().zip(best) {
+        eprintln!("decode {px}x{px}, {name}: {best:.2} CPU s");
+    }
+}
+
+/// Process CPU time (all threads), seconds.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn cpu_seconds() -> f64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `t` is a valid timespec to write to.
+    unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut t) };
+    t.tv_sec as f64 + t.tv_nsec as f64 * 1e-9
+}
+
+/// CPU seconds per call of each 3×3 kernel at the VAE's layer sizes, and the
+/// direct-convolution GFLOP per CPU-second (best of 5); the data behind [`Conv3x3Kernel::choose`].
+/// `RAYON_NUM_THREADS=1 cargo test --release -p omnigen-models --lib conv3x3_kernel_cpu_time
+/// -- --ignored --nocapture` (`OMNIGEN_CONV_SIZES=c_in,c_out,h,w;...` for other sizes,
+/// `OMNIGEN_CONV_KERNEL=F(4` for the kernels whose name contains it).
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+#[ignore = "a measurement, minutes of CPU time"]
+fn conv3x3_kernel_cpu_time() {
+    // As in the pipeline and the benches: freed buffers are reused rather than unmapped.
+    crate::tune_host_allocator();
+    let sizes: Vec<[usize; 4]> = match std::env::var("OMNIGEN_CONV_SIZES") {
+        Ok(s) => s
+            .split(';')
+            .map(|t| {
+                let v: Vec<usize> = t.split(',').map(|n| n.trim().parse().unwrap()).collect();
+                [v[0], v[1], v[2], v[3]]
+            })
+            .collect(),
+        Err(_) => vec![
+            [512, 512, 64, 64],
+            [256, 256, 128, 128],
+            [128, 128, 128, 128],
+        ],
+    };
+    for [c_in, c_out, h, w] in sizes {
+        let conv = conv3x3_layer(c_in, c_out, 27);
+        let x = normal([1, c_in, h, w], 28);
+        let gflop = 2.0 * 9.0 * (c_in * c_out * h * w) as f64 * 1e-9;
+        let (wt, bs) = (conv.weight.val(), conv.bias.as_ref().unwrap().val());
+        let kernels: [(&str, &dyn Fn() -> Tensor<B, 4>); 4] = [
+            ("burn conv2d", &|| portable::conv3x3(&conv, x.clone())),
+            ("shifted GEMM", &|| {
+                host::conv3x3(x.clone(), wt.clone(), bs.clone())
+            }),
+            ("Winograd F(2x2)", &|| {
+                winograd::conv3x3_tensor(&winograd::F2, x.clone(), false, wt.clone(), bs.clone())
+            }),
+            ("Winograd F(4x4)", &|| {
+                winograd::conv3x3_tensor(&winograd::F4, x.clone(), false, wt.clone(), bs.clone())
+            }),
+        ];
+        let only = std::env::var("OMNIGEN_CONV_KERNEL").unwrap_or_default();
+        let kernels: Vec<_> = kernels
+            .into_iter()
+            .filter(|(n, _)| n.contains(only.as_str()))
+            .collect();
+        // Rounds over all kernels in turn, so that a burst of load elsewhere on a shared
+        // machine hits each of them alike; the best of the rounds is reported.
+        let mut best = vec![f64::INFINITY; kernels.len()];
+        for _ in 0..5 {
+            for ((_, run), best) in kernels.iter().zip(&mut best) {
+                let t0 = cpu_seconds();
+                let y = run();
+                *best = best.min(cpu_seconds() - t0);
+                drop(y);
+            }
+        }
+        for ((name, _), best) in kernels.iter().zip(best) {
+            eprintln!(
+                "{c_in}->{c_out} {h}x{w} {name}: {best:.4} CPU s, {:.1} GFLOP/CPU-s",
+                gflop / best
+            );
+        }
     }
 }
 

@@ -158,13 +158,7 @@ impl<B: KernelBackend> Upsample2D<B> {
     }
 
     pub(crate) fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let [b, c, h, w] = x.dims();
-        // Nearest 2× by broadcasting each pixel to a 2×2 block: exact, no interpolation arithmetic.
-        let up = x
-            .reshape([b, c, h, 1, w, 1])
-            .expand([b, c, h, 2, w, 2])
-            .reshape([b, c, 2 * h, 2 * w]); // [B, C, 2H, 2W]
-        ops::conv3x3(&self.conv, up) // [B, C, 2H, 2W]
+        ops::upsample2x_conv3x3(&self.conv, x) // [B, C, 2H, 2W]
     }
 }
 
