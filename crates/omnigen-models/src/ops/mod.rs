@@ -109,7 +109,7 @@ pub fn default_dtype<B: KernelBackend>(device: &B::Device) -> DType {
 /// made: a kernel would otherwise fail deep inside the backend.
 pub fn check_dtype<B: KernelBackend>(
     device: &B::Device,
-    what: &str,
+    what: &'static str,
     dtype: DType,
 ) -> omnigen_core::Result<()> {
     if B::supports_dtype(device, dtype) {
