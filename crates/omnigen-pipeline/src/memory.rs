@@ -434,12 +434,13 @@ pub fn check(
     } else if est.vae > est.transformer_phase() {
         "decode with a tiled VAE (PipelineBuilder::vae_tiling) or request a smaller output size"
             .to_string()
-    } else if text_tokens > output_tokens.max(1024) {
-        format!("shorten the prompt (its longest branch has {text_tokens} tokens)")
     } else if est.input_image_share * 2 > needed {
+        // before the prompt's length: an input image's tokens count in the condition
         format!(
             "lower max_input_image_size (now {max_input_image_size}) so input images take fewer tokens"
         )
+    } else if text_tokens > output_tokens.max(1024) {
+        format!("shorten the prompt (its longest branch has {text_tokens} tokens)")
     } else if joint {
         "set separate_cfg_infer (one forward per guidance branch) or request a smaller output size"
             .to_string()
