@@ -284,7 +284,11 @@ fn help_and_version() {
         "{help}"
     );
     assert!(
-        help.contains("[default: f32] [possible values: f32, f16, bf16]"),
+        help.contains("[default: auto] [possible values: auto, f32, f16, bf16]"),
+        "{help}"
+    );
+    assert!(
+        help.contains("[default: f32] [possible values: f32, bf16]"),
         "{help}"
     );
     // the long form documents each choice
