@@ -115,7 +115,8 @@ impl<B: KernelBackend> PipelineBuilder<B> {
                 ),
             ));
         }
-        omnigen_models::ops::check_dtype::<B>(&self.device, "dtype", dtype)?;
+        // The transformer's dtype is checked where it loads (in the dtype it computes in); the
+        // VAE's here, so that the refusal names this builder's option.
         omnigen_models::ops::check_dtype::<B>(&self.device, "vae_dtype", self.vae_dtype)?;
         let start = Instant::now();
         let _span = info_span!("load", dir = %model_dir.display()).entered();
