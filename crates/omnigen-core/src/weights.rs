@@ -165,7 +165,9 @@ impl MappedFile {
 
     /// `name`'s values read with `pread` straight into a buffer of their own type, when they
     /// are stored as `T`: no page of the map is touched, so none becomes resident, and no
-    /// per-page fault is taken (the kernel copies from its page cache). `None` elsewhere (a
+    /// per-page fault is taken on it (the kernel copies from its page cache). The buffer is
+    /// fresh memory backed by huge pages where the kernel grants them ([`untouched_zeroed`]),
+    /// and large tensors are read in parallel slices ([`read_parallel`]). `None` elsewhere (a
     /// short read, a size that is not a whole number of `T`, a platform without `pread`).
     fn read_pod<T: bytemuck::Pod>(&self, name: &str) -> Option<Vec<T>> {
         let info = self.metadata.info(name)?;
@@ -174,12 +176,15 @@ impl MappedFile {
         if len % std::mem::size_of::<T>() != 0 {
             return None;
         }
-        let mut values = vec![T::zeroed(); len / std::mem::size_of::<T>()];
+        let mut values = untouched_zeroed::<T>(len / std::mem::size_of::<T>());
         #[cfg(unix)]
         {
-            use std::os::unix::fs::FileExt;
-            let buf: &mut [u8] = bytemuck::cast_slice_mut(&mut values);
-            self.file.read_exact_at(buf, start as u64).ok()?;
+            read_parallel(
+                &self.file,
+                bytemuck::cast_slice_mut(&mut values),
+                start as u64,
+            )
+            .ok()?;
             Some(values)
         }
         #[cfg(not(unix))]
@@ -187,6 +192,13 @@ impl MappedFile {
             let _ = (start, &mut values);
             None
         }
+    }
+
+    /// `name`'s values as `T` (its stored type): read by [`Self::read_pod`], or decoded from the
+    /// map where that cannot (`bytes` is the tensor's mapped data).
+    fn values<T: bytemuck::Pod>(&self, name: &str, bytes: &[u8]) -> Vec<T> {
+        self.read_pod::<T>(name)
+            .unwrap_or_else(|| decode::<T>(bytes))
     }
 
     /// Drops this process's mapping of `name`'s pages once its values have been copied out, so
@@ -439,39 +451,36 @@ impl WeightSource {
             return Ok(TensorData::new(q.dequantize(), shape).convert_dtype(dtype));
         }
         let data = match (st_dtype, dtype) {
-            (StDtype::F32, DType::F32) => TensorData::new(
-                file.read_pod::<f32>(name)
-                    .unwrap_or_else(|| decode::<f32>(bytes)),
-                shape,
-            ),
-            (StDtype::F16, DType::F16) => TensorData::new(
-                file.read_pod::<f16>(name)
-                    .unwrap_or_else(|| decode::<f16>(bytes)),
-                shape,
-            ),
-            (StDtype::BF16, DType::BF16) => TensorData::new(
-                file.read_pod::<bf16>(name)
-                    .unwrap_or_else(|| decode::<bf16>(bytes)),
-                shape,
-            ),
-            (StDtype::F32, DType::F16) => {
-                TensorData::new(convert(decode::<f32>(bytes), f16::from_f32), shape)
+            (StDtype::F32, DType::F32) => TensorData::new(file.values::<f32>(name, bytes), shape),
+            (StDtype::F16, DType::F16) => TensorData::new(file.values::<f16>(name, bytes), shape),
+            (StDtype::BF16, DType::BF16) => {
+                TensorData::new(file.values::<bf16>(name, bytes), shape)
             }
-            (StDtype::F32, DType::BF16) => {
-                TensorData::new(convert(decode::<f32>(bytes), bf16::from_f32), shape)
-            }
+            (StDtype::F32, DType::F16) => TensorData::new(
+                convert(file.values::<f32>(name, bytes), f16::from_f32),
+                shape,
+            ),
+            (StDtype::F32, DType::BF16) => TensorData::new(
+                convert(file.values::<f32>(name, bytes), bf16::from_f32),
+                shape,
+            ),
             (StDtype::F16, DType::F32) => {
-                TensorData::new(convert(decode::<f16>(bytes), f16::to_f32), shape)
+                TensorData::new(convert(file.values::<f16>(name, bytes), f16::to_f32), shape)
             }
-            (StDtype::BF16, DType::F32) => {
-                TensorData::new(convert(decode::<bf16>(bytes), bf16::to_f32), shape)
-            }
+            (StDtype::BF16, DType::F32) => TensorData::new(
+                convert(file.values::<bf16>(name, bytes), bf16::to_f32),
+                shape,
+            ),
             (StDtype::F16, DType::BF16) => TensorData::new(
-                convert(decode::<f16>(bytes), |x| bf16::from_f32(x.to_f32())),
+                convert(file.values::<f16>(name, bytes), |x| {
+                    bf16::from_f32(x.to_f32())
+                }),
                 shape,
             ),
             (StDtype::BF16, DType::F16) => TensorData::new(
-                convert(decode::<bf16>(bytes), |x| f16::from_f32(x.to_f32())),
+                convert(file.values::<bf16>(name, bytes), |x| {
+                    f16::from_f32(x.to_f32())
+                }),
                 shape,
             ),
             (StDtype::F32 | StDtype::F16 | StDtype::BF16, other) => {
@@ -569,7 +578,7 @@ impl WeightSource {
                 })
             }
         };
-        let values = bytes.to_vec();
+        let values = file.values::<u8>(name, bytes);
         file.release(name);
         Ok(Some(QuantizedTensor {
             scheme,
@@ -589,6 +598,68 @@ impl WeightSource {
     }
 }
 
+/// `n` zeroed values in memory that nothing has touched yet, advised to be backed by
+/// transparent huge pages (Linux): a large allocation is a fresh anonymous mapping, so filling
+/// it then takes one page fault per 2 MiB instead of one per 4 KiB. (`vec![T::zeroed(); n]`
+/// writes every element for types without a zero-allocation shortcut, such as `bf16`.)
+fn untouched_zeroed<T: bytemuck::Pod>(n: usize) -> Vec<T> {
+    let Ok(layout) = std::alloc::Layout::array::<T>(n) else {
+        // More bytes than the address space: the same failure `vec!` reports.
+        panic!(
+            "capacity overflow: {n} values of {} bytes",
+            std::mem::size_of::<T>()
+        );
+    };
+    if layout.size() == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the layout has a non-zero size; all-zero bytes are a valid `T` (`Pod`); the
+    // pointer comes from the global allocator with exactly this layout, as
+    // `Vec::from_raw_parts` requires, with length = capacity = n.
+    let values = unsafe {
+        let ptr = std::alloc::alloc_zeroed(layout).cast::<T>();
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(ptr, n, n)
+    };
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let base = values.as_ptr() as usize;
+        let (lo, hi) = (
+            base.next_multiple_of(HUGE),
+            (base + layout.size()) / HUGE * HUGE,
+        );
+        if hi > lo {
+            // SAFETY: advice only: MADV_HUGEPAGE on whole pages inside this allocation
+            // changes how the kernel backs them, never their contents. A refusal (THP off,
+            // an old kernel) leaves ordinary pages, hence ignored.
+            unsafe {
+                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    values
+}
+
+/// Fills `buf` from `file` at `offset` with `pread`, in slices of at least 16 MiB on the
+/// rayon threads: the copy out of the page cache and the faults on fresh pages are per-core
+/// work, so one thread alone leaves the other cores idle while a model loads.
+#[cfg(unix)]
+fn read_parallel(file: &std::fs::File, buf: &mut [u8], offset: u64) -> std::io::Result<()> {
+    use rayon::prelude::*;
+    use std::os::unix::fs::FileExt;
+    const MIN_SLICE: usize = 16 << 20;
+    let slice = buf
+        .len()
+        .div_ceil(rayon::current_num_threads().max(1))
+        .max(MIN_SLICE);
+    buf.par_chunks_mut(slice)
+        .enumerate()
+        .try_for_each(|(i, chunk)| file.read_exact_at(chunk, offset + (i * slice) as u64))
+}
+
 /// Decodes little-endian values; the mmap is not guaranteed to be aligned for `T`.
 fn decode<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
     match bytemuck::try_cast_slice::<u8, T>(bytes) {
@@ -600,6 +671,12 @@ fn decode<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
     }
 }
 
-fn convert<A: Copy, B>(values: Vec<A>, f: impl Fn(A) -> B) -> Vec<B> {
-    values.into_iter().map(f).collect()
+/// `values` converted element by element, in parallel.
+fn convert<A: Copy + Sync, B: Send>(values: Vec<A>, f: impl Fn(A) -> B + Sync) -> Vec<B> {
+    use rayon::prelude::*;
+    values
+        .par_iter()
+        .with_min_len(1 << 16)
+        .map(|&x| f(x))
+        .collect()
 }
