@@ -7,6 +7,7 @@ use anyhow::Context as _;
 use burn::tensor::DType;
 use clap::{Args, ValueEnum};
 use indicatif::{ProgressBar, ProgressStyle};
+use omnigen::pipeline::PipelineBuilder;
 use omnigen::prelude::*;
 
 use crate::latents::{read_latents, write_latents};
@@ -103,6 +104,32 @@ impl From<VaeDtypeArg> for DType {
             VaeDtypeArg::F32 => DType::F32,
             VaeDtypeArg::Bf16 => DType::BF16,
         }
+    }
+}
+
+/// The dtype flags of `generate`, `batch` and `serve` (one declaration, flattened into each).
+#[derive(Args, Debug, Clone, Copy)]
+pub struct PrecisionArgs {
+    /// Transformer weight dtype; `auto` is bf16 on a GPU backend that has it and f32 on the CPU
+    /// backends. On the CPU backends bf16 / f16 mean weights stored in half precision and
+    /// computed in f32 (activations, norms and the residual stream in f32), at the f32 speed
+    /// with half the weight memory; device backends compute in that dtype.
+    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
+    pub dtype: DtypeArg,
+    /// The VAE's dtype.
+    #[arg(long, value_enum, default_value_t = VaeDtypeArg::F32)]
+    pub vae_dtype: VaeDtypeArg,
+}
+
+impl PrecisionArgs {
+    /// `builder` with these dtypes (`auto` resolved for the compiled-in backend).
+    pub fn apply(
+        self,
+        builder: PipelineBuilder<DefaultBackend>,
+    ) -> PipelineBuilder<DefaultBackend> {
+        builder
+            .dtype(self.dtype.resolved())
+            .vae_dtype(self.vae_dtype.into())
     }
 }
 
@@ -228,15 +255,8 @@ pub struct GenerateArgs {
     /// Longest side input images are downscaled to.
     #[arg(long, default_value_t = 1024)]
     pub max_input_image_size: usize,
-    /// Transformer weight dtype; `auto` is bf16 on a GPU backend that has it and f32 on the CPU
-    /// backends. On the CPU backends bf16 / f16 mean weights stored in half precision and
-    /// computed in f32 (activations, norms and the residual stream in f32), at the f32 speed
-    /// with half the weight memory; device backends compute in that dtype.
-    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
-    pub dtype: DtypeArg,
-    /// The VAE's dtype.
-    #[arg(long, value_enum, default_value_t = VaeDtypeArg::F32)]
-    pub vae_dtype: VaeDtypeArg,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// Keep the transformer (`model`) or the kv cache (`kv`) in host memory (comma-separated
     /// or repeated). A documented no-op on the CPU backends, whose tensors live in host memory;
     /// not implemented on device backends yet (refused).
@@ -451,9 +471,9 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         check_writable(out)?;
     }
 
-    let mut builder = OmniGenPipeline::<DefaultBackend>::builder(&args.model)
-        .dtype(args.dtype.resolved())
-        .vae_dtype(args.vae_dtype.into())
+    let mut builder = args
+        .precision
+        .apply(OmniGenPipeline::<DefaultBackend>::builder(&args.model))
         .memory_limit(args.memory_limit.map(|mib| mib.saturating_mul(1 << 20)))
         .download_progress(true);
     for lora in &args.loras {
@@ -555,8 +575,8 @@ mod tests {
         assert_eq!((args.guidance_scale, args.img_guidance_scale), (3.0, 1.6));
         assert_eq!(args.kv_cache, KvCacheArg::Official);
         assert_eq!(args.input_latents, InputLatentsArg::Sample);
-        assert_eq!(args.dtype, DtypeArg::Auto);
-        assert_eq!(args.vae_dtype, VaeDtypeArg::F32);
+        assert_eq!(args.precision.dtype, DtypeArg::Auto);
+        assert_eq!(args.precision.vae_dtype, VaeDtypeArg::F32);
         assert_eq!(args.max_input_image_size, 1024);
         assert_eq!(args.lora_scale, 1.0);
         assert!(!args.joint_cfg && !args.no_metadata && !args.use_input_image_size_as_output);
@@ -579,17 +599,17 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(args.kv_cache, KvCacheArg::Off);
-        assert_eq!(args.dtype.dtype(), Some(DType::BF16));
+        assert_eq!(args.precision.dtype.dtype(), Some(DType::BF16));
         let request = args.request().unwrap();
         assert_eq!(request.kv_cache, KvCache::Off);
         assert_eq!(request.input_latents, InputLatents::Mean);
         assert!(!request.separate_cfg_infer);
         assert_eq!(
-            parse(&["--dtype", "f16"]).unwrap().dtype.dtype(),
+            parse(&["--dtype", "f16"]).unwrap().precision.dtype.dtype(),
             Some(DType::F16)
         );
         assert_eq!(
-            DType::from(parse(&["--vae-dtype", "bf16"]).unwrap().vae_dtype),
+            DType::from(parse(&["--vae-dtype", "bf16"]).unwrap().precision.vae_dtype),
             DType::BF16
         );
         assert!(parse(&["--vae-dtype", "f16"]).is_err());

@@ -22,9 +22,7 @@ use omnigen::pipeline::{GenerationOptions, SchedulerKind};
 use omnigen::prelude::*;
 use serde_json::Value;
 
-use crate::generate::{
-    parse_scheduler, DtypeArg, FormatArg, InputLatentsArg, KvCacheArg, VaeDtypeArg,
-};
+use crate::generate::{parse_scheduler, FormatArg, InputLatentsArg, KvCacheArg, PrecisionArgs};
 use manifest::{Defaults, Job, SweepValue};
 use results::{Record, RecordedError, Results, Status, Times};
 
@@ -94,12 +92,8 @@ pub struct BatchArgs {
     /// Default longest side input images are downscaled to [default: 1024].
     #[arg(long)]
     pub max_input_image_size: Option<usize>,
-    /// Transformer weight dtype (as `omnigen generate --dtype`).
-    #[arg(long, value_enum, default_value_t = DtypeArg::Auto)]
-    pub dtype: DtypeArg,
-    /// The VAE's dtype.
-    #[arg(long, value_enum, default_value_t = VaeDtypeArg::F32)]
-    pub vae_dtype: VaeDtypeArg,
+    #[command(flatten)]
+    pub precision: PrecisionArgs,
     /// PEFT LoRA adapter folder merged into the transformer at load time (repeatable).
     #[arg(long = "lora")]
     pub loras: Vec<PathBuf>,
@@ -342,7 +336,7 @@ fn batch(args: BatchArgs) -> anyhow::Result<()> {
     };
     let planner = model_dir
         .as_deref()
-        .map(|dir| RequestPlanner::from_dir(dir, args.dtype.resolved()))
+        .map(|dir| RequestPlanner::from_dir(dir, args.precision.dtype.resolved()))
         .transpose()?;
     let available = args
         .memory_limit
@@ -461,9 +455,9 @@ fn batch(args: BatchArgs) -> anyhow::Result<()> {
     let mut failed = 0usize;
     let mut interrupted = false;
     if !pending.is_empty() {
-        let mut builder = OmniGenPipeline::<DefaultBackend>::builder(&args.model)
-            .dtype(args.dtype.resolved())
-            .vae_dtype(args.vae_dtype.into())
+        let mut builder = args
+            .precision
+            .apply(OmniGenPipeline::<DefaultBackend>::builder(&args.model))
             .memory_limit(args.memory_limit.map(|mib| mib.saturating_mul(1 << 20)))
             .download_progress(true);
         for lora in &args.loras {

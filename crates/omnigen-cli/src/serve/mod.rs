@@ -87,12 +87,8 @@ pub struct ServeArgs {
     /// Seconds running jobs get to finish at shutdown before they are cancelled.
     #[arg(long, default_value_t = 30)]
     pub shutdown_timeout: u64,
-    /// Transformer weight dtype (as `omnigen generate --dtype`).
-    #[arg(long, value_enum, default_value_t = crate::generate::DtypeArg::Auto)]
-    pub dtype: crate::generate::DtypeArg,
-    /// The VAE's dtype.
-    #[arg(long, value_enum, default_value_t = crate::generate::VaeDtypeArg::F32)]
-    pub vae_dtype: crate::generate::VaeDtypeArg,
+    #[command(flatten)]
+    pub precision: crate::generate::PrecisionArgs,
 }
 
 fn parse_size(text: &str) -> Result<(usize, usize), String> {
@@ -151,15 +147,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     // The model loads while the server already answers (503 until it is ready).
     let (loaded_tx, loaded_rx) = tokio::sync::oneshot::channel();
     let model = args.model.clone();
-    let dtype = args.dtype.resolved();
-    let vae_dtype: burn::tensor::DType = args.vae_dtype.into();
+    let precision = args.precision;
     std::thread::Builder::new()
         .name("omnigen-load".into())
         .spawn(move || {
             let started = Instant::now();
-            let built = OmniGenPipeline::<DefaultBackend>::builder(&model)
-                .dtype(dtype)
-                .vae_dtype(vae_dtype)
+            let built = precision
+                .apply(OmniGenPipeline::<DefaultBackend>::builder(&model))
                 .download_progress(true)
                 .build();
             let _ = loaded_tx.send(built.map(|p| (p, started.elapsed())));
