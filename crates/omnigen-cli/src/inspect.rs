@@ -334,11 +334,14 @@ impl Report {
         writeln!(out, "  transformer by loading mode:")?;
         let dense = |weight_dtype, compute_dtype| WeightMode {
             quantized: None,
+            code_dtype: DType::I8,
             weight_dtype,
             compute_dtype,
         };
+        // One byte per code (CPU backends, CUDA); wgpu holds each in four.
         let quant = |weight_dtype, compute_dtype| WeightMode {
             quantized: Some(QuantScheme::Int8),
+            code_dtype: DType::I8,
             weight_dtype,
             compute_dtype,
         };

@@ -87,6 +87,16 @@ impl<'a, B: Backend> Loader<'a, B> {
         Ok(Tensor::from_data(data, (&self.device, self.dtype)))
     }
 
+    /// Reads tensor `name` in the weight dtype (see
+    /// [`with_weight_dtype`](Self::with_weight_dtype)): for tables that are only looked up, and
+    /// whose rows are cast to the compute dtype where they are used.
+    pub fn table<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<B, D>> {
+        let data = self
+            .reader
+            .read(&self.key(name), &shape, self.weight_dtype)?;
+        Ok(Tensor::from_data(data, (&self.device, self.weight_dtype)))
+    }
+
     /// Reads tensor `name` as a parameter.
     pub fn param<const D: usize>(
         &self,

@@ -273,17 +273,21 @@ impl RequestPlanner {
 pub struct WeightMode {
     /// The decoder layers' linear weights quantized (`omnigen quantize`), else dense.
     pub quantized: Option<omnigen_core::QuantScheme>,
-    /// Dtype of the dense linear weights (`--dtype`).
+    /// Dtype the quantized codes are held in (`ops::code_dtype`): one byte, or `I32` on
+    /// devices without byte integers (wgpu). Unused when `quantized` is `None`.
+    pub code_dtype: burn::tensor::DType,
+    /// Dtype of the dense linear weights and of the token and position tables (`--dtype`).
     pub weight_dtype: burn::tensor::DType,
-    /// Dtype of everything else (embedding table, norms, biases, `pos_embed`): the compute
-    /// dtype, f32 on the CPU backends whatever `--dtype` is.
+    /// Dtype of everything else (norms, biases): the compute dtype, f32 on the CPU backends
+    /// whatever `--dtype` is.
     pub compute_dtype: burn::tensor::DType,
 }
 
 /// Bytes the transformer's parameters take once loaded in `mode`, from its config and the
 /// checkpoint's value count `total_values` (parameters and buffers): the decoder layers'
-/// linear weights at one byte plus an f32 scale per output feature when quantized, the other
-/// linear weights in the weight dtype, the rest in the compute dtype.
+/// linear weights at one code (`mode.code_dtype`) plus an f32 scale per output feature when
+/// quantized, the other linear weights and the token and position tables in the weight dtype,
+/// the rest in the compute dtype.
 pub fn transformer_weight_bytes(
     cfg: &TransformerConfig,
     total_values: u64,
@@ -301,13 +305,16 @@ pub fn transformer_weight_bytes(
     let decoder_rows = layers * (3 * d + d + 2 * i + d);
     // two timestep embedders, the final adaLN and projection
     let other = 2 * (f * d + d * d) + 2 * d * d + d * patch_out;
-    let rest = total_values.saturating_sub(decoder + other);
+    // the token and position tables, held in the weight dtype (only their rows are cast)
+    let g = cfg.pos_embed_max_size as u64;
+    let tables = cfg.vocab_size as u64 * d + g * g * d;
+    let rest = total_values.saturating_sub(decoder + other + tables);
     let w = mode.weight_dtype.size() as u64;
     let decoder_bytes = match mode.quantized {
-        Some(_) => decoder + 4 * decoder_rows,
+        Some(_) => decoder * mode.code_dtype.size() as u64 + 4 * decoder_rows,
         None => decoder * w,
     };
-    decoder_bytes + other * w + rest * mode.compute_dtype.size() as u64
+    decoder_bytes + (other + tables) * w + rest * mode.compute_dtype.size() as u64
 }
 
 /// Memory this process may still allocate, in bytes: the smaller of the system's

@@ -197,6 +197,91 @@ impl OutPtr {
     }
 }
 
+/// An f32 matrix in memory: element `(i, j)` at `ptr + i·row_stride + j·col_stride`.
+#[derive(Clone, Copy)]
+pub(super) struct Strided<P> {
+    pub ptr: P,
+    pub row_stride: isize,
+    pub col_stride: isize,
+}
+
+impl<P> Strided<P> {
+    /// A row-major matrix whose rows are `ld` floats apart.
+    pub(super) fn rows(ptr: P, ld: usize) -> Self {
+        Self {
+            ptr,
+            row_stride: ld as isize,
+            col_stride: 1,
+        }
+    }
+
+    /// The transpose of a row-major matrix whose rows are `ld` floats apart (a `[n, k]` block
+    /// read as `k × n`).
+    pub(super) fn transposed(ptr: P, ld: usize) -> Self {
+        Self {
+            ptr,
+            row_stride: 1,
+            col_stride: ld as isize,
+        }
+    }
+}
+
+/// What [`gemm_f32`] does with the destination.
+#[derive(Clone, Copy)]
+pub(super) enum Store {
+    /// `dst ← scale · lhs·rhs` (the old contents are not read).
+    Overwrite(f32),
+    /// `dst ← dst + lhs·rhs`.
+    Accumulate,
+}
+
+/// The f32 product of `lhs` (`m × k`) and `rhs` (`k × n`) into `dst` (`m × n`), stored as
+/// `store` says, through `gemm`'s packing and micro-kernels.
+///
+/// # Safety
+/// Every element the three matrices address (by their strides, over those shapes) lies inside
+/// its allocation, and `dst` overlaps neither input.
+#[allow(clippy::too_many_arguments)]
+pub(super) unsafe fn gemm_f32(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: Strided<*mut f32>,
+    lhs: Strided<*const f32>,
+    rhs: Strided<*const f32>,
+    store: Store,
+    threads: gemm::Parallelism,
+) {
+    let (read_dst, scale) = match store {
+        Store::Overwrite(scale) => (false, scale),
+        Store::Accumulate => (true, 1.0),
+    };
+    // SAFETY: the caller's contract is gemm's.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.ptr,
+            dst.col_stride,
+            dst.row_stride,
+            read_dst,
+            lhs.ptr,
+            lhs.col_stride,
+            lhs.row_stride,
+            rhs.ptr,
+            rhs.col_stride,
+            rhs.row_stride,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            threads,
+        );
+    }
+}
+
 /// Query rows per attention task.
 const ATTN_ROWS: usize = 64;
 /// Keys per tile of the online softmax: a tile's scores, keys and values (about 0.5 MB with
@@ -352,25 +437,14 @@ impl AttentionScratch {
             // from rows c0..c0+cols of the t×hd row-major k block (column stride hd, row
             // stride 1); all within their slices.
             unsafe {
-                gemm::gemm(
+                gemm_f32(
                     rows,
                     cols,
                     hd,
-                    tile.as_mut_ptr(),
-                    1,
-                    cols as isize,
-                    false,
-                    qb.as_ptr(),
-                    1,
-                    hd as isize,
-                    kb.as_ptr().add(c0 * hd),
-                    hd as isize,
-                    1,
-                    0.0,
-                    scale,
-                    false,
-                    false,
-                    false,
+                    Strided::rows(tile.as_mut_ptr(), cols),
+                    Strided::rows(qb.as_ptr(), hd),
+                    Strided::transposed(kb.as_ptr().add(c0 * hd), hd),
+                    Store::Overwrite(scale),
                     gemm::Parallelism::None,
                 );
             }
@@ -408,25 +482,14 @@ impl AttentionScratch {
             // SAFETY: acc is rows×hd row-major; the probabilities rows×cols row-major; v rows
             // c0..c0+cols of the t×hd row-major block.
             unsafe {
-                gemm::gemm(
+                gemm_f32(
                     rows,
                     hd,
                     cols,
-                    self.acc.as_mut_ptr(),
-                    1,
-                    hd as isize,
-                    true,
-                    self.tile.as_ptr(),
-                    1,
-                    cols as isize,
-                    vb.as_ptr().add(c0 * hd),
-                    1,
-                    hd as isize,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                    Strided::rows(self.acc.as_mut_ptr(), hd),
+                    Strided::rows(self.tile.as_ptr(), cols),
+                    Strided::rows(vb.as_ptr().add(c0 * hd), hd),
+                    Store::Accumulate,
                     gemm::Parallelism::None,
                 );
             }
@@ -663,25 +726,18 @@ pub(super) fn linear_rows(
             // stride n), disjoint between tasks and inside `out`; x is m×k row-major; the rhs
             // is the jn×k row-major block read transposed (column stride k, row stride 1).
             unsafe {
-                gemm::gemm(
+                gemm_f32(
                     m,
                     jn,
                     k,
-                    out_ptr.get().add(j0),
-                    1,
-                    n as isize,
-                    bias.is_some(),
-                    x.as_ptr(),
-                    1,
-                    k as isize,
-                    buf.as_ptr(),
-                    k as isize,
-                    1,
-                    1.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
+                    Strided::rows(out_ptr.get().add(j0), n),
+                    Strided::rows(x.as_ptr(), k),
+                    Strided::transposed(buf.as_ptr(), k),
+                    if bias.is_some() {
+                        Store::Accumulate
+                    } else {
+                        Store::Overwrite(1.0)
+                    },
                     gemm::Parallelism::None,
                 );
             }
@@ -732,6 +788,107 @@ pub(super) fn cast_or_copy<T: bytemuck::Pod>(bytes: &[u8]) -> std::borrow::Cow<'
     }
 }
 
+/// diffusers' `Downsample2D` convolution: zero-pad one row at the bottom and one column at the
+/// right, then a 3×3 convolution of stride 2 without other padding, for even `H` and `W`.
+///
+/// Polyphase: the input is split into its four (row parity, column parity) phases, each a
+/// half-size plane with one zero row and column appended; tap `(dy, dx)` then reads phase
+/// `(dy % 2, dx % 2)` shifted by `(dy / 2, dx / 2)`, so the convolution is nine shifted GEMMs at
+/// the output's resolution, accumulated in place as in [`conv3x3`] (stride-2 3×3 has no cheap
+/// Winograd form).
+///
+/// # Shapes
+/// `x` `[B, C_in, H, W]`, `weight` `[C_out, C_in, 3, 3]` -> `[B, C_out, H/2, W/2]`.
+pub(super) fn downsample_conv3x3<B: Backend>(
+    x: Tensor<B, 4>,
+    weight: Tensor<B, 4>,
+    bias: Tensor<B, 1>,
+) -> Tensor<B, 4> {
+    let device = x.device();
+    let [b, c_in, h, w] = x.dims();
+    let c_out = weight.dims()[0];
+    assert_eq!(
+        weight.dims(),
+        [c_out, c_in, 3, 3],
+        "downsample: weight shape"
+    );
+    assert!(
+        h % 2 == 0 && w % 2 == 0 && h > 0 && w > 0,
+        "downsample: odd size"
+    );
+    let (ho, wo) = (h / 2, w / 2);
+    let wq = wo + 1; // phase row stride: one zero column
+    let lq = (ho + 2) * wq; // phase plane: one zero row, one more for the last tap's window
+    let n = ho * wq; // output on the phase-width grid
+    let (xs, ws, bs) = (f32_data(x), f32_data(weight), f32_data(bias));
+    // phases[((bi·4 + phase)·c_in + c)·lq ..]: phase 2·(row parity) + (column parity)
+    let mut phases = vec![0f32; b * 4 * c_in * lq];
+    phases
+        .par_chunks_mut(lq)
+        .enumerate()
+        .for_each(|(plane, dst)| {
+            let c = plane % c_in;
+            let phase = (plane / c_in) % 4;
+            let bi = plane / (4 * c_in);
+            let (pr, pc) = (phase / 2, phase % 2);
+            let src = &xs[(bi * c_in + c) * h * w..(bi * c_in + c + 1) * h * w];
+            for i in 0..ho {
+                let row = &src[(2 * i + pr) * w..(2 * i + pr + 1) * w];
+                for (d, &v) in dst[i * wq..i * wq + wo]
+                    .iter_mut()
+                    .zip(row[pc..].iter().step_by(2))
+                {
+                    *d = v;
+                }
+            }
+        });
+    let mut out = vec![0f32; b * c_out * n];
+    for bi in 0..b {
+        let dst = &mut out[bi * c_out * n..(bi + 1) * c_out * n];
+        for (row, &bv) in dst.chunks_exact_mut(n).zip(&bs) {
+            row.fill(bv);
+        }
+        for dy in 0..3 {
+            for dx in 0..3 {
+                let tap = 3 * dy + dx;
+                let phase = 2 * (dy % 2) + dx % 2;
+                let src = &phases[(bi * 4 + phase) * c_in * lq..(bi * 4 + phase + 1) * c_in * lq];
+                let off = (dy / 2) * wq + dx / 2;
+                // The window's last element, (c_in-1)·lq + off + n - 1 ≤ (c_in-1)·lq +
+                // (ho+1)·wq, lies inside `src`; the tap's last weight inside `ws`.
+                debug_assert!((c_in - 1) * lq + off + n <= src.len());
+                // SAFETY: dst is c_out×n row-major; the lhs is c_out×c_in with row stride
+                // 9·c_in and column stride 9 from element `tap` of the weight; the rhs window is
+                // c_in×n with row stride lq from `off`; all within their slices (above), and dst
+                // does not alias the inputs.
+                unsafe {
+                    gemm_f32(
+                        c_out,
+                        n,
+                        c_in,
+                        Strided::rows(dst.as_mut_ptr(), n),
+                        Strided {
+                            ptr: ws.as_ptr().add(tap),
+                            row_stride: (9 * c_in) as isize,
+                            col_stride: 9,
+                        },
+                        Strided::rows(src.as_ptr().add(off), lq),
+                        Store::Accumulate,
+                        gemm::Parallelism::Rayon(0),
+                    );
+                }
+            }
+        }
+    }
+    drop(phases);
+    // Drop the junk column of every row.
+    let mut cropped = vec![0f32; b * c_out * ho * wo];
+    for (dst, src) in cropped.chunks_exact_mut(wo).zip(out.chunks_exact(wq)) {
+        dst.copy_from_slice(&src[..wo]);
+    }
+    Tensor::from_data(TensorData::new(cropped, [b, c_out, ho, wo]), &device)
+}
+
 /// A 3×3, stride-1, padding-1 convolution as nine shifted GEMMs accumulated in place: the
 /// host kernel before Winograd (`ops/winograd.rs`), which replaced it at every size measured;
 /// kept as the tests' and measurements' baseline.
@@ -777,25 +934,18 @@ pub(super) fn conv3x3<B: Backend>(
                 // is c_in×n with row stride l from `off`; all within their slices (above), and
                 // dst does not alias the inputs.
                 unsafe {
-                    gemm::gemm(
+                    gemm_f32(
                         c_out,
                         n,
                         c_in,
-                        dst.as_mut_ptr(),
-                        1,
-                        n as isize,
-                        true,
-                        ws.as_ptr().add(tap),
-                        9,
-                        (9 * c_in) as isize,
-                        src.as_ptr().add(off),
-                        1,
-                        l as isize,
-                        1.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        Strided::rows(dst.as_mut_ptr(), n),
+                        Strided {
+                            ptr: ws.as_ptr().add(tap),
+                            row_stride: (9 * c_in) as isize,
+                            col_stride: 9,
+                        },
+                        Strided::rows(src.as_ptr().add(off), l),
+                        Store::Accumulate,
                         gemm::Parallelism::Rayon(0),
                     );
                 }

@@ -14,6 +14,7 @@
 //! | [`group_norm_silu`] | one threaded pass per group | burn's `GroupNorm` then `silu` |
 //! | [`conv3x3`] | Winograd F(4×4, 3×3), or F(2×2, 3×3) for images of fewer than 36 tiles: batched GEMMs over the transformed tiles | burn's `conv2d` |
 //! | [`upsample2x_conv3x3`] | the Winograd kernels of [`conv3x3`], reading the nearest 2× in place | nearest 2× by broadcasting, then [`conv3x3`] |
+//! | [`downsample_conv3x3`] | nine shifted GEMMs over the input's four polyphase planes, at the output's resolution | burn's `conv2d` (stride 2, padding bottom/right) |
 //!
 //! # Where a new kernel goes
 //! A kernel for one family of backends (a fused GPU kernel, a quantized or bf16 GEMM) is a new
@@ -29,7 +30,7 @@ mod portable;
 mod quant;
 mod winograd;
 
-pub use quant::{LinearLayer, QuantizedLinear, WeightFormat};
+pub use quant::{code_dtype, LinearLayer, QuantizedLinear, WeightFormat};
 
 use mask::BiasRepr;
 pub use mask::{attention_bias, mask_min, AttentionBias, KeyRanges};
@@ -77,6 +78,15 @@ pub trait KernelBackend: Backend {
     /// [`float_bytes`](Self::float_bytes) for int tensors (quantized weights).
     fn int_bytes(_tensor: &Self::IntTensorPrimitive) -> Option<&[u8]> {
         None
+    }
+}
+
+/// `x` in `dtype` (no op when it already is).
+pub fn cast<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
+    if x.dtype() == dtype {
+        x
+    } else {
+        x.cast(dtype)
     }
 }
 
@@ -488,6 +498,23 @@ pub fn upsample2x_conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -
         }
     }
     conv3x3(conv, portable::upsample_nearest2x(x))
+}
+
+/// diffusers' `Downsample2D` convolution: zero-pad one row at the bottom and one column at the
+/// right, then `conv`, a 3×3 convolution of stride 2 without padding of its own (as
+/// `Downsample2D::load` builds it: burn padding `Explicit(0, 0, 1, 1)`).
+///
+/// # Shapes
+/// `x` `[B, C, H, W]` -> `[B, C_out, ⌊H/2⌋, ⌊W/2⌋]` (`H`, `W` ≥ 2).
+pub fn downsample_conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    debug_assert!(conv.kernel_size == [3, 3] && conv.stride == [2, 2] && conv.groups == 1);
+    let [_, _, h, w] = x.dims();
+    match conv.bias.as_ref() {
+        Some(bias) if on_host(&x) && h % 2 == 0 && w % 2 == 0 && h > 0 && w > 0 => {
+            host::downsample_conv3x3(x, conv.weight.val(), bias.val())
+        }
+        _ => conv.forward(x),
+    }
 }
 
 /// A rule choosing the 3×3 kernel from `(b, c_in, c_out, h, w)`.

@@ -106,6 +106,21 @@ impl<B: Backend> LinearLayer<B> {
     }
 }
 
+/// The dtype `device` holds `scheme`'s codes in: one byte (`I8` for int8, `U8` for fp8 e4m3)
+/// where the device has byte integers, else `I32` (WGSL has none, so on wgpu each code takes
+/// four bytes, the same values).
+pub fn code_dtype<B: Backend>(device: &B::Device, scheme: QuantScheme) -> DType {
+    let byte = match scheme {
+        QuantScheme::Int8 => DType::I8,
+        QuantScheme::Fp8E4M3 => DType::U8,
+    };
+    if B::supports_dtype(device, byte) {
+        byte
+    } else {
+        DType::I32
+    }
+}
+
 impl<B: Backend> QuantizedLinear<B> {
     /// A layer from quantized bytes `[out, in]`, scales `[out]` and an optional bias.
     pub fn new(
@@ -116,21 +131,19 @@ impl<B: Backend> QuantizedLinear<B> {
         bias: Option<Param<Tensor<B, 1>>>,
         device: &B::Device,
     ) -> Self {
-        // One byte per weight where the device has byte integers; WGSL has none, so on wgpu
-        // the codes are held as i32 (four times the bytes, the same values).
-        let values: Tensor<B, 2, Int> = match scheme {
-            QuantScheme::Int8 if B::supports_dtype(device, DType::I8) => {
+        let values: Tensor<B, 2, Int> = match (scheme, code_dtype::<B>(device, scheme)) {
+            (QuantScheme::Int8, DType::I8) => {
                 let v: Vec<i8> = values.into_iter().map(|b| b as i8).collect();
                 Tensor::from_data(TensorData::new(v, shape), (device, DType::I8))
             }
-            QuantScheme::Fp8E4M3 if B::supports_dtype(device, DType::U8) => {
+            (QuantScheme::Fp8E4M3, DType::U8) => {
                 Tensor::from_data(TensorData::new(values, shape), (device, DType::U8))
             }
-            QuantScheme::Int8 => {
+            (QuantScheme::Int8, _) => {
                 let v: Vec<i32> = values.into_iter().map(|b| i32::from(b as i8)).collect();
                 Tensor::from_data(TensorData::new(v, shape), (device, DType::I32))
             }
-            QuantScheme::Fp8E4M3 => {
+            (QuantScheme::Fp8E4M3, _) => {
                 let v: Vec<i32> = values.into_iter().map(i32::from).collect();
                 Tensor::from_data(TensorData::new(v, shape), (device, DType::I32))
             }

@@ -351,6 +351,75 @@ fn upsample_conv_matches_conv2d_of_the_upsampled_input() {
     }
 }
 
+/// A `Downsample2D` convolution `c_in` → `c_out` (3×3, stride 2, padding bottom/right).
+fn downsample_layer(c_in: usize, c_out: usize, seed: u64) -> Conv2d<B> {
+    let mut conv = loader(&RandomWeights { seed })
+        .conv2d(c_in, c_out, 3, 2, 0)
+        .unwrap();
+    conv.padding = burn::nn::PaddingConfig2d::Explicit(0, 0, 1, 1);
+    conv
+}
+
+#[test]
+fn downsample_conv_matches_conv2d() {
+    // Even sizes take the polyphase kernel; odd ones fall back to conv2d (checked too).
+    for (b, c_in, c_out, h, w) in [
+        (1, 3, 5, 2, 2),
+        (2, 40, 9, 8, 6),
+        (1, 64, 64, 16, 20),
+        (1, 8, 4, 7, 5),
+    ] {
+        let conv = downsample_layer(c_in, c_out, 41);
+        let x = normal([b, c_in, h, w], 42);
+        let want = conv.forward(x.clone());
+        let got = ops::downsample_conv3x3(&conv, x);
+        assert_eq!(got.dims(), [b, c_out, h / 2, w / 2]);
+        let (abs, rel) = abs_and_rel_diff(got, want);
+        assert!(
+            rel < 1e-5,
+            "{b}×{c_in}→{c_out}×{h}×{w}: max abs diff {abs:e} (rel {rel:e})"
+        );
+    }
+}
+
+/// CPU time of the encoder's stride-2 convolutions, burn's `conv2d` against the polyphase
+/// kernel, at the SDXL encoder's sizes for a 512² image (best of 3).
+/// `RAYON_NUM_THREADS=1 cargo test --release -p omnigen-models --lib downsample_cpu_time --
+/// --ignored --nocapture`
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+#[test]
+#[ignore = "a measurement, seconds of CPU time"]
+fn downsample_cpu_time() {
+    crate::tune_host_allocator();
+    for [c, h] in [[128, 512], [256, 256], [512, 128]] {
+        let conv = downsample_layer(c, c, 43);
+        let x = normal([1, c, h, h], 44);
+        let gflop = 2.0 * 9.0 * (c * c * (h / 2) * (h / 2)) as f64 * 1e-9;
+        let kernels: [(&str, &dyn Fn() -> Tensor<B, 4>); 2] = [
+            ("burn conv2d", &|| conv.forward(x.clone())),
+            ("polyphase GEMMs", &|| {
+                ops::downsample_conv3x3(&conv, x.clone())
+            }),
+        ];
+        let mut best = [f64::INFINITY; 2];
+        for _ in 0..3 {
+            for ((_, run), best) in kernels.iter().zip(&mut best) {
+                let t0 = cpu_seconds();
+                let y = run();
+                *best = best.min(cpu_seconds() - t0);
+                drop(y);
+            }
+        }
+        for ((name, _), t) in kernels.iter().zip(best) {
+            println!(
+                "{c}ch {h}²→{}²  {name:<16} {t:.3} cpu-s  {:.1} GFLOP/cpu-s",
+                h / 2,
+                gflop / t
+            );
+        }
+    }
+}
+
 /// The error figures of `ops/winograd.rs` and docs/performance.md: each host kernel against
 /// the portable direct convolution at a VAE size (512 → 512 channels, 64×64).
 /// `cargo test --release -p omnigen-models --lib winograd_error -- --ignored --nocapture`

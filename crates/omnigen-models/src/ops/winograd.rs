@@ -34,7 +34,7 @@
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::host::{cast_or_copy, f32_data, with_float_bytes};
+use super::host::{cast_or_copy, f32_data, gemm_f32, with_float_bytes, Store, Strided};
 use super::KernelBackend;
 
 /// The transform matrices of F(`M`×`M`, 3×3); `A = M + 2` is the input tile's side.
@@ -534,25 +534,14 @@ fn conv3x3_with<const M: usize, const A: usize>(
                 // (c_out-1)·A²·c_in + xi·c_in + c_in - 1 inside `u`; the rhs is c_in×nb
                 // row-major; the three do not alias.
                 unsafe {
-                    gemm::gemm(
+                    gemm_f32(
                         c_out,
                         nb,
                         c_in,
-                        dst.as_mut_ptr(),
-                        1,
-                        nb as isize,
-                        false,
-                        u.as_ptr().add(xi * c_in),
-                        1,
-                        (A * A * c_in) as isize,
-                        rhs.as_ptr(),
-                        1,
-                        nb as isize,
-                        0.0,
-                        1.0,
-                        false,
-                        false,
-                        false,
+                        Strided::rows(dst.as_mut_ptr(), nb),
+                        Strided::rows(u.as_ptr().add(xi * c_in), A * A * c_in),
+                        Strided::rows(rhs.as_ptr(), nb),
+                        Store::Overwrite(1.0),
                         gemm::Parallelism::None,
                     );
                 }

@@ -39,7 +39,8 @@ impl<B: Backend> PatchEmbed<B> {
 /// The fixed `[G*G, D]` sin-cos table and its centred crop per image.
 #[derive(Module, Debug)]
 pub struct PosEmbed<B: Backend> {
-    /// `pos_embed` as stored in the checkpoint, reshaped to `[G, G, D]` (row, column, channel).
+    /// `pos_embed` as stored in the checkpoint, reshaped to `[G, G, D]` (row, column, channel),
+    /// in the weight dtype.
     /// A plain tensor, not a parameter: it is a fixed buffer.
     pub table: Tensor<B, 3>,
     /// `G`, the table side in patches.
@@ -52,12 +53,13 @@ impl<B: Backend> PosEmbed<B> {
     pub fn load(loader: &Loader<B>, config: &TransformerConfig) -> Result<Self> {
         let g = config.pos_embed_max_size;
         let table = loader
-            .tensor("pos_embed", [1, g * g, config.hidden_size])?
+            .table("pos_embed", [1, g * g, config.hidden_size])?
             .reshape([g, g, config.hidden_size]);
         Ok(Self { table, max_size: g })
     }
 
-    /// The centred crop for an `h_patches x w_patches` grid, row-major: `[h*w, D]`
+    /// The centred crop for an `h_patches x w_patches` grid, row-major: `[h*w, D]`, in the
+    /// table's dtype (the weight dtype)
     /// (`cropped_pos_embed`: `top = (G - h) / 2`, `left = (G - w) / 2`).
     pub fn crop(&self, h_patches: usize, w_patches: usize) -> Result<Tensor<B, 2>> {
         let g = self.max_size;

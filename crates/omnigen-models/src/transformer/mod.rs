@@ -493,7 +493,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         let p = self.config.patch_size;
         let [_, _, h, w] = x.dims();
         let pos = self.pos_embed.crop(h / p, w / p)?.unsqueeze::<3>(); // [1, N, D]
-        Ok(self.x_embedder.forward(x) + pos)
+        Ok(self.x_embedder.forward(x) + ops::cast(pos, self.dtype()))
     }
 
     fn check_latent(
@@ -601,7 +601,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
                 format!("token ids must lie in [0, {vocab}), found range [{lo}, {hi}]"),
             ));
         }
-        let mut emb = self.llm.embed_tokens.forward(ids); // [B, L, D]
+        let mut emb = ops::cast(self.llm.embed_tokens.forward(ids), self.dtype()); // [B, L, D]
         let spans = &cond.image_spans;
         if !spans.is_empty() && spans.len() != b {
             return Err(Error::invalid_argument(
@@ -641,7 +641,8 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
                 let pos = self
                     .pos_embed
                     .crop(dims[2] / p, dims[3] / p)?
-                    .unsqueeze::<3>(); // [1, n, D]
+                    .unsqueeze::<3>();
+                let pos = ops::cast(pos, self.dtype()); // [1, n, D]
                 let tokens = self.input_x_embedder.forward(latent.clone()) + pos; // [1, n, D]
                 emb = emb.slice_assign([row..row + 1, start..end, 0..d], tokens);
             }

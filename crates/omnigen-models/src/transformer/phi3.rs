@@ -216,9 +216,13 @@ impl<B: Backend> Phi3Model<B> {
     /// Loads `embed_tokens`, `layers.N`, `norm`.
     pub fn load(loader: &Loader<B>, config: &TransformerConfig) -> Result<Self> {
         let embed_tokens = Embedding {
-            weight: loader
-                .sub("embed_tokens")
-                .param("weight", [config.vocab_size, config.hidden_size])?,
+            // In the weight dtype: on the CPU backends' half-precision mode the looked-up rows
+            // are cast to f32, so the table need not be held in f32.
+            weight: Param::from_tensor(
+                loader
+                    .sub("embed_tokens")
+                    .table("weight", [config.vocab_size, config.hidden_size])?,
+            ),
         };
         let layers = (0..config.num_hidden_layers)
             .map(|i| DecoderLayer::load(&loader.sub(format!("layers.{i}")), config))

@@ -139,8 +139,7 @@ impl<B: KernelBackend> Downsample2D<B> {
     }
 
     pub(crate) fn forward(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        // [B, C, H, W] -> [B, C, H/2, W/2]
-        self.conv.forward(x)
+        ops::downsample_conv3x3(&self.conv, x) // [B, C, H/2, W/2]
     }
 }
 

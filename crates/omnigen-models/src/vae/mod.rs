@@ -36,7 +36,7 @@ use encoder::Encoder;
 pub use tiling::TilingConfig;
 
 use crate::loader::Loader;
-use crate::ops::KernelBackend;
+use crate::ops::{cast, KernelBackend};
 use crate::weights::WeightReader;
 
 /// File stem of the VAE weights inside a checkpoint's `vae/` folder (see
@@ -322,13 +322,4 @@ fn check_config(config: &VaeConfig) -> Result<()> {
     config
         .validate()
         .map_err(|e| Error::invalid_argument("config", e.to_string()))
-}
-
-/// `x` in `dtype` (no op when it already is).
-fn cast<B: Backend, const D: usize>(x: Tensor<B, D>, dtype: DType) -> Tensor<B, D> {
-    if x.dtype() == dtype {
-        x
-    } else {
-        x.cast(dtype)
-    }
 }

@@ -413,6 +413,8 @@ fn the_weight_memory_model_counts_the_loaded_bytes_of_every_mode() {
         .unwrap();
         let mode = WeightMode {
             quantized,
+            code_dtype: quantized
+                .map_or(DType::I8, |q| ops::code_dtype::<B>(&Default::default(), q)),
             weight_dtype: dtype,
             compute_dtype: model.dtype(),
         };
