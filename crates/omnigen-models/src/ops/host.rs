@@ -842,51 +842,16 @@ pub(super) fn downsample_conv3x3<B: Backend>(
                 }
             }
         });
-    let mut out = vec![0f32; b * c_out * n];
-    for bi in 0..b {
-        let dst = &mut out[bi * c_out * n..(bi + 1) * c_out * n];
-        for (row, &bv) in dst.chunks_exact_mut(n).zip(&bs) {
-            row.fill(bv);
-        }
-        for dy in 0..3 {
-            for dx in 0..3 {
-                let tap = 3 * dy + dx;
-                let phase = 2 * (dy % 2) + dx % 2;
-                let src = &phases[(bi * 4 + phase) * c_in * lq..(bi * 4 + phase + 1) * c_in * lq];
-                let off = (dy / 2) * wq + dx / 2;
-                // The window's last element, (c_in-1)·lq + off + n - 1 ≤ (c_in-1)·lq +
-                // (ho+1)·wq, lies inside `src`; the tap's last weight inside `ws`.
-                debug_assert!((c_in - 1) * lq + off + n <= src.len());
-                // SAFETY: dst is c_out×n row-major; the lhs is c_out×c_in with row stride
-                // 9·c_in and column stride 9 from element `tap` of the weight; the rhs window is
-                // c_in×n with row stride lq from `off`; all within their slices (above), and dst
-                // does not alias the inputs.
-                unsafe {
-                    gemm_f32(
-                        c_out,
-                        n,
-                        c_in,
-                        Strided::rows(dst.as_mut_ptr(), n),
-                        Strided {
-                            ptr: ws.as_ptr().add(tap),
-                            row_stride: (9 * c_in) as isize,
-                            col_stride: 9,
-                        },
-                        Strided::rows(src.as_ptr().add(off), lq),
-                        Store::Accumulate,
-                        gemm::Parallelism::Rayon(0),
-                    );
-                }
-            }
-        }
-    }
+    let per_image = c_in * 4 * lq;
+    let out = shifted_taps(b, c_in, c_out, n, &ws, &bs, |bi, dy, dx| {
+        let phase = 2 * (dy % 2) + dx % 2;
+        let planes = &phases[bi * per_image..(bi + 1) * per_image];
+        let src = &planes[phase * c_in * lq..(phase + 1) * c_in * lq];
+        (src, (dy / 2) * wq + dx / 2, lq)
+    });
     drop(phases);
-    // Drop the junk column of every row.
-    let mut cropped = vec![0f32; b * c_out * ho * wo];
-    for (dst, src) in cropped.chunks_exact_mut(wo).zip(out.chunks_exact(wq)) {
-        dst.copy_from_slice(&src[..wo]);
-    }
-    Tensor::from_data(TensorData::new(cropped, [b, c_out, ho, wo]), &device)
+    let out = drop_columns(&out, wq, wo);
+    Tensor::from_data(TensorData::new(out, [b, c_out, ho, wo]), &device)
 }
 
 /// A 3×3, stride-1, padding-1 convolution as nine shifted GEMMs accumulated in place: the
@@ -915,24 +880,46 @@ pub(super) fn conv3x3<B: Backend>(
     let xs = f32_data(x.pad((1, 1, 1, 2), burn::tensor::ops::PadMode::Constant(0.0)));
     let ws = f32_data(weight);
     let bs = f32_data(bias);
+    let out = shifted_taps(b, c_in, c_out, n, &ws, &bs, |bi, dy, dx| {
+        (&xs[bi * c_in * l..(bi + 1) * c_in * l], dy * wp + dx, l)
+    });
+    // Drop the two junk columns of every row: a contiguous result for the ops that follow.
+    let out = drop_columns(&out, wp, w);
+    Tensor::from_data(TensorData::new(out, [b, c_out, h, w]), &device)
+}
+
+/// The nine-tap GEMMs of [`conv3x3`] and [`downsample_conv3x3`]: per image `bi`, the
+/// `c_out × n` output (row-major, starting from the bias) accumulates `W_tap · X_tap` for each
+/// tap `(dy, dx)`, with `W_tap` read by strides from the PyTorch-layout weight
+/// `[C_out, C_in, 3, 3]` and `X_tap` the `c_in × n` window `window(bi, dy, dx)` = (planes,
+/// offset of the window's first element, row stride). Returns `[B, C_out, n]`.
+#[allow(clippy::too_many_arguments)]
+fn shifted_taps<'a>(
+    b: usize,
+    c_in: usize,
+    c_out: usize,
+    n: usize,
+    ws: &[f32],
+    bs: &[f32],
+    window: impl Fn(usize, usize, usize) -> (&'a [f32], usize, usize),
+) -> Vec<f32> {
     let mut out = vec![0f32; b * c_out * n];
     for bi in 0..b {
         let dst = &mut out[bi * c_out * n..(bi + 1) * c_out * n];
-        for (row, &bv) in dst.chunks_exact_mut(n).zip(&bs) {
+        for (row, &bv) in dst.chunks_exact_mut(n).zip(bs) {
             row.fill(bv);
         }
-        let src = &xs[bi * c_in * l..(bi + 1) * c_in * l];
         for dy in 0..3 {
             for dx in 0..3 {
                 let tap = 3 * dy + dx;
-                let off = dy * wp + dx;
-                // The window's last element, (c_in-1)·l + off + n - 1, lies inside `src`; the
-                // tap's last weight, (c_out-1)·9·c_in + (c_in-1)·9 + tap, inside `ws`.
-                debug_assert!((c_in - 1) * l + off + n <= src.len());
+                let (src, off, stride) = window(bi, dy, dx);
+                // The window's last element, (c_in-1)·stride + off + n - 1, and the tap's last
+                // weight, (c_out-1)·9·c_in + (c_in-1)·9 + tap, lie inside their slices.
+                assert!((c_in - 1) * stride + off + n <= src.len() && 9 * c_in * c_out <= ws.len());
                 // SAFETY: dst is c_out×n row-major; the lhs is c_out×c_in with row stride
-                // 9·c_in and column stride 9 from element `tap` of the weight; the rhs window
-                // is c_in×n with row stride l from `off`; all within their slices (above), and
-                // dst does not alias the inputs.
+                // 9·c_in and column stride 9 from element `tap` of the weight; the rhs window is
+                // c_in×n with row stride `stride` from `off`; all within their slices (above),
+                // and dst does not alias the inputs.
                 unsafe {
                     gemm_f32(
                         c_out,
@@ -944,7 +931,7 @@ pub(super) fn conv3x3<B: Backend>(
                             row_stride: (9 * c_in) as isize,
                             col_stride: 9,
                         },
-                        Strided::rows(src.as_ptr().add(off), l),
+                        Strided::rows(src.as_ptr().add(off), stride),
                         Store::Accumulate,
                         gemm::Parallelism::Rayon(0),
                     );
@@ -952,12 +939,16 @@ pub(super) fn conv3x3<B: Backend>(
             }
         }
     }
-    // Drop the two junk columns of every row: a contiguous result for the ops that follow.
-    let mut cropped = vec![0f32; b * c_out * h * w];
-    for (dst, src) in cropped.chunks_exact_mut(w).zip(out.chunks_exact(wp)) {
-        dst.copy_from_slice(&src[..w]);
+    out
+}
+
+/// Rows of `wide` values (`out`) cut to their first `keep`.
+fn drop_columns(out: &[f32], wide: usize, keep: usize) -> Vec<f32> {
+    let mut kept = vec![0f32; out.len() / wide * keep];
+    for (dst, src) in kept.chunks_exact_mut(keep).zip(out.chunks_exact(wide)) {
+        dst.copy_from_slice(&src[..keep]);
     }
-    Tensor::from_data(TensorData::new(cropped, [b, c_out, h, w]), &device)
+    kept
 }
 
 #[cfg(test)]
