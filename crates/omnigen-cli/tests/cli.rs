@@ -255,6 +255,38 @@ fn quantize_writes_a_folder_that_inspect_reads_and_generate_runs() {
         "{stderr}"
     );
     assert!(png.is_file());
+    // Past --max-shard-size the weights are written as shards with an index, which inspect reads.
+    let sharded = dir.path().join("A_int8_shards");
+    let said = stdout_of(&[
+        "quantize",
+        "--model",
+        "tests/fixtures/A/model",
+        "--to",
+        "int8",
+        "--max-shard-size",
+        "256KiB",
+        "--output",
+        sharded.to_str().unwrap(),
+    ]);
+    assert!(said.contains(" shards"), "{said}");
+    assert!(sharded.join("model.safetensors.index.json").is_file());
+    assert!(!sharded.join("model.safetensors").exists());
+    let report = stdout_of(&["inspect", sharded.to_str().unwrap()]);
+    assert_contains_all(&report, &["I8 x 8", "model.safetensors.index.json"]);
+    failure_of(
+        &[
+            "quantize",
+            "--model",
+            "tests/fixtures/A/model",
+            "--to",
+            "int8",
+            "--max-shard-size",
+            "0",
+            "--output",
+            "x",
+        ],
+        "at least 1 byte",
+    );
 }
 
 #[test]

@@ -15,6 +15,7 @@ pub mod layout;
 pub mod quant;
 pub mod quantize;
 pub mod weights;
+pub mod writer;
 
 pub use config::{RopeScaling, TransformerConfig, VaeConfig};
 pub use error::{Error, Result};
@@ -22,5 +23,5 @@ pub use files::{open_regular, MAX_IMAGE_FILE_BYTES};
 pub use folder::{FolderLayout, ModelFolder};
 pub use layout::{CheckpointLayout, TransformerWeights};
 pub use quant::{QuantScheme, QuantizedTensor};
-pub use quantize::{quantize_folder, QuantizeReport};
+pub use quantize::{quantize_folder, QuantizeOptions, QuantizeReport};
 pub use weights::{WeightFiles, WeightSource};

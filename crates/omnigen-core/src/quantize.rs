@@ -4,10 +4,10 @@
 //! The output is written into a temporary sibling folder and renamed into place at the end, so
 //! a failure never leaves a partial model; an existing output is refused, never overwritten.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
-use safetensors::tensor::{Dtype as StDtype, TensorView};
+use safetensors::tensor::Dtype as StDtype;
 
 use crate::config::TransformerConfig;
 use crate::error::{Error, Result};
@@ -15,6 +15,10 @@ use crate::folder::ModelFolder;
 use crate::layout::{stored_keys, CheckpointLayout};
 use crate::quant::{scale_key, QuantScheme, QuantizedTensor, QUANTIZATION_CONFIG_KEY};
 use crate::weights::WeightSource;
+use crate::writer::{
+    natural_cmp, plan_shards, shard_name, write_index, StreamingFile, TensorSpec,
+    DEFAULT_MAX_SHARD_BYTES,
+};
 
 /// The linear layers `omnigen quantize` quantizes, by official module path (`{i}` = a layer
 /// index): the decoder layers' four projections, 97 % of the real model's parameters. The
@@ -43,13 +47,43 @@ pub fn is_quantized_key(key: &str) -> bool {
         })
 }
 
+/// How [`quantize_folder`] quantizes and writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QuantizeOptions {
+    /// The quantization of the decoder layers' linear weights.
+    pub scheme: QuantScheme,
+    /// The largest weights file written, in bytes of tensor data: a checkpoint that does not
+    /// fit in one is written as shards `<stem>-0000N-of-0000M.safetensors` with their index
+    /// (a weight and its scale always share a shard). Default
+    /// [`DEFAULT_MAX_SHARD_BYTES`], Hugging Face's 5 GB.
+    pub max_shard_bytes: u64,
+}
+
+impl QuantizeOptions {
+    /// `scheme`, with the default shard size.
+    pub fn new(scheme: QuantScheme) -> Self {
+        Self {
+            scheme,
+            max_shard_bytes: DEFAULT_MAX_SHARD_BYTES,
+        }
+    }
+
+    /// Sets [`max_shard_bytes`](Self::max_shard_bytes).
+    pub fn max_shard_bytes(mut self, bytes: u64) -> Self {
+        self.max_shard_bytes = bytes;
+        self
+    }
+}
+
 /// What [`quantize_folder`] wrote.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QuantizeReport {
     /// The folder written.
     pub output: PathBuf,
-    /// The transformer weights file written.
+    /// The transformer weights written: the one file, or the index of the shards.
     pub weights: PathBuf,
+    /// Weights files written (1 when not sharded).
+    pub shards: usize,
     /// Stored tensors quantized (diffusers' q, k and v count separately).
     pub quantized: usize,
     /// Stored tensors copied unchanged.
@@ -75,11 +109,24 @@ pub fn quantized_stored_keys(layout: CheckpointLayout, layers: usize) -> BTreeSe
 
 /// Writes a copy of model folder `model` to `output` with the transformer's linear weights
 /// quantized with `scheme` (per output channel) and the scheme named in the transformer's
-/// `config.json` under [`QUANTIZATION_CONFIG_KEY`]; every other file is copied. Sharded weights
-/// are written as one file.
+/// `config.json` under [`QUANTIZATION_CONFIG_KEY`]; every other file is copied. The weights are
+/// written one tensor at a time (memory holds one layer's weight, not the checkpoint), into
+/// one file or, past `options.max_shard_bytes`, shards with an index.
 ///
-/// Refuses an `output` that exists, and a checkpoint that already holds quantized tensors.
-pub fn quantize_folder(model: &Path, output: &Path, scheme: QuantScheme) -> Result<QuantizeReport> {
+/// Refuses an `output` that exists, a zero shard size, and a checkpoint that already holds
+/// quantized tensors.
+pub fn quantize_folder(
+    model: &Path,
+    output: &Path,
+    options: &QuantizeOptions,
+) -> Result<QuantizeReport> {
+    let scheme = options.scheme;
+    if options.max_shard_bytes == 0 {
+        return Err(Error::invalid_argument(
+            "max_shard_bytes",
+            "must be at least 1 byte",
+        ));
+    }
     if output.symlink_metadata().is_ok() {
         return Err(Error::invalid_argument(
             "output",
@@ -117,11 +164,21 @@ pub fn quantize_folder(model: &Path, output: &Path, scheme: QuantScheme) -> Resu
             .unwrap_or_default();
         let out_dir = tmp.join(&rel);
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io("create", &out_dir, e))?;
-        let weights_name = format!("{}.safetensors", folder.weights_stem());
-        let mut report = write_quantized(&source, &targets, scheme, &out_dir.join(&weights_name))?;
+        let mut report = write_quantized(
+            &source,
+            &targets,
+            options,
+            &out_dir,
+            folder.weights_stem(),
+        )?;
         write_config(&config_path, &out_dir.join("config.json"), scheme)?;
         report.output = output.to_path_buf();
-        report.weights = output.join(&rel).join(&weights_name);
+        report.weights = output.join(&rel).join(
+            report
+                .weights
+                .file_name()
+                .ok_or_else(|| Error::invalid_argument("output", "no weights file written"))?,
+        );
         Ok(report)
     })();
     match result {
@@ -187,13 +244,24 @@ fn write_config(from: &Path, to: &Path, scheme: QuantScheme) -> Result<()> {
     std::fs::write(to, text).map_err(|e| Error::io("write", to, e))
 }
 
+/// One unit of the output: a tensor copied as stored, or a weight quantized with its scale
+/// (the two share a shard).
+enum Unit<'a> {
+    Copied(&'a str),
+    Quantized(&'a str),
+}
+
+/// Writes the transformer weights of `source` into `dir` as `<stem>.safetensors` or shards of
+/// it, quantizing `targets`; the returned report's `weights` is the file or index written.
 fn write_quantized(
     source: &WeightSource,
     targets: &BTreeSet<String>,
-    scheme: QuantScheme,
-    path: &Path,
+    options: &QuantizeOptions,
+    dir: &Path,
+    stem: &str,
 ) -> Result<QuantizeReport> {
-    let keys = source.keys();
+    let scheme = options.scheme;
+    let mut keys = source.keys();
     if let Some(k) = keys
         .iter()
         .find(|k| matches!(source.stored_dtype(k), Some(StDtype::I8 | StDtype::F8_E4M3)))
@@ -203,78 +271,113 @@ fn write_quantized(
             format!("tensor `{k}` is already quantized; quantize the original checkpoint"),
         ));
     }
-    let mut quantized: Vec<(String, QuantizedTensor)> = Vec::new();
-    let mut report = QuantizeReport {
-        output: PathBuf::new(),
-        weights: PathBuf::new(),
-        quantized: 0,
-        copied: 0,
-        bytes_in: 0,
-        bytes_out: 0,
-    };
-    for key in &keys {
-        let (bytes, _, shape) = source.raw(key).ok_or_else(|| Error::MissingTensor {
-            name: key.to_string(),
-            path: source.path_of(key).into(),
-        })?;
-        report.bytes_in += bytes.len() as u64;
-        if targets.contains(*key) && shape.len() == 2 {
-            let shape = shape.to_vec();
-            let values = source.read_f32(key, &shape)?;
-            quantized.push((
-                key.to_string(),
-                QuantizedTensor::quantize(key, scheme, &shape, &values)?,
-            ));
-        }
-    }
-    let st_dtype = match scheme {
+    keys.sort_by(|a, b| natural_cmp(a, b));
+    let code_dtype = match scheme {
         QuantScheme::Int8 => StDtype::I8,
         QuantScheme::Fp8E4M3 => StDtype::F8_E4M3,
     };
-    let invalid = |e: safetensors::SafeTensorError| Error::CorruptWeights {
-        path: path.into(),
-        reason: e.to_string(),
-    };
-    let scale_bytes: Vec<(String, Vec<u8>)> = quantized
-        .iter()
-        .map(|(k, q)| (scale_key(k), bytemuck::cast_slice(&q.scales).to_vec()))
-        .collect();
-    let mut views: Vec<(String, TensorView<'_>)> =
-        Vec::with_capacity(keys.len() + scale_bytes.len());
-    for ((key, q), (scale_name, scales)) in quantized.iter().zip(&scale_bytes) {
-        views.push((
-            key.clone(),
-            TensorView::new(st_dtype, q.shape.clone(), &q.values).map_err(invalid)?,
-        ));
-        views.push((
-            scale_name.clone(),
-            TensorView::new(StDtype::F32, vec![q.scales.len()], scales).map_err(invalid)?,
-        ));
-    }
-    let done: BTreeSet<&str> = quantized.iter().map(|(k, _)| k.as_str()).collect();
+    let mut bytes_in = 0u64;
+    let mut units = Vec::with_capacity(keys.len());
+    let mut specs = Vec::with_capacity(keys.len());
     for key in &keys {
-        if done.contains(key) {
-            continue;
-        }
-        if let Some((bytes, dtype, shape)) = source.raw(key) {
-            views.push((
-                key.to_string(),
-                TensorView::new(dtype, shape.to_vec(), bytes).map_err(invalid)?,
-            ));
-            report.copied += 1;
+        let (bytes, dtype, shape) = source.raw(key).ok_or_else(|| Error::MissingTensor {
+            name: key.to_string(),
+            path: source.path_of(key).into(),
+        })?;
+        bytes_in += bytes.len() as u64;
+        if targets.contains(*key) && shape.len() == 2 {
+            units.push(Unit::Quantized(key));
+            specs.push(vec![
+                TensorSpec {
+                    name: key.to_string(),
+                    dtype: code_dtype,
+                    shape: shape.to_vec(),
+                },
+                TensorSpec {
+                    name: scale_key(key),
+                    dtype: StDtype::F32,
+                    shape: vec![shape[0]],
+                },
+            ]);
+        } else {
+            units.push(Unit::Copied(key));
+            specs.push(vec![TensorSpec {
+                name: key.to_string(),
+                dtype,
+                shape: shape.to_vec(),
+            }]);
         }
     }
-    report.quantized = quantized.len();
-    report.bytes_out = views.iter().map(|(_, v)| v.data().len() as u64).sum();
-    let metadata = std::collections::HashMap::from([
+    let metadata = BTreeMap::from([
         ("format".to_string(), "pt".to_string()),
         ("quantization".to_string(), scheme.name().to_string()),
     ]);
-    safetensors::serialize_to_file(views, Some(metadata), path).map_err(|e| Error::Io {
-        action: "write",
-        path: path.into(),
-        source: std::io::Error::other(e.to_string()),
-    })?;
+    let plan = plan_shards(&specs, options.max_shard_bytes);
+    let mut weight_map = BTreeMap::new();
+    let mut report = QuantizeReport {
+        output: PathBuf::new(),
+        weights: PathBuf::new(),
+        shards: plan.len(),
+        quantized: 0,
+        copied: 0,
+        bytes_in,
+        bytes_out: 0,
+    };
+    for (i, shard) in plan.iter().enumerate() {
+        let name = if plan.len() == 1 {
+            format!("{stem}.safetensors")
+        } else {
+            shard_name(stem, i, plan.len())
+        };
+        let path = dir.join(&name);
+        let tensors: Vec<TensorSpec> = shard.iter().flat_map(|&u| specs[u].clone()).collect();
+        let mut file = StreamingFile::create(&path, &tensors, &metadata)?;
+        // The file's order puts scales (f32) before the codes (1 byte): quantize each weight
+        // when its first tensor is due, keep its codes until their turn.
+        let mut pending: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        let unit_of: BTreeMap<&str, usize> = shard
+            .iter()
+            .flat_map(|&u| specs[u].iter().map(move |t| (t.name.as_str(), u)))
+            .collect();
+        for t in file.order().to_vec() {
+            if let Some(codes) = pending.remove(&t.name) {
+                file.write(&t.name, &codes)?;
+                continue;
+            }
+            match units[unit_of[t.name.as_str()]] {
+                Unit::Copied(key) => {
+                    let (bytes, _, _) = source.raw(key).ok_or_else(|| Error::MissingTensor {
+                        name: key.to_string(),
+                        path: source.path_of(key).into(),
+                    })?;
+                    file.write(key, bytes)?;
+                    source.release(key);
+                    report.copied += 1;
+                }
+                Unit::Quantized(key) => {
+                    let shape = source.shape(key).unwrap_or_default();
+                    let values = source.read_f32(key, &shape)?;
+                    let q = QuantizedTensor::quantize(key, scheme, &shape, &values)?;
+                    drop(values);
+                    let scale = scale_key(key);
+                    pending.insert(key.to_string(), q.values);
+                    pending.insert(scale.clone(), bytemuck::cast_slice(&q.scales).to_vec());
+                    let first = pending.remove(&t.name).unwrap_or_default();
+                    file.write(&t.name, &first)?;
+                    report.quantized += 1;
+                }
+            }
+        }
+        file.finish()?;
+        for t in &tensors {
+            report.bytes_out += t.bytes();
+            weight_map.insert(t.name.clone(), name.clone());
+        }
+        report.weights = path;
+    }
+    if plan.len() > 1 {
+        report.weights = write_index(dir, stem, &weight_map, report.bytes_out)?;
+    }
     Ok(report)
 }
 

@@ -502,6 +502,15 @@ impl WeightSource {
         self.files[slot].bytes(name)
     }
 
+    /// Drops this process's mapping of `name`'s pages after its [`raw`](Self::raw) bytes have
+    /// been used (they stay in the page cache), so that a tool streaming a whole checkpoint
+    /// does not end with all of it resident. A later `raw` faults them back in.
+    pub fn release(&self, name: &str) {
+        if let Some(&slot) = self.index.get(name) {
+            self.files[slot].release(name);
+        }
+    }
+
     /// Reads a quantized tensor (stored `I8` or `F8_E4M3`) with its per-row scales, checking its
     /// shape; `None` when `name` is stored in another dtype.
     ///

@@ -345,7 +345,7 @@ pub(super) fn attention<B: Backend>(
 }
 
 /// The largest element, in eight lanes (a vectorised reduction; `-inf` for an empty slice).
-#[inline]
+#[inline(always)]
 fn max_of(xs: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = xs.chunks_exact(8);
@@ -361,17 +361,88 @@ fn max_of(xs: &[f32]) -> f32 {
         .fold(f32::NEG_INFINITY, f32::max)
 }
 
-/// The sum, in eight partial sums (a vectorised reduction).
+/// One row of an attention tile through the online softmax: its scores `row` become
+/// probabilities (exponentials relative to the row's running maximum; 0 outside the visible
+/// keys `visible`, all scores 0 for a `uniform` row), the running `(max, sum)` is updated, and
+/// the row's unnormalised output `acc` rescaled when the maximum moved.
 #[inline]
-fn sum_of(xs: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut chunks = xs.chunks_exact(8);
-    for c in &mut chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l += x;
+fn softmax_tile_row(
+    row: &mut [f32],
+    visible: (usize, usize),
+    uniform: bool,
+    state: (&mut f32, &mut f32),
+    acc: &mut [f32],
+) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { softmax_tile_row_avx2(row, visible, uniform, state, acc) };
+    }
+    softmax_tile_row_portable(row, visible, uniform, state, acc)
+}
+
+/// [`softmax_tile_row`] compiled for AVX2: the exponentials in eight lanes.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn softmax_tile_row_avx2(
+    row: &mut [f32],
+    visible: (usize, usize),
+    uniform: bool,
+    state: (&mut f32, &mut f32),
+    acc: &mut [f32],
+) {
+    softmax_tile_row_portable(row, visible, uniform, state, acc)
+}
+
+#[inline(always)]
+fn softmax_tile_row_portable(
+    row: &mut [f32],
+    (a, e): (usize, usize),
+    uniform: bool,
+    (max, sum): (&mut f32, &mut f32),
+    acc: &mut [f32],
+) {
+    if a >= e {
+        row.fill(0.0);
+        return;
+    }
+    row[..a].fill(0.0);
+    row[e..].fill(0.0);
+    let seen = &mut row[a..e];
+    if uniform {
+        seen.fill(0.0);
+    }
+    let old = *max;
+    let new = old.max(max_of(seen));
+    let tile_sum = exp_sum(seen, new);
+    if old != new && old != f32::NEG_INFINITY {
+        let correction = exp_f32(old - new);
+        *sum *= correction;
+        for x in acc.iter_mut() {
+            *x *= correction;
         }
     }
-    lanes.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+    *max = new;
+    *sum += tile_sum;
+}
+
+/// `xs[i] = exp(xs[i] - m)`, returning their sum: one pass, eight lanes.
+#[inline(always)]
+fn exp_sum(xs: &mut [f32], m: f32) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = xs.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (l, x) in lanes.iter_mut().zip(c.iter_mut()) {
+            *x = exp_f32(*x - m);
+            *l += *x;
+        }
+    }
+    let mut total: f32 = lanes.iter().sum();
+    for x in chunks.into_remainder() {
+        *x = exp_f32(*x - m);
+        total += *x;
+    }
+    total
 }
 
 /// One attention task's buffers, reused by the tasks a rayon worker runs.
@@ -450,34 +521,9 @@ impl AttentionScratch {
             }
             for (r, row) in tile.chunks_exact_mut(cols).enumerate() {
                 let (rlo, rhi, uniform) = self.ranges[r];
-                let (a, e) = (rlo.clamp(c0, c0 + cols) - c0, rhi.clamp(c0, c0 + cols) - c0);
-                if a >= e {
-                    row.fill(0.0);
-                    continue;
-                }
-                if uniform {
-                    row.fill(0.0);
-                } else {
-                    row[..a].fill(f32::NEG_INFINITY);
-                    row[e..].fill(f32::NEG_INFINITY);
-                }
-                let old = self.max[r];
-                let new = old.max(max_of(&row[a..e]));
-                for x in row[a..e].iter_mut() {
-                    *x = exp_f32(*x - new);
-                }
-                let sum = sum_of(&row[a..e]);
-                row[..a].fill(0.0);
-                row[e..].fill(0.0);
-                if old != new && old != f32::NEG_INFINITY {
-                    let correction = exp_f32(old - new);
-                    self.sum[r] *= correction;
-                    for x in &mut self.acc[r * hd..(r + 1) * hd] {
-                        *x *= correction;
-                    }
-                }
-                self.max[r] = new;
-                self.sum[r] += sum;
+                let visible = (rlo.clamp(c0, c0 + cols) - c0, rhi.clamp(c0, c0 + cols) - c0);
+                let state = (&mut self.max[r], &mut self.sum[r]);
+                softmax_tile_row(row, visible, uniform, state, &mut self.acc[r * hd..(r + 1) * hd]);
             }
             // SAFETY: acc is rows×hd row-major; the probabilities rows×cols row-major; v rows
             // c0..c0+cols of the t×hd row-major block.

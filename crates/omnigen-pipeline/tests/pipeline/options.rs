@@ -205,7 +205,7 @@ fn rel_l2(a: &[f32], b: &[f32]) -> f32 {
 
 #[test]
 fn quantized_folders_load_and_generate_close_to_f32_in_both_layouts() {
-    use omnigen_core::{quantize_folder, QuantScheme};
+    use omnigen_core::{quantize_folder, QuantScheme, QuantizeOptions};
     let tmp = tempfile::tempdir().unwrap();
     for (layout, dir) in [
         ("official", model()),
@@ -215,13 +215,15 @@ fn quantized_folders_load_and_generate_close_to_f32_in_both_layouts() {
         let reference = latents(&f32p.generate(&t2i()).unwrap());
         for (scheme, tol) in [(QuantScheme::Int8, 0.25f32), (QuantScheme::Fp8E4M3, 0.6)] {
             let out = tmp.path().join(format!("{layout}-{scheme}"));
-            let report = quantize_folder(&dir, &out, scheme).unwrap();
+            let options = QuantizeOptions::new(scheme);
+            let report = quantize_folder(&dir, &out, &options).unwrap();
+            assert_eq!(report.shards, 1);
             // Two layers of four projections (diffusers stores q, k and v apart).
             let per_layer = if layout == "official" { 4 } else { 6 };
             assert_eq!(report.quantized, 2 * per_layer, "{layout}");
             assert!(report.bytes_out < report.bytes_in, "{report:?}");
             // An existing output is never overwritten.
-            match quantize_folder(&dir, &out, scheme) {
+            match quantize_folder(&dir, &out, &options) {
                 Err(Error::InvalidArgument { name, .. }) => assert_eq!(name, "output"),
                 other => panic!("{other:?}"),
             }
@@ -235,8 +237,24 @@ fn quantized_folders_load_and_generate_close_to_f32_in_both_layouts() {
             assert!(d < tol, "{layout} {scheme} drifted {d} from f32");
             // Quantizing a quantized folder is refused.
             let again = tmp.path().join(format!("{layout}-{scheme}-again"));
-            assert!(quantize_folder(&out, &again, scheme).is_err());
+            assert!(quantize_folder(&out, &again, &options).is_err());
             assert!(!again.exists());
+            // Written as shards (a weight and its scale in one), the same model loads and gives
+            // the same image.
+            let sharded = tmp.path().join(format!("{layout}-{scheme}-shards"));
+            let small = options.max_shard_bytes(64 << 10);
+            let split = quantize_folder(&dir, &sharded, &small).unwrap();
+            assert!(split.shards > 2, "{split:?}");
+            assert_eq!(
+                (split.quantized, split.copied, split.bytes_out),
+                (report.quantized, report.copied, report.bytes_out)
+            );
+            assert!(
+                split.weights.to_string_lossy().ends_with(".safetensors.index.json"),
+                "{split:?}"
+            );
+            let pipe = OmniGenPipeline::<B>::from_dir(&sharded, &Default::default()).unwrap();
+            assert_eq!(latents(&pipe.generate(&t2i()).unwrap()), ours, "{layout} {scheme} shards");
         }
     }
 }
