@@ -9,9 +9,12 @@
 //! named in the model's `config.json` ([`QUANTIZATION_CONFIG_KEY`]) for tools that read only
 //! configs; the loader goes by the stored dtypes.
 
+use rayon::prelude::*;
+
 /// The `config.json` key naming the quantization of a folder `omnigen quantize` wrote:
 /// `{"quant_method": "omnigen", "scheme": "int8" | "fp8_e4m3", "granularity": "per_channel"}`.
 pub const QUANTIZATION_CONFIG_KEY: &str = "quantization_config";
+
 
 /// The name of the per-row scale tensor of quantized weight `weight_key`.
 pub fn scale_key(weight_key: &str) -> String {
@@ -194,30 +197,37 @@ impl QuantizedTensor {
             ));
         }
         let mut out = vec![0u8; values.len()];
-        let mut scales = Vec::with_capacity(rows);
-        for (row, q) in values.chunks(cols.max(1)).zip(out.chunks_mut(cols.max(1))) {
-            let mut amax = 0f32;
-            for &v in row {
-                if !v.is_finite() {
-                    return Err(crate::Error::invalid_argument(
-                        "weights",
-                        format!("tensor `{name}` holds NaN or infinite values: not quantizable"),
-                    ));
+        let cols = cols.max(1);
+        // Rows in parallel: a real-size layer is tens of millions of values.
+        let scales = values
+            .par_chunks(cols)
+            .zip(out.par_chunks_mut(cols))
+            .map(|(row, q)| {
+                let mut amax = 0f32;
+                for &v in row {
+                    if !v.is_finite() {
+                        return Err(crate::Error::invalid_argument(
+                            "weights",
+                            format!(
+                                "tensor `{name}` holds NaN or infinite values: not quantizable"
+                            ),
+                        ));
+                    }
+                    amax = amax.max(v.abs());
                 }
-                amax = amax.max(v.abs());
-            }
-            // An all-zero row keeps scale 1, so that decoding never multiplies by 0 / 0.
-            let scale = if amax > 0.0 {
-                amax / scheme.max_value()
-            } else {
-                1.0
-            };
-            let inv = 1.0 / scale;
-            for (b, &v) in q.iter_mut().zip(row) {
-                *b = scheme.encode(v * inv);
-            }
-            scales.push(scale);
-        }
+                // An all-zero row keeps scale 1, so that decoding never multiplies by 0 / 0.
+                let scale = if amax > 0.0 {
+                    amax / scheme.max_value()
+                } else {
+                    1.0
+                };
+                let inv = 1.0 / scale;
+                for (b, &v) in q.iter_mut().zip(row) {
+                    *b = scheme.encode(v * inv);
+                }
+                Ok(scale)
+            })
+            .collect::<crate::Result<Vec<f32>>>()?;
         Ok(Self {
             scheme,
             shape: shape.to_vec(),

@@ -332,18 +332,15 @@ fn write_quantized(
         let path = dir.join(&name);
         let tensors: Vec<TensorSpec> = shard.iter().flat_map(|&u| specs[u].clone()).collect();
         let mut file = StreamingFile::create(&path, &tensors, &metadata)?;
-        // The file's order puts scales (f32) before the codes (1 byte): quantize each weight
-        // when its first tensor is due, keep its codes until their turn.
-        let mut pending: BTreeMap<String, Vec<u8>> = BTreeMap::new();
+        // The file's order puts every scale (f32) before every code (1 byte), so that each
+        // tensor is aligned to its element size. Each weight is quantized twice, for its scale
+        // and for its codes, rather than holding a shard's codes until their turn: memory stays
+        // at one layer's weight.
         let unit_of: BTreeMap<&str, usize> = shard
             .iter()
             .flat_map(|&u| specs[u].iter().map(move |t| (t.name.as_str(), u)))
             .collect();
         for t in file.order().to_vec() {
-            if let Some(codes) = pending.remove(&t.name) {
-                file.write(&t.name, &codes)?;
-                continue;
-            }
             match units[unit_of[t.name.as_str()]] {
                 Unit::Copied(key) => {
                     let (bytes, _, _) = source.raw(key).ok_or_else(|| Error::MissingTensor {
@@ -359,12 +356,12 @@ fn write_quantized(
                     let values = source.read_f32(key, &shape)?;
                     let q = QuantizedTensor::quantize(key, scheme, &shape, &values)?;
                     drop(values);
-                    let scale = scale_key(key);
-                    pending.insert(key.to_string(), q.values);
-                    pending.insert(scale.clone(), bytemuck::cast_slice(&q.scales).to_vec());
-                    let first = pending.remove(&t.name).unwrap_or_default();
-                    file.write(&t.name, &first)?;
-                    report.quantized += 1;
+                    if t.name == key {
+                        file.write(key, &q.values)?;
+                        report.quantized += 1;
+                    } else {
+                        file.write(&t.name, bytemuck::cast_slice(&q.scales))?;
+                    }
                 }
             }
         }

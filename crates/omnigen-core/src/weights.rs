@@ -626,7 +626,8 @@ fn untouched_zeroed<T: bytemuck::Pod>(n: usize) -> Vec<T> {
     // pointer comes from the global allocator with exactly this layout, as
     // `Vec::from_raw_parts` requires, with length = capacity = n.
     let values = unsafe {
-        let ptr = std::alloc::alloc_zeroed(layout).cast::<T>();
+        let ptr = crate::host_memory::with_fresh_mappings(|| std::alloc::alloc_zeroed(layout))
+            .cast::<T>();
         if ptr.is_null() {
             std::alloc::handle_alloc_error(layout);
         }

@@ -67,28 +67,4 @@ pub fn default_device() -> burn::tensor::Device<DefaultBackend> {
     Default::default()
 }
 
-/// Tunes glibc's allocator for tensor work on the CPU backends (Linux/glibc; a no-op elsewhere).
-///
-/// burn's CPU backends and the host kernels allocate a fresh buffer for almost every op. glibc
-/// serves blocks above its mmap threshold (128 KiB, growing dynamically, at most 32 MiB) with
-/// `mmap`, so every such op pays page faults on fresh zeroed pages and an `munmap` when the
-/// tensor drops: about 12 % of a cached transformer step, and a fifth of a 1024² VAE pass,
-/// whose full-resolution activations are hundreds of MiB each. Here no block is mmapped
-/// (`M_MMAP_MAX` 0): every one comes from the heap, and freed memory stays there for the next
-/// op (trim threshold 1 GiB, top pad 64 MiB) instead of being faulted in afresh
-/// (docs/performance.md has the measurements). The price: up to 1 GiB of freed memory beyond
-/// the working set stays mapped; the peak is the working set's either way.
-///
-/// It changes process-wide malloc settings, so a library does not call it on its own: the
-/// command-line tool, the examples and the benches call it first thing, and applications may.
-/// The same effect without code: `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=1073741824
-/// MALLOC_TOP_PAD_=67108864`.
-pub fn tune_host_allocator() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only adjusts allocator parameters; called with valid constants.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_MAX, 0);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 1 << 30);
-        libc::mallopt(libc::M_TOP_PAD, 64 << 20);
-    }
-}
+pub use omnigen_core::tune_host_allocator;
