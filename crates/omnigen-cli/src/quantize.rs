@@ -41,7 +41,11 @@ fn parse_size(s: &str) -> Result<u64, String> {
         "kib" => 1 << 10,
         "mib" => 1 << 20,
         "gib" => 1 << 30,
-        other => return Err(format!("`{other}` in `{s}` is not a unit (B, KB, MB, GB, KiB, MiB, GiB)")),
+        other => {
+            return Err(format!(
+                "`{other}` in `{s}` is not a unit (B, KB, MB, GB, KiB, MiB, GiB)"
+            ))
+        }
     };
     match number.checked_mul(scale) {
         Some(0) => Err(format!("`{s}`: a shard holds at least 1 byte")),
@@ -86,7 +90,15 @@ mod tests {
         assert_eq!(parse_size("2GiB"), Ok(2 << 30));
         assert_eq!(parse_size("4096"), Ok(4096));
         assert_eq!(parse_size("1kib"), Ok(1024));
-        for bad in ["", "GB", "1.5GB", "0", "-1", "3TB", "99999999999999999999GB"] {
+        for bad in [
+            "",
+            "GB",
+            "1.5GB",
+            "0",
+            "-1",
+            "3TB",
+            "99999999999999999999GB",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
     }

@@ -15,7 +15,6 @@ use rayon::prelude::*;
 /// `{"quant_method": "omnigen", "scheme": "int8" | "fp8_e4m3", "granularity": "per_channel"}`.
 pub const QUANTIZATION_CONFIG_KEY: &str = "quantization_config";
 
-
 /// The name of the per-row scale tensor of quantized weight `weight_key`.
 pub fn scale_key(weight_key: &str) -> String {
     format!("{weight_key}_scale")

@@ -164,13 +164,8 @@ pub fn quantize_folder(
             .unwrap_or_default();
         let out_dir = tmp.join(&rel);
         std::fs::create_dir_all(&out_dir).map_err(|e| Error::io("create", &out_dir, e))?;
-        let mut report = write_quantized(
-            &source,
-            &targets,
-            options,
-            &out_dir,
-            folder.weights_stem(),
-        )?;
+        let mut report =
+            write_quantized(&source, &targets, options, &out_dir, folder.weights_stem())?;
         write_config(&config_path, &out_dir.join("config.json"), scheme)?;
         report.output = output.to_path_buf();
         report.weights = output.join(&rel).join(

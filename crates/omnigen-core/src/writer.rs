@@ -201,7 +201,11 @@ impl StreamingFile {
         if let Some(missing) = self.order.get(self.written) {
             return Err(Error::invalid_argument(
                 "tensors",
-                format!("{}: `{}` was never written", self.path.display(), missing.name),
+                format!(
+                    "{}: `{}` was never written",
+                    self.path.display(),
+                    missing.name
+                ),
             ));
         }
         let path = self.path;
@@ -279,7 +283,9 @@ mod tests {
         let order: Vec<String> = file.order().iter().map(|t| t.name.clone()).collect();
         assert_eq!(order, ["b.scale", "a.weight", "b.codes"]);
         let data = |t: &TensorSpec| -> Vec<u8> {
-            (0..t.bytes()).map(|i| (i as u8).wrapping_mul(7) ^ t.name.len() as u8).collect()
+            (0..t.bytes())
+                .map(|i| (i as u8).wrapping_mul(7) ^ t.name.len() as u8)
+                .collect()
         };
         // Out of order, or the wrong size: refused.
         assert!(file.write("a.weight", &[0; 12]).is_err());
@@ -299,7 +305,12 @@ mod tests {
             assert_eq!(view.shape(), t.shape.as_slice());
             assert_eq!(view.data(), data(t).as_slice());
             let start = view.data().as_ptr() as usize - bytes.as_ptr() as usize;
-            assert_eq!((start - 8) % (t.dtype.bitsize() / 8), 0, "{} aligned", t.name);
+            assert_eq!(
+                (start - 8) % (t.dtype.bitsize() / 8),
+                0,
+                "{} aligned",
+                t.name
+            );
         }
         let (_, metadata) = SafeTensors::read_metadata(&bytes).unwrap();
         assert_eq!(metadata.metadata().as_ref().unwrap()["format"], "pt");
@@ -330,7 +341,10 @@ mod tests {
         );
         assert_eq!(plan_shards(&units, 100), vec![vec![0, 1, 2, 3, 4]]);
         assert!(plan_shards(&[], 8).is_empty());
-        assert_eq!(shard_name("model", 0, 3), "model-00001-of-00003.safetensors");
+        assert_eq!(
+            shard_name("model", 0, 3),
+            "model-00001-of-00003.safetensors"
+        );
     }
 
     #[test]

@@ -523,7 +523,13 @@ impl AttentionScratch {
                 let (rlo, rhi, uniform) = self.ranges[r];
                 let visible = (rlo.clamp(c0, c0 + cols) - c0, rhi.clamp(c0, c0 + cols) - c0);
                 let state = (&mut self.max[r], &mut self.sum[r]);
-                softmax_tile_row(row, visible, uniform, state, &mut self.acc[r * hd..(r + 1) * hd]);
+                softmax_tile_row(
+                    row,
+                    visible,
+                    uniform,
+                    state,
+                    &mut self.acc[r * hd..(r + 1) * hd],
+                );
             }
             // SAFETY: acc is rows×hd row-major; the probabilities rows×cols row-major; v rows
             // c0..c0+cols of the t×hd row-major block.

@@ -250,11 +250,18 @@ fn quantized_folders_load_and_generate_close_to_f32_in_both_layouts() {
                 (report.quantized, report.copied, report.bytes_out)
             );
             assert!(
-                split.weights.to_string_lossy().ends_with(".safetensors.index.json"),
+                split
+                    .weights
+                    .to_string_lossy()
+                    .ends_with(".safetensors.index.json"),
                 "{split:?}"
             );
             let pipe = OmniGenPipeline::<B>::from_dir(&sharded, &Default::default()).unwrap();
-            assert_eq!(latents(&pipe.generate(&t2i()).unwrap()), ours, "{layout} {scheme} shards");
+            assert_eq!(
+                latents(&pipe.generate(&t2i()).unwrap()),
+                ours,
+                "{layout} {scheme} shards"
+            );
         }
     }
 }
