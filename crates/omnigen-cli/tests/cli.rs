@@ -184,20 +184,19 @@ fn inspect_both_layouts() {
     );
 }
 
+/// `omnigen quantize --model tests/fixtures/A/model` followed by `rest`.
+fn quantize_fixture_a<'a>(rest: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["quantize", "--model", "tests/fixtures/A/model"];
+    args.extend_from_slice(rest);
+    args
+}
+
 #[test]
 fn quantize_writes_a_folder_that_inspect_reads_and_generate_runs() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("A_int8");
     let out_s = out.to_str().unwrap();
-    let said = stdout_of(&[
-        "quantize",
-        "--model",
-        "tests/fixtures/A/model",
-        "--to",
-        "int8",
-        "--output",
-        out_s,
-    ]);
+    let said = stdout_of(&quantize_fixture_a(&["--to", "int8", "--output", out_s]));
     assert!(said.contains("8 tensors quantized"), "{said}");
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
@@ -205,27 +204,11 @@ fn quantize_writes_a_folder_that_inspect_reads_and_generate_runs() {
     assert!(out.join("tokenizer.json").is_file() && out.join("vae/config.json").is_file());
     // Never over an existing folder, and nothing half-written beside it.
     failure_of(
-        &[
-            "quantize",
-            "--model",
-            "tests/fixtures/A/model",
-            "--to",
-            "fp8",
-            "--output",
-            out_s,
-        ],
+        &quantize_fixture_a(&["--to", "fp8", "--output", out_s]),
         "refusing to overwrite",
     );
     failure_of(
-        &[
-            "quantize",
-            "--model",
-            "tests/fixtures/A/model",
-            "--to",
-            "nf4",
-            "--output",
-            "x",
-        ],
+        &quantize_fixture_a(&["--to", "nf4", "--output", "x"]),
         "nf4",
     );
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
@@ -257,34 +240,21 @@ fn quantize_writes_a_folder_that_inspect_reads_and_generate_runs() {
     assert!(png.is_file());
     // Past --max-shard-size the weights are written as shards with an index, which inspect reads.
     let sharded = dir.path().join("A_int8_shards");
-    let said = stdout_of(&[
-        "quantize",
-        "--model",
-        "tests/fixtures/A/model",
+    let said = stdout_of(&quantize_fixture_a(&[
         "--to",
         "int8",
         "--max-shard-size",
         "256KiB",
         "--output",
         sharded.to_str().unwrap(),
-    ]);
+    ]));
     assert!(said.contains(" shards"), "{said}");
     assert!(sharded.join("model.safetensors.index.json").is_file());
     assert!(!sharded.join("model.safetensors").exists());
     let report = stdout_of(&["inspect", sharded.to_str().unwrap()]);
     assert_contains_all(&report, &["I8 x 8", "model.safetensors.index.json"]);
     failure_of(
-        &[
-            "quantize",
-            "--model",
-            "tests/fixtures/A/model",
-            "--to",
-            "int8",
-            "--max-shard-size",
-            "0",
-            "--output",
-            "x",
-        ],
+        &quantize_fixture_a(&["--to", "int8", "--max-shard-size", "0", "--output", "x"]),
         "at least 1 byte",
     );
 }
