@@ -350,7 +350,10 @@ fn main() -> anyhow::Result<()> {
                 .steps(args.steps)
                 .guidance_scale(2.5)
                 .seed(0)
-                .kv_cache(kv);
+                .kv_cache(kv)
+                // As the official side runs (`--no-offload-kv-cache`): the cache stays on the
+                // device of a GPU backend (the CPU backends hold it in host memory either way).
+                .offload_kv_cache(false);
             res.time(name, || {
                 pipe.generate(&req).expect("generate");
             });

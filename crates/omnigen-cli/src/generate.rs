@@ -142,12 +142,11 @@ pub enum OffloadArg {
     Kv,
 }
 
-/// What `--offload` does on the compiled-in backend: a note on the CPU backends (their tensors
-/// already live in host memory), an error on device backends, where streaming is not
-/// implemented yet (never a silent no-op).
-fn offload_note(offload: &[OffloadArg]) -> anyhow::Result<Option<String>> {
-    if offload.is_empty() {
-        return Ok(None);
+/// What `--offload` does on the compiled-in backend: nothing on the CPU backends (their tensors
+/// already live in host memory), which is said rather than silent; `None` where it streams.
+fn offload_note(offload: &[OffloadArg]) -> Option<String> {
+    if offload.is_empty() || !<DefaultBackend as omnigen::models::KernelBackend>::HOST_MEMORY {
+        return None;
     }
     let names: Vec<&str> = offload
         .iter()
@@ -156,18 +155,11 @@ fn offload_note(offload: &[OffloadArg]) -> anyhow::Result<Option<String>> {
             OffloadArg::Kv => "kv",
         })
         .collect();
-    let names = names.join(",");
-    if <DefaultBackend as omnigen::models::KernelBackend>::HOST_MEMORY {
-        Ok(Some(format!(
-            "note: --offload {names} does nothing on the {} backend: its weights and kv cache              already live in host memory",
-            omnigen::models::DEFAULT_BACKEND_NAME
-        )))
-    } else {
-        anyhow::bail!(
-            "--offload {names} is not implemented on the {} backend yet: weights and kv cache              stay in device memory (use --dtype bf16 or an `omnigen quantize` folder to fit)",
-            omnigen::models::DEFAULT_BACKEND_NAME
-        )
-    }
+    Some(format!(
+        "note: --offload {} does nothing on the {} backend: its weights and kv cache already          live in host memory",
+        names.join(","),
+        omnigen::models::DEFAULT_BACKEND_NAME
+    ))
 }
 
 /// Output file format (`--format`).
@@ -257,9 +249,10 @@ pub struct GenerateArgs {
     pub max_input_image_size: usize,
     #[command(flatten)]
     pub precision: PrecisionArgs,
-    /// Keep the transformer (`model`) or the kv cache (`kv`) in host memory (comma-separated
-    /// or repeated). A documented no-op on the CPU backends, whose tensors live in host memory;
-    /// not implemented on device backends yet (refused).
+    /// Keep the transformer's layers (`model`) or the kv cache (`kv`) in host memory and stream
+    /// each layer to the device ahead of use (comma-separated or repeated): for GPUs with less
+    /// memory than the model; same images, slower steps. A no-op on the CPU backends, whose
+    /// tensors live in host memory.
     #[arg(long, value_enum, value_delimiter = ',')]
     pub offload: Vec<OffloadArg>,
     /// PEFT LoRA adapter folder merged into the transformer at load time (repeatable).
@@ -349,6 +342,7 @@ impl GenerateArgs {
             .img_guidance_scale(self.img_guidance_scale)
             .separate_cfg_infer(!self.joint_cfg)
             .kv_cache(self.kv_cache.into())
+            .offload_kv_cache(self.offload.contains(&OffloadArg::Kv))
             .input_latents(self.input_latents.into())
             .use_input_image_size_as_output(self.use_input_image_size_as_output)
             .max_input_image_size(self.max_input_image_size)
@@ -456,7 +450,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .init();
 
     let request = args.request()?;
-    if let Some(note) = offload_note(&args.offload)? {
+    if let Some(note) = offload_note(&args.offload) {
         eprintln!("{note}");
     }
     let (format, note) = args.output_format()?;
@@ -475,6 +469,7 @@ fn generate(args: GenerateArgs) -> anyhow::Result<()> {
         .precision
         .apply(OmniGenPipeline::<DefaultBackend>::builder(&args.model))
         .memory_limit(args.memory_limit.map(|mib| mib.saturating_mul(1 << 20)))
+        .offload_model(args.offload.contains(&OffloadArg::Model))
         .download_progress(true);
     for lora in &args.loras {
         builder = builder.lora(lora, args.lora_scale);
@@ -629,12 +624,19 @@ mod tests {
         let both = parse(&["--offload", "model,kv"]).unwrap().offload;
         assert_eq!(both, [OffloadArg::Model, OffloadArg::Kv]);
         if <DefaultBackend as omnigen::models::KernelBackend>::HOST_MEMORY {
-            let note = offload_note(&both).unwrap().unwrap_or_default();
+            let note = offload_note(&both).unwrap_or_default();
             assert!(note.contains("--offload model,kv does nothing"), "{note}");
         } else {
-            assert!(offload_note(&both).is_err(), "device backends refuse it");
+            assert!(offload_note(&both).is_none(), "device backends stream");
         }
-        assert!(offload_note(&[]).unwrap().is_none());
+        assert!(offload_note(&[]).is_none());
+        let kv = parse(&["--offload", "kv"]).unwrap().request().unwrap();
+        assert!(kv.offload_kv_cache, "--offload kv sets offload_kv_cache");
+        let plain = parse(&[]).unwrap().request().unwrap();
+        assert!(
+            !plain.offload_kv_cache,
+            "without --offload kv the cache stays on the device"
+        );
         assert!(parse(&["--offload", "disk"]).is_err());
         let err = parse(&["--dtype", "f64"]).unwrap_err().to_string();
         assert!(err.contains("auto, f32, f16, bf16"), "{err}");

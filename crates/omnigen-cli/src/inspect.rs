@@ -337,6 +337,7 @@ impl Report {
             code_dtype: DType::I8,
             weight_dtype,
             compute_dtype,
+            offload_layers: false,
         };
         // One byte per code (CPU backends, CUDA); wgpu holds each in four.
         let quant = |weight_dtype, compute_dtype| WeightMode {
@@ -344,6 +345,11 @@ impl Report {
             code_dtype: DType::I8,
             weight_dtype,
             compute_dtype,
+            offload_layers: false,
+        };
+        let offloaded = |mode: WeightMode| WeightMode {
+            offload_layers: true,
+            ..mode
         };
         for (name, mode) in [
             ("f32", dense(DType::F32, DType::F32)),
@@ -357,10 +363,22 @@ impl Report {
                 "int8/fp8, GPU --dtype bf16",
                 quant(DType::BF16, DType::BF16),
             ),
+            (
+                "bf16/f16, GPU --offload model",
+                offloaded(dense(DType::BF16, DType::BF16)),
+            ),
+            (
+                "int8/fp8, GPU --offload model",
+                offloaded(quant(DType::BF16, DType::BF16)),
+            ),
         ] {
             let b = transformer_weight_bytes(&self.transformer, values, mode);
-            writeln!(out, "    {name:<28} {:>12}", bytes(b))?;
+            writeln!(out, "    {name:<30} {:>12}", bytes(b))?;
         }
+        writeln!(
+            out,
+            "    (--offload model: the device holds two decoder layers, host memory all of them)"
+        )?;
         Ok(())
     }
 }

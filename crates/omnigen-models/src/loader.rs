@@ -70,6 +70,16 @@ impl<'a, B: Backend> Loader<'a, B> {
         self.dtype
     }
 
+    /// The dtype of [`linear_layer`](Self::linear_layer) weights and [`table`](Self::table)s.
+    pub fn weight_dtype(&self) -> DType {
+        self.weight_dtype
+    }
+
+    /// The reader tensors come from.
+    pub(crate) fn reader(&self) -> &'a dyn WeightReader {
+        self.reader
+    }
+
     /// The full key of `name` under this loader's prefix.
     pub fn key(&self, name: &str) -> String {
         if self.prefix.is_empty() {

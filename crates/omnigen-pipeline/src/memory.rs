@@ -9,6 +9,7 @@ use omnigen_models::KernelBackend;
 
 use crate::processor::{GuidanceInputs, OmniGenProcessor, ProcessedBatch};
 use crate::request::{GenerationRequest, KvCache};
+use omnigen_models::transformer::KvPlacement;
 
 /// Bytes a generation needs beyond the loaded weights, by cause.
 ///
@@ -24,8 +25,12 @@ pub struct MemoryEstimate {
     /// runs, otherwise the dense `[B, S, S]` additive biases (quadratic in the tokens, the
     /// largest term of a long request).
     pub masks: u64,
-    /// Keys and values of the condition tokens, all branches and layers.
+    /// Keys and values of the condition tokens in device memory, all branches and layers (two
+    /// layers of them with the cache offloaded, [`KvPlacement::Host`]).
     pub kv_cache: u64,
+    /// Keys and values kept in host memory instead ([`KvPlacement::Host`]), all branches and
+    /// layers: not part of [`peak`](Self::peak), which is the device's.
+    pub kv_cache_host: u64,
     /// Input-image tokens' share of the transformer phase.
     pub input_image_share: u64,
     /// VAE decode feature maps at full resolution (or per tile).
@@ -53,14 +58,15 @@ const FIXED_BYTES: u64 = 4 << 20;
 
 /// [`estimate`] for a transformer on backend `B` whose activations, caches and masks are in
 /// `compute_dtype` (the transformer's `dtype()`): the byte width and the attention forms
-/// (score tiles, dense mask) follow from the backend's kernels.
+/// (score tiles, dense mask) follow from the backend's kernels. `kv_cache`: where the cache
+/// is kept, `None` without one.
 pub fn estimate_on<B: KernelBackend>(
     batch: &ProcessedBatch,
     cfg: &TransformerConfig,
     vae: &VaeConfig,
     vae_tile: Option<usize>,
     compute_dtype: DType,
-    kv_cache: bool,
+    kv_cache: Option<KvPlacement>,
 ) -> MemoryEstimate {
     let bytes = if compute_dtype == DType::F32 { 4 } else { 2 };
     estimate(
@@ -77,7 +83,8 @@ pub fn estimate_on<B: KernelBackend>(
 
 /// Estimates the memory of a processed request.
 ///
-/// `score_tile`: the most attention scores one query tile holds (from
+/// `kv_cache`: where the kv cache is kept, `None` without one; `score_tile`: the most
+/// attention scores one query tile holds (from
 /// [`attention_score_tile`](omnigen_models::ops::attention_score_tile)), `None` where the
 /// attention holds no score tensor; `dense_mask`: whether the mask becomes a dense bias.
 #[allow(clippy::too_many_arguments)]
@@ -87,7 +94,7 @@ pub fn estimate(
     vae: &VaeConfig,
     vae_tile: Option<usize>,
     weight_bytes: u64,
-    kv_cache: bool,
+    kv_cache: Option<KvPlacement>,
     score_tile: Option<u64>,
     dense_mask: bool,
 ) -> MemoryEstimate {
@@ -126,7 +133,7 @@ pub fn estimate(
                 (true, false) => m(rows, m(q, s)) * weight_bytes,
             }
         };
-        if kv_cache {
+        if kv_cache.is_some() {
             // the cache keeps the mask rows of the time and image tokens for the later steps
             let kv = m(2 * layers, m(rows, m(cond, d))) * weight_bytes;
             (act, mask(s, true), kv, mask(n + 1, false))
@@ -146,7 +153,13 @@ pub fn estimate(
         let s = mi.seq_len as u64;
         let cond = mi.text_len as u64;
         let n = mi.output_tokens() as u64;
-        let (act, masks, kv, tail) = call(rows, s, cond, n);
+        let (act, masks, kv_all, tail) = call(rows, s, cond, n);
+        // Offloaded, the device holds the layer running and the one uploaded ahead of it.
+        let kv = match kv_cache {
+            Some(KvPlacement::Host) => kv_all / layers.max(1) * layers.min(2),
+            _ => kv_all,
+        };
+        est.kv_cache_host = est.kv_cache_host.saturating_add(kv_all - kv);
         let live = left_behind + act + masks + kv;
         if live > largest {
             largest = live;
@@ -167,8 +180,9 @@ pub fn estimate(
             );
             est.input_image_share = (act + masks + kv).saturating_sub(a0 + m0 + k0);
         }
-        // a cached branch keeps its cache and mask tail
-        left_behind = left_behind.saturating_add(kv + tail);
+        // a cached branch keeps its cache (on the device unless offloaded) and mask tail
+        let kept = if kv_all == kv { kv } else { 0 };
+        left_behind = left_behind.saturating_add(kept + tail);
     }
     let (h, w) = match vae_tile {
         Some(t) => (t.min(batch.height) as u64, t.min(batch.width) as u64),
@@ -255,7 +269,7 @@ impl RequestPlanner {
             &self.vae,
             None,
             compute,
-            request.kv_cache != KvCache::Off,
+            kv_placement::<B>(request),
         );
         if let Some(available) = available {
             check(&est, available, &batch, request.max_input_image_size)?;
@@ -266,6 +280,16 @@ impl RequestPlanner {
             size: (batch.width, batch.height),
         })
     }
+}
+
+/// Where `request`'s kv cache is kept on backend `B`, `None` without one: in host memory when
+/// `offload_kv_cache` is set on a device backend (the CPU backends hold everything there).
+pub fn kv_placement<B: KernelBackend>(request: &GenerationRequest) -> Option<KvPlacement> {
+    (request.kv_cache != KvCache::Off).then_some(if request.offload_kv_cache && !B::HOST_MEMORY {
+        KvPlacement::Host
+    } else {
+        KvPlacement::Device
+    })
 }
 
 /// How a loaded transformer holds its weights, for [`transformer_weight_bytes`].
@@ -281,13 +305,20 @@ pub struct WeightMode {
     /// Dtype of everything else (norms, biases): the compute dtype, f32 on the CPU backends
     /// whatever `--dtype` is.
     pub compute_dtype: burn::tensor::DType,
+    /// The decoder layers kept in host memory ([`LoadOptions::offload_layers`]), two of them on
+    /// the device at a time.
+    ///
+    /// [`LoadOptions::offload_layers`]: omnigen_models::transformer::LoadOptions::offload_layers
+    pub offload_layers: bool,
 }
 
-/// Bytes the transformer's parameters take once loaded in `mode`, from its config and the
-/// checkpoint's value count `total_values` (parameters and buffers): the decoder layers'
-/// linear weights at one code (`mode.code_dtype`) plus an f32 scale per output feature when
-/// quantized, the other linear weights and the token and position tables in the weight dtype,
-/// the rest in the compute dtype.
+/// Bytes the transformer's parameters take in the memory it computes in (the device's, on a
+/// GPU backend) once loaded in `mode`, from its config and the checkpoint's value count
+/// `total_values` (parameters and buffers): the decoder layers' linear weights at one code
+/// (`mode.code_dtype`) plus an f32 scale per output feature when quantized, the other linear
+/// weights and the token and position tables in the weight dtype, the rest in the compute
+/// dtype. With `mode.offload_layers`, two decoder layers of them: the others are in host
+/// memory.
 pub fn transformer_weight_bytes(
     cfg: &TransformerConfig,
     total_values: u64,
@@ -310,11 +341,19 @@ pub fn transformer_weight_bytes(
     let tables = cfg.vocab_size as u64 * d + g * g * d;
     let rest = total_values.saturating_sub(decoder + other + tables);
     let w = mode.weight_dtype.size() as u64;
-    let decoder_bytes = match mode.quantized {
+    let c = mode.compute_dtype.size() as u64;
+    // the two RMSNorm scales of each layer
+    let layer_norms = (layers * 2 * d).min(rest);
+    let layers_bytes = match mode.quantized {
         Some(_) => decoder * mode.code_dtype.size() as u64 + 4 * decoder_rows,
         None => decoder * w,
+    } + layer_norms * c;
+    let resident_layers = if mode.offload_layers {
+        layers_bytes / layers.max(1) * layers.min(2)
+    } else {
+        layers_bytes
     };
-    decoder_bytes + (other + tables) * w + rest * mode.compute_dtype.size() as u64
+    resident_layers + (other + tables) * w + (rest - layer_norms) * c
 }
 
 /// Memory this process may still allocate, in bytes: the smaller of the system's

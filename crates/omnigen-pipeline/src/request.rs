@@ -275,10 +275,10 @@ pub struct GenerationRequest {
     pub separate_cfg_infer: bool,
     /// Key-value cache semantics. Default [`KvCache::Official`].
     pub kv_cache: KvCache,
-    /// The official option of that name (keep the kv cache in host memory between steps),
-    /// accepted so that official settings carry over. On the CPU backends the cache is in host
-    /// memory anyway (a no-op); device backends do not implement it yet and say so in the log
-    /// (the cache stays in device memory).
+    /// The official option of that name, on by default as there: keep the kv cache in host
+    /// memory, each layer's keys and values uploaded one layer ahead of use
+    /// ([`KvPlacement::Host`](omnigen_models::transformer::KvPlacement)); the numbers are the
+    /// same either way. On the CPU backends the cache is in host memory anyway (a no-op).
     pub offload_kv_cache: bool,
     /// Take the output size from the first input image (after preprocessing).
     pub use_input_image_size_as_output: bool,
@@ -399,8 +399,7 @@ impl GenerationRequest {
         self
     }
 
-    /// Sets [`offload_kv_cache`](Self::offload_kv_cache): a no-op on the CPU backends, not
-    /// implemented (and logged) on device backends.
+    /// Sets [`offload_kv_cache`](Self::offload_kv_cache): a no-op on the CPU backends.
     pub fn offload_kv_cache(mut self, on: bool) -> Self {
         self.offload_kv_cache = on;
         self

@@ -8,7 +8,7 @@
 
 use burn::tensor::backend::Backend;
 
-use super::phi3::KeyValue;
+use super::offload::{CachedLayers, KvPlacement};
 use super::rope::RopeTables;
 use crate::ops::AttentionBias;
 
@@ -33,8 +33,9 @@ pub enum KvCacheMode {
 /// or one for a joint batch.
 #[derive(Debug, Clone)]
 pub struct KvCache<B: Backend> {
-    /// Per layer, keys and values of the condition tokens, `[B, H, L, head_dim]` each.
-    pub(crate) layers: Vec<KeyValue<B>>,
+    /// Per layer, keys and values of the condition tokens, `[B, H, L, head_dim]` each, on the
+    /// device or in host memory.
+    pub(crate) layers: CachedLayers<B>,
     /// Mask rows of the `1 + N` new tokens over all `L + 1 + N` columns, `[B, 1+N, S]`.
     pub(crate) tail_bias: AttentionBias<B>,
     /// Rotary tables of the new tokens (factor set chosen by the full length `S`).
@@ -73,5 +74,21 @@ impl<B: Backend> KvCache<B> {
     /// Number of layers cached.
     pub fn num_layers(&self) -> usize {
         self.layers.len()
+    }
+
+    /// Where the keys and values are kept.
+    pub fn placement(&self) -> KvPlacement {
+        match &self.layers {
+            CachedLayers::Device(_) => KvPlacement::Device,
+            CachedLayers::Host(_) => KvPlacement::Host,
+        }
+    }
+
+    /// Bytes of keys and values kept in host memory (0 when they are on the device).
+    pub fn host_bytes(&self) -> u64 {
+        match &self.layers {
+            CachedLayers::Device(_) => 0,
+            CachedLayers::Host(layers) => layers.iter().map(|kv| kv.bytes()).sum(),
+        }
     }
 }

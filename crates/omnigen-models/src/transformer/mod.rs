@@ -10,6 +10,7 @@
 pub mod embedders;
 pub mod final_layer;
 pub mod kv_cache;
+pub mod offload;
 pub mod phi3;
 pub mod rope;
 
@@ -27,6 +28,7 @@ pub use crate::ops::KeyRanges;
 pub use embedders::{PatchEmbed, PosEmbed, TimestepEmbedder};
 pub use final_layer::FinalLayer;
 pub use kv_cache::{KvCache, KvCacheMode};
+pub use offload::{HostLayers, KvPlacement};
 pub use phi3::{Attention, AttentionContext, DecoderLayer, Mlp, Phi3Model, RmsNorm};
 pub use rope::{LongRope, RopeTables};
 
@@ -34,6 +36,7 @@ use crate::loader::Loader;
 use crate::lora::{LoraAdapter, LoraMergePrecision, LoraMergedReader, ModuleTable};
 use crate::ops::{self, AttentionBias, KernelBackend, WeightFormat};
 use crate::weights::{Bf16RoundedReader, WeightReader};
+use offload::{CachedLayers, Fetched, HostKeyValue};
 use phi3::KeyValue;
 
 /// Every `Linear` of the transformer, by official module path (`{i}` = a layer index): the
@@ -112,6 +115,10 @@ pub struct LoadOptions {
     /// Round every weight to bf16 (round to nearest, ties to even) before the LoRA merge and
     /// the conversion to the model dtype. Default `true`.
     pub round_weights_to_bf16: bool,
+    /// Keep the decoder layers in host memory and stream each to the device ahead of its use
+    /// (`--offload model`, see [`offload`]): for devices with less memory than the model. The
+    /// numbers are the same as with the layers on the device. Default `false`.
+    pub offload_layers: bool,
 }
 
 impl Default for LoadOptions {
@@ -120,6 +127,7 @@ impl Default for LoadOptions {
             lora: Vec::new(),
             lora_precision: LoraMergePrecision::Official,
             round_weights_to_bf16: true,
+            offload_layers: false,
         }
     }
 }
@@ -255,11 +263,12 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         } else {
             weights
         };
+        let offload = options.offload_layers;
         if adapters.is_empty() {
-            return Self::load_reader(base, config, device, dtype);
+            return Self::build(base, config, device, dtype, offload);
         }
         let merged = LoraMergedReader::new(base, adapters, options.lora_precision);
-        let model = Self::load_reader(&merged, config, device, dtype)?;
+        let model = Self::build(&merged, config, device, dtype, offload)?;
         merged.finish()?;
         Ok(model)
     }
@@ -273,11 +282,21 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         device: &B::Device,
         dtype: DType,
     ) -> Result<Self> {
+        Self::build(reader, config, device, dtype, false)
+    }
+
+    fn build(
+        reader: &dyn WeightReader,
+        config: &TransformerConfig,
+        device: &B::Device,
+        dtype: DType,
+        offload_layers: bool,
+    ) -> Result<Self> {
         // Half-precision weights with f32 activations where the backend's linear takes them.
         let compute = ops::compute_dtype::<B>(dtype);
         let root = Loader::<B>::new(reader, device, compute).with_weight_dtype(dtype);
         Ok(Self {
-            llm: Phi3Model::load(&root.sub("llm"), config)?,
+            llm: Phi3Model::load_with(&root.sub("llm"), config, offload_layers)?,
             x_embedder: PatchEmbed::load(&root.sub("x_embedder"), config)?,
             input_x_embedder: PatchEmbed::load(&root.sub("input_x_embedder"), config)?,
             time_token: TimestepEmbedder::load(&root.sub("time_token"), config)?,
@@ -354,20 +373,32 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
     /// (bf16 weights on a CPU backend that computes in f32, see [`ops::compute_dtype`]), or the
     /// checkpoint's quantization.
     pub fn weight_format(&self) -> WeightFormat {
+        if let Some(host) = &self.llm.offloaded {
+            return host.weight_format();
+        }
         match self.llm.layers.first() {
             Some(layer) => layer.mlp.down_proj.format(),
             None => self.final_layer.linear.format(),
         }
     }
 
-    /// Bytes the loaded parameters and buffers hold, by their stored dtype and quantization.
+    /// Bytes the loaded parameters and buffers hold, by their stored dtype and quantization,
+    /// offloaded layers included (see [`offloaded_bytes`](Self::offloaded_bytes)).
     pub fn weight_bytes(&self) -> u64 {
         let mut bytes = 0u64;
         let mut visitor = ParamBytes(&mut bytes);
         self.visit(&mut visitor);
         // `pos_embed` is a plain tensor, not a parameter: the visitor does not see it.
         let table = &self.pos_embed.table;
-        bytes + (table.shape().num_elements() * table.dtype().size()) as u64
+        bytes
+            + (table.shape().num_elements() * table.dtype().size()) as u64
+            + self.offloaded_bytes()
+    }
+
+    /// Bytes of the decoder layers kept in host memory ([`LoadOptions::offload_layers`]); 0
+    /// when they are on the device.
+    pub fn offloaded_bytes(&self) -> u64 {
+        self.llm.offloaded.as_ref().map_or(0, |h| h.bytes())
     }
 
     /// The uncached forward with the official semantics: the velocity of the noisy latents `x`
@@ -387,7 +418,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         let s = seq.dims()[1];
         let rope = self.rope.tables(cond.position_ids.clone(), s, self.dtype());
         let bias = ops::attention_bias(&cond.attention_mask, self.dtype(), &seq.device()); // [B, S, S]
-        let (hidden, _) = self.run_layers(seq, &rope, &bias, None, None);
+        let (hidden, _) = self.run_layers(seq, &rope, &bias, None, None)?;
         Ok(self.head(hidden, timestep, b, h, w))
     }
 
@@ -407,6 +438,21 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         x: Tensor<B, 4>,
         timestep: Tensor<B, 1>,
         mode: KvCacheMode,
+    ) -> Result<(Tensor<B, 4>, KvCache<B>)> {
+        self.prefill_with(cond, x, timestep, mode, KvPlacement::Device)
+    }
+
+    /// [`prefill`](Self::prefill) with the cache kept where `placement` says: with
+    /// [`KvPlacement::Host`] each layer's keys/values move to host memory as they are made,
+    /// and [`forward_cached`](Self::forward_cached) uploads them one layer ahead of use. The
+    /// numbers are the same in both placements.
+    pub fn prefill_with(
+        &self,
+        cond: &TransformerCondition<B>,
+        x: Tensor<B, 4>,
+        timestep: Tensor<B, 1>,
+        mode: KvCacheMode,
+        placement: KvPlacement,
     ) -> Result<(Tensor<B, 4>, KvCache<B>)> {
         if cond.input_ids.is_none() {
             return Err(Error::invalid_argument(
@@ -432,10 +478,13 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
                 ops::attention_bias(&mask.without_new_keys(cond_len), dtype, &device)
             }
         }; // [B, S, S]
-        let (hidden, layers) = self.run_layers(seq, &rope, &bias, None, Some(cond_len));
+        let (hidden, layers) =
+            self.run_layers(seq, &rope, &bias, None, Some((cond_len, placement)))?;
         let out = self.head(hidden, timestep, b, h, w);
         let cache = KvCache {
-            layers,
+            layers: layers.ok_or_else(|| {
+                Error::invalid_argument("kv_cache", "the prefill kept no keys/values")
+            })?,
             tail_bias,
             tail_rope: rope.narrow(cond_len, n_new),
             batch: b,
@@ -472,6 +521,16 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
                 &timestep.dims(),
             ));
         }
+        if cache.num_layers() != self.llm.num_layers() {
+            return Err(Error::invalid_argument(
+                "kv_cache",
+                format!(
+                    "the cache holds {} layers, the model has {}",
+                    cache.num_layers(),
+                    self.llm.num_layers()
+                ),
+            ));
+        }
         let tokens = self.embed_output(x)?; // [B, N, D]
         let time = self
             .time_token
@@ -484,7 +543,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
             &cache.tail_bias,
             Some(&cache.layers),
             None,
-        );
+        )?;
         Ok(self.head(hidden, timestep, cache.batch, h, w))
     }
 
@@ -651,29 +710,75 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
     }
 
     /// Runs the decoder layers; returns the last hidden state `[B, S, D]` (before the final
-    /// norm) and, when `keep_prefix` is set, each layer's first `keep_prefix` keys/values.
+    /// norm) and, when `keep` is `(len, placement)`, each layer's first `len` keys/values kept
+    /// there. Offloaded layers and host-kept `past` keys/values are streamed to the device one
+    /// layer ahead.
     fn run_layers(
         &self,
-        mut hidden: Tensor<B, 3>,
+        hidden: Tensor<B, 3>,
         rope: &RopeTables<B>,
         bias: &AttentionBias<B>,
-        past: Option<&[KeyValue<B>]>,
-        keep_prefix: Option<usize>,
-    ) -> (Tensor<B, 3>, Vec<KeyValue<B>>) {
-        let mut kept = Vec::new();
-        for (i, layer) in self.llm.layers.iter().enumerate() {
-            let ctx = AttentionContext {
-                rope,
-                bias,
-                past: past.and_then(|p| p.get(i)),
+        past: Option<&CachedLayers<B>>,
+        keep: Option<(usize, KvPlacement)>,
+    ) -> Result<(Tensor<B, 3>, Option<CachedLayers<B>>)> {
+        let device_past = match past {
+            Some(CachedLayers::Device(layers)) => Some(layers.as_slice()),
+            _ => None,
+        };
+        let host_past = match past {
+            Some(CachedLayers::Host(layers)) => Some(layers.as_slice()),
+            _ => None,
+        };
+        let mut kept = keep.map(|(_, placement)| match placement {
+            KvPlacement::Device => CachedLayers::Device(Vec::new()),
+            KvPlacement::Host => CachedLayers::Host(Vec::new()),
+        });
+        let mut run =
+            |hidden: Tensor<B, 3>, layer: &DecoderLayer<B>, past: Option<&KeyValue<B>>| {
+                let (out, (k, v)) = layer.forward(hidden, AttentionContext { rope, bias, past });
+                if let (Some((len, _)), Some(kept)) = (keep, kept.as_mut()) {
+                    let kv = (k.narrow(2, 0, len), v.narrow(2, 0, len));
+                    match kept {
+                        CachedLayers::Device(layers) => layers.push(kv),
+                        CachedLayers::Host(layers) => layers.push(HostKeyValue::new(kv)),
+                    }
+                }
+                out
             };
-            let (out, (k, v)) = layer.forward(hidden, ctx);
-            hidden = out;
-            if let Some(len) = keep_prefix {
-                kept.push((k.narrow(2, 0, len), v.narrow(2, 0, len)));
+        let offloaded = self.llm.offloaded.as_deref();
+        let hidden = if offloaded.is_none() && host_past.is_none() {
+            let mut hidden = hidden;
+            for (i, layer) in self.llm.layers.iter().enumerate() {
+                hidden = run(hidden, layer, device_past.and_then(|p| p.get(i)));
             }
-        }
-        (hidden, kept)
+            hidden
+        } else {
+            let device = hidden.device();
+            offload::stream_layers(
+                self.llm.num_layers(),
+                hidden,
+                |i| {
+                    Ok(Fetched {
+                        layer: offloaded.map(|h| h.layer::<B>(i, &device)).transpose()?,
+                        past: host_past
+                            .and_then(|p| p.get(i))
+                            .map(|kv| kv.upload(&device)),
+                    })
+                },
+                |hidden, i, fetched| {
+                    let layer = match &fetched.layer {
+                        Some(layer) => layer,
+                        None => &self.llm.layers[i],
+                    };
+                    let past = fetched
+                        .past
+                        .as_ref()
+                        .or_else(|| device_past.and_then(|p| p.get(i)));
+                    Ok(run(hidden, layer, past))
+                },
+            )?
+        };
+        Ok((hidden, kept))
     }
 
     /// Final norm on the last `N` tokens, adaLN final layer, unpatchify: `[B, C, h, w]`.

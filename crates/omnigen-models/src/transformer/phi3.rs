@@ -8,6 +8,9 @@ use burn::tensor::backend::Backend;
 use burn::tensor::Tensor;
 use omnigen_core::{Result, TransformerConfig};
 
+use std::sync::Arc;
+
+use super::offload::HostLayers;
 use super::rope::RopeTables;
 use crate::loader::Loader;
 use crate::ops::{self, AttentionBias, HeadRange, KernelBackend, LinearLayer};
@@ -206,15 +209,28 @@ impl<B: KernelBackend> DecoderLayer<B> {
 pub struct Phi3Model<B: Backend> {
     /// Token embedding table `[vocab, D]`.
     pub embed_tokens: Embedding<B>,
-    /// Decoder layers.
+    /// Decoder layers on the device (empty when they are [`offloaded`](Self::offloaded)).
     pub layers: Vec<DecoderLayer<B>>,
     /// Final norm, applied to every token.
     pub norm: RmsNorm<B>,
+    /// The decoder layers kept in host memory instead, streamed to the device one ahead of
+    /// use (see [`super::offload`]).
+    #[module(skip)]
+    pub offloaded: Option<Arc<HostLayers>>,
 }
 
 impl<B: Backend> Phi3Model<B> {
     /// Loads `embed_tokens`, `layers.N`, `norm`.
     pub fn load(loader: &Loader<B>, config: &TransformerConfig) -> Result<Self> {
+        Self::load_with(loader, config, false)
+    }
+
+    /// [`load`](Self::load), with the decoder layers kept in host memory when `offload` is set.
+    pub fn load_with(
+        loader: &Loader<B>,
+        config: &TransformerConfig,
+        offload: bool,
+    ) -> Result<Self> {
         let embed_tokens = Embedding {
             // In the weight dtype: on the CPU backends' half-precision mode the looked-up rows
             // are cast to f32, so the table need not be held in f32.
@@ -224,14 +240,31 @@ impl<B: Backend> Phi3Model<B> {
                     .table("weight", [config.vocab_size, config.hidden_size])?,
             ),
         };
-        let layers = (0..config.num_hidden_layers)
-            .map(|i| DecoderLayer::load(&loader.sub(format!("layers.{i}")), config))
-            .collect::<Result<Vec<_>>>()?;
+        let (layers, offloaded) = if offload {
+            (
+                Vec::new(),
+                Some(Arc::new(HostLayers::read(loader, config)?)),
+            )
+        } else {
+            let layers = (0..config.num_hidden_layers)
+                .map(|i| DecoderLayer::load(&loader.sub(format!("layers.{i}")), config))
+                .collect::<Result<Vec<_>>>()?;
+            (layers, None)
+        };
         let norm = RmsNorm::load(&loader.sub("norm"), config.hidden_size, config.rms_norm_eps)?;
         Ok(Self {
             embed_tokens,
             layers,
             norm,
+            offloaded,
         })
+    }
+
+    /// Number of decoder layers, on the device or offloaded.
+    pub fn num_layers(&self) -> usize {
+        match &self.offloaded {
+            Some(host) => host.len(),
+            None => self.layers.len(),
+        }
     }
 }

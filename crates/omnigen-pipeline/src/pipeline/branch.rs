@@ -6,7 +6,8 @@ use burn::tensor::{DType, Int, Tensor, TensorData};
 use omnigen_core::{Error, Result};
 use omnigen_models::ops::KernelBackend;
 use omnigen_models::transformer::{
-    KvCache as TransformerKvCache, KvCacheMode, OmniGenTransformer, TransformerCondition,
+    KvCache as TransformerKvCache, KvCacheMode, KvPlacement, OmniGenTransformer,
+    TransformerCondition,
 };
 use omnigen_models::vae::LatentChoice;
 
@@ -41,6 +42,8 @@ pub(super) struct Branches<B: Backend> {
     joint: bool,
     num_branches: usize,
     cache_mode: Option<KvCacheMode>,
+    /// Where a branch's KV cache is kept.
+    kv_placement: KvPlacement,
     /// Joint form, steps outside the CFG range: the conditional rows of the joint batch (still
     /// padded to its length, so they compute what those rows compute inside it), built when
     /// first needed.
@@ -77,6 +80,7 @@ impl<B: KernelBackend> Branches<B> {
                 timestep,
                 step,
                 self.cache_mode,
+                self.kv_placement,
             )?]);
         }
         let mut outs = Vec::with_capacity(self.num_branches);
@@ -88,7 +92,14 @@ impl<B: KernelBackend> Branches<B> {
                 Tensor::cat(vec![z.clone(); reps], 0)
             };
             let timestep = Tensor::<B, 1>::full([state.rows], t, &z.device());
-            let out = state.forward(transformer, x, timestep, step, self.cache_mode)?;
+            let out = state.forward(
+                transformer,
+                x,
+                timestep,
+                step,
+                self.cache_mode,
+                self.kv_placement,
+            )?;
             if self.joint {
                 outs.extend(out.chunk(self.num_branches, 0));
             } else {
@@ -109,6 +120,7 @@ impl<B: KernelBackend> BranchState<B> {
         timestep: Tensor<B, 1>,
         step: usize,
         cache_mode: Option<KvCacheMode>,
+        kv_placement: KvPlacement,
     ) -> Result<Tensor<B, 4>> {
         let dtype = transformer.dtype();
         let (x, timestep) = (x.cast(dtype), timestep.cast(dtype));
@@ -120,7 +132,8 @@ impl<B: KernelBackend> BranchState<B> {
                 // computes at that step, the full forward.
                 let mode = if step == 0 { mode } else { KvCacheMode::Exact };
                 let cond = self.condition(dtype, &x.device())?;
-                let (out, cache) = transformer.prefill(&cond, x, timestep, mode)?;
+                let (out, cache) =
+                    transformer.prefill_with(&cond, x, timestep, mode, kv_placement)?;
                 self.cache = Some(cache);
                 out
             }
@@ -183,6 +196,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
         request: &GenerationRequest,
         noise: &mut NoiseSource,
         cache_mode: Option<KvCacheMode>,
+        kv_placement: KvPlacement,
     ) -> Result<Branches<B>> {
         let mut injected = request.input_noise.as_ref().map(|v| v.iter());
         let states = batch
@@ -226,6 +240,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
             joint: matches!(batch.inputs, GuidanceInputs::Joint(_)),
             num_branches: batch.branches.len(),
             cache_mode,
+            kv_placement,
             cond_rows: None,
         })
     }

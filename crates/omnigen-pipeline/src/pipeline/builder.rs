@@ -44,6 +44,15 @@ impl<B: KernelBackend> PipelineBuilder<B> {
         self
     }
 
+    /// Keep the transformer's decoder layers in host memory and stream each to the device
+    /// ahead of its use (`--offload model`): for GPUs with less memory than the model. The
+    /// images are the same as without it. A no-op on the CPU backends, whose tensors are in
+    /// host memory already. Default off.
+    pub fn offload_model(mut self, on: bool) -> Self {
+        self.load_options.offload_layers = on;
+        self
+    }
+
     /// Bytes generations may use beyond the weights; default: the system's available memory
     /// (CPU backends). Requests estimated to need more are refused before any work starts.
     pub fn memory_limit(mut self, bytes: Option<u64>) -> Self {
@@ -121,8 +130,10 @@ impl<B: KernelBackend> PipelineBuilder<B> {
         let start = Instant::now();
         let _span = info_span!("load", dir = %model_dir.display()).entered();
         let processor = OmniGenProcessor::from_tokenizer_file(folder.tokenizer()?)?;
+        let mut load_options = self.load_options.clone();
+        load_options.offload_layers &= !B::HOST_MEMORY;
         let transformer =
-            OmniGenTransformer::from_folder(&folder, &self.device, dtype, &self.load_options)?;
+            OmniGenTransformer::from_folder(&folder, &self.device, dtype, &load_options)?;
         let vae = AutoencoderKL::from_dir(&vae_dir, &self.device, self.vae_dtype)?
             .with_tiling(self.vae_tiling)?;
         info!(

@@ -12,7 +12,7 @@ use burn::tensor::{Tensor, TensorData};
 use omnigen_core::{Error, Result};
 use omnigen_models::ops::KernelBackend;
 use omnigen_models::scheduler::Scheduler;
-use omnigen_models::transformer::KvCacheMode;
+use omnigen_models::transformer::{KvCacheMode, KvPlacement};
 use tracing::{debug, info, info_span, warn};
 
 use super::{Generation, GenerationStats, Hooks, OmniGenPipeline, Progress};
@@ -73,11 +73,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
             KvCache::Exact => Some(KvCacheMode::Exact),
             KvCache::Off => None,
         };
-        if request.offload_kv_cache && cache_mode.is_some() && !B::HOST_MEMORY {
-            // Said, not silently dropped: the official default is on, and a device backend
-            // keeps the cache in device memory.
-            info!("offload_kv_cache is not implemented on device backends: the kv cache stays in device memory");
-        }
+        let kv_placement = crate::memory::kv_placement::<B>(request).unwrap_or(KvPlacement::Device);
 
         // 3. Process multi-modal instructions
         let started = Instant::now();
@@ -99,7 +95,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
         let started = Instant::now();
         let mut branches = {
             let _s = info_span!("encode").entered();
-            self.branches(&batch, request, &mut noise, cache_mode)?
+            self.branches(&batch, request, &mut noise, cache_mode, kv_placement)?
         };
         stats.encode = started.elapsed();
 
@@ -202,7 +198,7 @@ impl<B: KernelBackend> OmniGenPipeline<B> {
             self.vae.config(),
             tile,
             self.transformer.dtype(),
-            request.kv_cache != KvCache::Off,
+            crate::memory::kv_placement::<B>(request),
         );
         let available = self.memory_limit.or_else(crate::memory::available_memory);
         debug!(?est, ?available, "memory estimate");

@@ -442,6 +442,7 @@ fn the_weight_memory_model_counts_the_loaded_bytes_of_every_mode() {
                 .map_or(DType::I8, |q| ops::code_dtype::<B>(&Default::default(), q)),
             weight_dtype: dtype,
             compute_dtype: model.dtype(),
+            offload_layers: false,
         };
         assert_eq!(
             transformer_weight_bytes(&cfg, values, mode),
@@ -449,4 +450,100 @@ fn the_weight_memory_model_counts_the_loaded_bytes_of_every_mode() {
             "{dtype:?} {quantized:?}"
         );
     }
+}
+
+#[test]
+fn the_weight_memory_model_counts_two_layers_on_the_device_when_offloaded() {
+    use omnigen_core::{QuantScheme, TransformerConfig};
+    use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
+    use omnigen_models::weights::{QuantizingReader, RandomWeights, WeightReader};
+    use omnigen_pipeline::memory::{transformer_weight_bytes, WeightMode};
+    let mut cfg = TransformerConfig::from_file(model().join("config.json")).unwrap();
+    // more layers than the two a streaming model holds on the device
+    cfg.num_hidden_layers = 5;
+    let values = cfg.num_stored_values();
+    let random = RandomWeights { seed: 3 };
+    for (dtype, quantized) in [
+        (DType::F32, None),
+        (DType::BF16, None),
+        (DType::BF16, Some(QuantScheme::Int8)),
+    ] {
+        let quantizing = quantized.map(|scheme| QuantizingReader {
+            base: &random,
+            scheme,
+        });
+        let reader: &dyn WeightReader = match &quantizing {
+            Some(q) => q,
+            None => &random,
+        };
+        let compute = ops::compute_dtype::<B>(dtype);
+        if !<B as burn::tensor::backend::Backend>::supports_dtype(&Default::default(), compute) {
+            continue;
+        }
+        let load = |offload_layers| {
+            let options = LoadOptions {
+                offload_layers,
+                ..LoadOptions::as_stored()
+            };
+            OmniGenTransformer::<B>::load_with(reader, &cfg, &Default::default(), dtype, &options)
+                .unwrap()
+        };
+        let (resident, streamed) = (load(false), load(true));
+        // what stays on the device, and the layers' share of a resident model
+        let rest = streamed.weight_bytes() - streamed.offloaded_bytes();
+        let layers = resident.weight_bytes() - rest;
+        let mode = WeightMode {
+            quantized,
+            code_dtype: quantized
+                .map_or(DType::I8, |q| ops::code_dtype::<B>(&Default::default(), q)),
+            weight_dtype: dtype,
+            compute_dtype: resident.dtype(),
+            offload_layers: true,
+        };
+        assert_eq!(
+            transformer_weight_bytes(&cfg, values, mode),
+            rest + layers / 5 * 2,
+            "{dtype:?} {quantized:?}"
+        );
+    }
+}
+
+#[test]
+fn an_offloaded_kv_cache_leaves_two_layers_of_it_on_the_device() {
+    use omnigen_core::{TransformerConfig, VaeConfig};
+    use omnigen_models::transformer::KvPlacement;
+    use omnigen_pipeline::memory::estimate;
+    use omnigen_pipeline::{OmniGenProcessor, ProcessorOptions};
+    let mut cfg = TransformerConfig::from_file(model().join("config.json")).unwrap();
+    cfg.num_hidden_layers = 8;
+    let vae = VaeConfig::from_file(model().join("vae/config.json")).unwrap();
+    let processor = OmniGenProcessor::from_tokenizer_file(model().join("tokenizer.json")).unwrap();
+    let prompt = Prompt::from_text(
+        "<img><|image_1|></img> make the cat green",
+        vec![ConditionImage::from_path(fixtures().join("A/edit_in.png"))],
+    )
+    .unwrap();
+    let options = ProcessorOptions {
+        height: 256,
+        width: 256,
+        ..ProcessorOptions::default()
+    };
+    let batch = processor.process(&[prompt], &options).unwrap();
+    let at = |kv| estimate(&batch, &cfg, &vae, None, 2, kv, None, false);
+    let (device, host, none) = (
+        at(Some(KvPlacement::Device)),
+        at(Some(KvPlacement::Host)),
+        at(None),
+    );
+    assert_eq!(device.kv_cache_host, 0);
+    assert!(
+        device.kv_cache > 0 && host.kv_cache > 0,
+        "{device:?}\n{host:?}"
+    );
+    // two of the eight layers, of the largest call's cache
+    assert!(host.kv_cache * 4 <= device.kv_cache, "{device:?}\n{host:?}");
+    // every branch's cache, less what the device holds
+    assert!(host.kv_cache_host >= device.kv_cache - host.kv_cache);
+    assert!(host.transformer_phase() < device.transformer_phase());
+    assert_eq!((none.kv_cache, none.kv_cache_host), (0, 0));
 }

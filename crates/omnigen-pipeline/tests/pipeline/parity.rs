@@ -254,3 +254,33 @@ fn same_seed_same_image() {
         "a different seed must give a different image"
     );
 }
+
+/// `offload_model` and `offload_kv_cache` give the same image: on a device backend the layers
+/// and the kv cache are streamed from host memory; on the CPU backends both are accepted and
+/// change nothing.
+#[test]
+fn offload_gives_the_same_image() {
+    let streamed = OmniGenPipeline::<B>::builder(fixtures().join("A/model"))
+        .dtype(omnigen_test_support::test_dtype())
+        .offload_model(true)
+        .build()
+        .unwrap();
+    let req = GenerationRequest::new(
+        Prompt::from_text(
+            "<img><|image_1|></img> make the cat green",
+            vec![ConditionImage::from_path(fixtures().join("A/edit_in.png"))],
+        )
+        .unwrap(),
+    )
+    .size(64, 64)
+    .steps(2)
+    .seed(7);
+    let a = pipeline("A")
+        .generate(&req.clone().offload_kv_cache(false))
+        .unwrap();
+    let b = streamed.generate(&req.offload_kv_cache(true)).unwrap();
+    assert_eq!(a.images, b.images);
+    let la: Vec<f32> = a.latents.into_data().convert::<f32>().into_vec().unwrap();
+    let lb: Vec<f32> = b.latents.into_data().convert::<f32>().into_vec().unwrap();
+    assert_eq!(la, lb);
+}
