@@ -36,7 +36,7 @@ fn main() -> omnigen::Result<()> {
     let mut previews = Vec::new();
     let mut failure = None;
     let mut preview = |step: usize, t: f32, latents: &mut Tensor<DefaultBackend, 4>| {
-        if (step + 1) % every != 0 || failure.is_some() {
+        if !(step + 1).is_multiple_of(every) || failure.is_some() {
             return;
         }
         // the callback cannot fail the generation; keep the first error for after it

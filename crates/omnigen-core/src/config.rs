@@ -243,13 +243,13 @@ impl TransformerConfig {
         let bad = |field: &'static str, reason: String| Err(Error::invalid_argument(field, reason));
         bounded("hidden_size", self.hidden_size, 1 << 16)?;
         bounded("num_attention_heads", self.num_attention_heads, 1 << 12)?;
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return bad(
                 "num_attention_heads",
                 format!("must be a divisor of hidden_size ({})", self.hidden_size),
             );
         }
-        if self.head_dim() % 2 != 0 {
+        if !self.head_dim().is_multiple_of(2) {
             return bad(
                 "num_attention_heads",
                 format!(

@@ -168,7 +168,7 @@ impl TransformerWeights {
         }
         // Row-wise concatenation: each part has shape [rows / n, rest...].
         let n = stored.len();
-        if shape.is_empty() || shape[0] % n != 0 {
+        if shape.is_empty() || !shape[0].is_multiple_of(n) {
             return Err(Error::invalid_argument(
                 "shape",
                 format!("cannot split {shape:?} into {n} row blocks"),
@@ -193,7 +193,7 @@ impl TransformerWeights {
             return self.source.read_quantized(&stored[0], shape);
         }
         let n = stored.len();
-        if shape.is_empty() || shape[0] % n != 0 {
+        if shape.is_empty() || !shape[0].is_multiple_of(n) {
             return Err(Error::invalid_argument(
                 "shape",
                 format!("cannot split {shape:?} into {n} row blocks"),

@@ -563,8 +563,8 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
     ) -> Result<()> {
         let (c, p) = (self.config.in_channels, self.config.patch_size);
         let ok = dims[1] == c
-            && dims[2] % p == 0
-            && dims[3] % p == 0
+            && dims[2].is_multiple_of(p)
+            && dims[3].is_multiple_of(p)
             && dims[2] > 0
             && dims[3] > 0
             && batch.is_none_or(|b| dims[0] == b);

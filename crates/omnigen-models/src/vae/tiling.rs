@@ -57,7 +57,7 @@ impl TilingConfig {
         if !(0.0..1.0).contains(&f) {
             return bad(format!("overlap_factor {f} is not in [0, 1)"));
         }
-        if t == 0 || t % factor != 0 {
+        if t == 0 || !t.is_multiple_of(factor) {
             return bad(format!(
                 "tile_sample_size {t} is not a positive multiple of the downsample factor {factor}"
             ));
