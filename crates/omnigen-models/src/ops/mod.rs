@@ -24,6 +24,7 @@
 //! kernel: parameters keep the checkpoint's layout and a kernel reads them as they are.
 
 mod backends;
+mod bf16_dot;
 mod host;
 mod mask;
 mod portable;
@@ -248,13 +249,34 @@ fn mixed_rows<B: KernelBackend>(
                     host::linear_rows(x, m, k, HostWeight::F16(&w), rows, bias)
                 } else {
                     let w = host::cast_or_copy::<u16>(bytes);
-                    host::linear_rows(x, m, k, HostWeight::Bf16(&w), rows, bias)
+                    if bf16_dot::available() {
+                        bf16_dot::linear_rows(x, m, k, bf16_dot::DotWeight::Bf16(&w), rows, bias)
+                    } else {
+                        host::linear_rows(x, m, k, HostWeight::Bf16(&w), rows, bias)
+                    }
                 }
             })
         }
         LinearLayer::Quantized(q) => {
             let scales = host::f32_data(q.scales.val().cast(DType::F32));
             host::with_int_bytes(q.values.val(), |bytes| {
+                if bf16_dot::available() {
+                    // int8 and fp8 e4m3 codes are exact in bf16.
+                    let table = match q.scheme {
+                        omnigen_core::QuantScheme::Int8 => {
+                            bf16_dot::code_table(|b| f32::from(b as i8))
+                        }
+                        omnigen_core::QuantScheme::Fp8E4M3 => {
+                            bf16_dot::code_table(|b| q.scheme.table()[b as usize])
+                        }
+                    };
+                    let w = bf16_dot::DotWeight::Codes {
+                        bytes,
+                        table: &table,
+                        scales: &scales,
+                    };
+                    return bf16_dot::linear_rows(x, m, k, w, rows, bias);
+                }
                 let w = match q.scheme {
                     omnigen_core::QuantScheme::Int8 => HostWeight::Int8 {
                         bytes,
