@@ -15,7 +15,9 @@ use std::time::Instant;
 use burn::tensor::{DType, Distribution, Int, Tensor, TensorData};
 use clap::Parser;
 use omnigen::core::QuantScheme;
-use omnigen::models::transformer::{KvCacheMode, OmniGenTransformer, TransformerCondition};
+use omnigen::models::transformer::{
+    KvCacheMode, KvPlacement, LoadOptions, OmniGenTransformer, TransformerCondition,
+};
 use omnigen::models::vae::AutoencoderKL;
 use omnigen::models::weights::{QuantizingReader, RandomWeights, WeightReader};
 use omnigen::models::{default_device, DefaultBackend, DEFAULT_BACKEND_NAME};
@@ -55,6 +57,13 @@ struct Args {
     /// file (the directory then needs only the config and tokenizer).
     #[arg(long)]
     random_weights: bool,
+    /// Keep the transformer's decoder layers in host memory, streamed to the device (GPU
+    /// backends; a no-op in the pipeline on the CPU backends).
+    #[arg(long)]
+    offload_model: bool,
+    /// Keep the kv cache in host memory (GPU backends).
+    #[arg(long)]
+    offload_kv: bool,
 }
 
 const PROMPT: &str = "a red cat sitting on a blue mat";
@@ -215,12 +224,26 @@ fn main() -> anyhow::Result<()> {
                     }
                     None => &random,
                 };
-                OmniGenTransformer::<B>::load_reader(reader, &config, &device, dtype)
+                let options = LoadOptions {
+                    offload_layers: args.offload_model,
+                    ..LoadOptions::as_stored()
+                };
+                OmniGenTransformer::<B>::load_with(reader, &config, &device, dtype, &options)
             } else {
-                OmniGenTransformer::<B>::from_dir(&args.model_dir, &device, dtype)
+                let options = LoadOptions {
+                    offload_layers: args.offload_model,
+                    ..LoadOptions::default()
+                };
+                OmniGenTransformer::<B>::from_dir_with(&args.model_dir, &device, dtype, &options)
             }
         };
         let model = load(dtype, quantized)?;
+        if let Some(mem) = omnigen::models::ops::device_memory::<B>(&device) {
+            res.map.insert(
+                "device_in_use_after_load_mib".into(),
+                mib(mem.in_use).into(),
+            );
+        }
         res.map
             .insert("weights".into(), model.weight_format().name().into());
         res.map
@@ -265,12 +288,18 @@ fn main() -> anyhow::Result<()> {
             out.expect("forward").into_data();
         });
         let official = KvCacheMode::Official;
+        let placement = if args.offload_kv {
+            KvPlacement::Host
+        } else {
+            KvPlacement::Device
+        };
+        let prefill =
+            || model.prefill_with(&cond, x.clone(), timestep.clone(), official, placement);
         res.time("transformer_prefill", || {
-            let out = model.prefill(&cond, x.clone(), timestep.clone(), official);
-            out.expect("prefill").0.into_data();
+            prefill().expect("prefill").0.into_data();
         });
         if res.wants("transformer_cached") {
-            let (_, cache) = model.prefill(&cond, x.clone(), timestep.clone(), official)?;
+            let (_, cache) = prefill()?;
             res.time("transformer_cached", || {
                 let out = model.forward_cached(&cache, x.clone(), timestep.clone());
                 out.expect("cached").into_data();
@@ -340,6 +369,7 @@ fn main() -> anyhow::Result<()> {
     if res.wants("pipeline_kv") || res.wants("pipeline_nokv") {
         let pipe = OmniGenPipeline::<B>::builder(&args.model_dir)
             .dtype(dtype)
+            .offload_model(args.offload_model)
             .build()?;
         for (name, kv) in [
             ("pipeline_kv", KvCache::Official),
@@ -351,13 +381,22 @@ fn main() -> anyhow::Result<()> {
                 .guidance_scale(2.5)
                 .seed(0)
                 .kv_cache(kv)
-                // As the official side runs (`--no-offload-kv-cache`): the cache stays on the
-                // device of a GPU backend (the CPU backends hold it in host memory either way).
-                .offload_kv_cache(false);
+                // Off unless asked, as the official side runs (`--no-offload-kv-cache`): the
+                // cache stays on the device of a GPU backend (the CPU backends hold it in host
+                // memory either way).
+                .offload_kv_cache(args.offload_kv);
             res.time(name, || {
                 pipe.generate(&req).expect("generate");
             });
         }
+    }
+    // What the device's memory pools hold after the runs (GPU backends): pools keep what they
+    // reserve, so this is close to the runs' peak.
+    if let Some(mem) = omnigen::models::ops::device_memory::<B>(&device) {
+        res.map
+            .insert("device_reserved_mib".into(), mib(mem.reserved).into());
+        res.map
+            .insert("device_in_use_mib".into(), mib(mem.in_use).into());
     }
     // Peak resident memory of this process (Linux), MiB.
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
@@ -371,4 +410,8 @@ fn main() -> anyhow::Result<()> {
     }
     println!("{}", serde_json::Value::Object(res.map));
     Ok(())
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
 }

@@ -43,7 +43,25 @@ where
 // Every op on burn's portable ops: cubecl's kernels. (Only the default element types: the
 // models choose their dtype at run time, not through the backend type.)
 #[cfg(feature = "cuda")]
-impl KernelBackend for burn::backend::Cuda {}
+impl KernelBackend for burn::backend::Cuda {
+    fn device_memory(device: &Self::Device) -> Option<super::DeviceMemory> {
+        cube_memory::<cubecl::cuda::CudaRuntime>(device)
+    }
+}
 
 #[cfg(feature = "wgpu")]
-impl KernelBackend for burn::backend::Wgpu {}
+impl KernelBackend for burn::backend::Wgpu {
+    fn device_memory(device: &Self::Device) -> Option<super::DeviceMemory> {
+        cube_memory::<cubecl::wgpu::WgpuRuntime>(device)
+    }
+}
+
+/// The memory cubecl's pools hold on `device`.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+fn cube_memory<R: cubecl::Runtime>(device: &R::Device) -> Option<super::DeviceMemory> {
+    let usage = R::client(device).memory_usage().ok()?;
+    Some(super::DeviceMemory {
+        in_use: usage.bytes_in_use,
+        reserved: usage.bytes_reserved,
+    })
+}

@@ -80,6 +80,27 @@ pub trait KernelBackend: Backend {
     fn int_bytes(_tensor: &Self::IntTensorPrimitive) -> Option<&[u8]> {
         None
     }
+
+    /// What the backend's memory pools hold on `device`, where it tells (the GPU backends);
+    /// `None` on the CPU backends, whose tensors are the process's memory.
+    fn device_memory(_device: &Self::Device) -> Option<DeviceMemory> {
+        None
+    }
+}
+
+/// A device's memory use as its backend's pools report it ([`device_memory`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DeviceMemory {
+    /// Bytes of live tensors.
+    pub in_use: u64,
+    /// Bytes the pools have reserved from the device: live tensors, padding and free pages kept
+    /// for reuse. Pools keep what they reserve, so after a run this is close to its peak.
+    pub reserved: u64,
+}
+
+/// [`KernelBackend::device_memory`]: `None` on the CPU backends.
+pub fn device_memory<B: KernelBackend>(device: &B::Device) -> Option<DeviceMemory> {
+    B::device_memory(device)
 }
 
 /// `x` in `dtype` (no op when it already is).
