@@ -178,6 +178,10 @@ for size in $sizes; do
   timed "official_$size" 300 python3 tools/gpu/official.py --model-dir "$full" --size "$size" --steps 50 \
     --runs 1 --no-offload-kv-cache
 done
+# --offload model,kv (the layers and the kv cache streamed from host memory): its peak VRAM and its cost
+# per step, 512², 10 steps (the "offload_" names stay out of the MFU table below).
+timed "offload_512" 240 "$work/bin/bench_side" --model-dir "$full" --size 512 --steps 10 --runs 1 \
+  --only pipeline_kv --dtype bf16 --offload-model --offload-kv
 
 # MFU: the FLOPs of one run (both guidance branches; step 0 over the whole sequence, later steps over the
 # image and time tokens against the cached condition) over its time and the measured matmul rate.
