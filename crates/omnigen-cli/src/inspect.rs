@@ -461,6 +461,8 @@ mod tests {
             "rope scaling LongRoPE",
             "F32 x 31",
             "estimated weight memory",
+            "bf16/f16, GPU --offload model",
+            "the device holds two decoder layers",
         ] {
             assert!(text.contains(want), "missing {want:?} in\n{text}");
         }
