@@ -101,7 +101,7 @@ pub(super) fn linear_rows(
     }
     let pairs = k.div_ceil(2);
     let xb = activations_bf16(x, m, k, pairs);
-    let out_ptr = SendPtr(out.as_mut_ptr());
+    let out_ptr = super::host::OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(NR))
         .into_par_iter()
         .for_each_init(Vec::new, |panel: &mut Vec<u32>, p| {
@@ -138,20 +138,6 @@ pub(super) fn linear_rows(
             }
         });
     out
-}
-
-/// `*mut f32` shared by tasks writing disjoint columns.
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint regions of a buffer that outlives them.
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-
-impl SendPtr {
-    /// A method rather than the field, so that closures capture the `Sync` wrapper.
-    fn get(self) -> *mut f32 {
-        self.0
-    }
 }
 
 /// `x` `[m, k]` rounded to bf16, as `[m, pairs]` u32 pairs (an odd `k` padded with a zero).

@@ -185,14 +185,15 @@ impl HeadsData {
 /// Pointer to the output buffer, shared by the attention tasks, each of which writes a
 /// disjoint set of `[rows, hd]` blocks.
 #[derive(Clone, Copy)]
-struct OutPtr(*mut f32);
-// SAFETY: the tasks write disjoint regions (see `attention`), and the buffer outlives them.
+pub(super) struct OutPtr(pub(super) *mut f32);
+// SAFETY: the tasks write disjoint regions (see `attention`, `linear_rows` and
+// `bf16_dot::linear_rows`), and the buffer outlives them.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
     /// A method rather than the field, so that closures capture the `Sync` wrapper.
-    fn get(self) -> *mut f32 {
+    pub(super) fn get(self) -> *mut f32 {
         self.0
     }
 }

@@ -229,10 +229,9 @@ fn fixture_set_b_end_to_end() {
     run_set("B");
 }
 
-#[test]
-fn same_seed_same_image() {
-    let pipe = pipeline("A");
-    let req = GenerationRequest::new(
+/// A 64² two-step edit of fixture A's input image.
+fn edit_request(seed: u64) -> GenerationRequest {
+    GenerationRequest::new(
         Prompt::from_text(
             "<img><|image_1|></img> make the cat green",
             vec![ConditionImage::from_path(fixtures().join("A/edit_in.png"))],
@@ -241,7 +240,13 @@ fn same_seed_same_image() {
     )
     .size(64, 64)
     .steps(2)
-    .seed(1234);
+    .seed(seed)
+}
+
+#[test]
+fn same_seed_same_image() {
+    let pipe = pipeline("A");
+    let req = edit_request(1234);
     let a = pipe.generate(&req).unwrap();
     let b = pipe.generate(&req).unwrap();
     assert_eq!(a.images, b.images);
@@ -265,16 +270,7 @@ fn offload_gives_the_same_image() {
         .offload_model(true)
         .build()
         .unwrap();
-    let req = GenerationRequest::new(
-        Prompt::from_text(
-            "<img><|image_1|></img> make the cat green",
-            vec![ConditionImage::from_path(fixtures().join("A/edit_in.png"))],
-        )
-        .unwrap(),
-    )
-    .size(64, 64)
-    .steps(2)
-    .seed(7);
+    let req = edit_request(7);
     let a = pipeline("A")
         .generate(&req.clone().offload_kv_cache(false))
         .unwrap();
