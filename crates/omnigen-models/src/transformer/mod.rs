@@ -482,9 +482,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
             self.run_layers(seq, &rope, &bias, None, Some((cond_len, placement)))?;
         let out = self.head(hidden, timestep, b, h, w);
         let cache = KvCache {
-            layers: layers.ok_or_else(|| {
-                Error::invalid_argument("kv_cache", "the prefill kept no keys/values")
-            })?,
+            layers,
             tail_bias,
             tail_rope: rope.narrow(cond_len, n_new),
             batch: b,
@@ -711,8 +709,8 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
 
     /// Runs the decoder layers; returns the last hidden state `[B, S, D]` (before the final
     /// norm) and, when `keep` is `(len, placement)`, each layer's first `len` keys/values kept
-    /// there. Offloaded layers and host-kept `past` keys/values are streamed to the device one
-    /// layer ahead.
+    /// there (else no layers). Offloaded layers and host-kept `past` keys/values are streamed to
+    /// the device one layer ahead.
     fn run_layers(
         &self,
         hidden: Tensor<B, 3>,
@@ -720,7 +718,7 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
         bias: &AttentionBias<B>,
         past: Option<&CachedLayers<B>>,
         keep: Option<(usize, KvPlacement)>,
-    ) -> Result<(Tensor<B, 3>, Option<CachedLayers<B>>)> {
+    ) -> Result<(Tensor<B, 3>, CachedLayers<B>)> {
         let device_past = match past {
             Some(CachedLayers::Device(layers)) => Some(layers.as_slice()),
             _ => None,
@@ -729,16 +727,16 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
             Some(CachedLayers::Host(layers)) => Some(layers.as_slice()),
             _ => None,
         };
-        let mut kept = keep.map(|(_, placement)| match placement {
-            KvPlacement::Device => CachedLayers::Device(Vec::new()),
-            KvPlacement::Host => CachedLayers::Host(Vec::new()),
-        });
+        let mut kept = match keep {
+            Some((_, KvPlacement::Host)) => CachedLayers::Host(Vec::new()),
+            _ => CachedLayers::Device(Vec::new()),
+        };
         let mut run =
             |hidden: Tensor<B, 3>, layer: &DecoderLayer<B>, past: Option<&KeyValue<B>>| {
                 let (out, (k, v)) = layer.forward(hidden, AttentionContext { rope, bias, past });
-                if let (Some((len, _)), Some(kept)) = (keep, kept.as_mut()) {
+                if let Some((len, _)) = keep {
                     let kv = (k.narrow(2, 0, len), v.narrow(2, 0, len));
-                    match kept {
+                    match &mut kept {
                         CachedLayers::Device(layers) => layers.push(kv),
                         CachedLayers::Host(layers) => layers.push(HostKeyValue::new(kv)),
                     }

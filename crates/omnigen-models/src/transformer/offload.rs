@@ -74,10 +74,10 @@ enum HostTensor {
     Quantized(QuantizedTensor),
 }
 
-/// One decoder layer's tensors as its loading read them, by key under the layer
-/// (`self_attn.qkv_proj.weight`).
-#[derive(Default)]
+/// One decoder layer's tensors as its loading read them, by full key
+/// (`llm.layers.3.self_attn.qkv_proj.weight`), and the layer's key prefix (`llm.layers.3`).
 struct HostLayer {
+    prefix: String,
     tensors: HashMap<String, HostTensor>,
 }
 
@@ -115,35 +115,29 @@ impl WeightReader for HostLayer {
     }
 }
 
-/// Reads layer `prefix`'s tensors from `base` and keeps what it returned.
+/// Reads tensors from `base` and keeps what it returned, by key.
 struct Recorder<'a> {
     base: &'a dyn WeightReader,
-    prefix: String,
-    layer: Mutex<HostLayer>,
+    tensors: Mutex<HashMap<String, HostTensor>>,
 }
 
 impl Recorder<'_> {
     fn keep(&self, key: &str, tensor: HostTensor) {
-        let mut layer = self.layer.lock().unwrap_or_else(|e| e.into_inner());
-        layer.tensors.insert(key.to_string(), tensor);
+        let mut tensors = self.tensors.lock().unwrap_or_else(|e| e.into_inner());
+        tensors.insert(key.to_string(), tensor);
     }
 }
 
 impl WeightReader for Recorder<'_> {
     fn read(&self, key: &str, shape: &[usize], dtype: DType) -> Result<TensorData> {
-        let data = self
-            .base
-            .read(&format!("{}.{key}", self.prefix), shape, dtype)?;
-        let host = HostData::new(data);
+        let host = HostData::new(self.base.read(key, shape, dtype)?);
         let data = host.data();
         self.keep(key, HostTensor::Dense(host));
         Ok(data)
     }
 
     fn read_quantized(&self, key: &str, shape: &[usize]) -> Result<Option<QuantizedTensor>> {
-        let q = self
-            .base
-            .read_quantized(&format!("{}.{key}", self.prefix), shape)?;
+        let q = self.base.read_quantized(key, shape)?;
         if let Some(q) = &q {
             self.keep(key, HostTensor::Quantized(q.clone()));
         }
@@ -183,21 +177,21 @@ impl HostLayers {
         for i in 0..config.num_hidden_layers {
             let recorder = Recorder {
                 base: loader.reader(),
-                prefix: loader.key(&format!("layers.{i}")),
-                layer: Mutex::new(HostLayer::default()),
+                tensors: Mutex::default(),
             };
+            let prefix = loader.key(&format!("layers.{i}"));
             let layer_loader = Loader::<B>::new(&recorder, loader.device(), loader.dtype())
-                .with_weight_dtype(loader.weight_dtype());
+                .with_weight_dtype(loader.weight_dtype())
+                .sub(&prefix);
             format = DecoderLayer::load(&layer_loader, config)?
                 .mlp
                 .down_proj
                 .format();
-            layers.push(
-                recorder
-                    .layer
-                    .into_inner()
-                    .unwrap_or_else(|e| e.into_inner()),
-            );
+            let tensors = recorder
+                .tensors
+                .into_inner()
+                .unwrap_or_else(|e| e.into_inner());
+            layers.push(HostLayer { prefix, tensors });
         }
         Ok(Self {
             layers,
@@ -236,8 +230,9 @@ impl HostLayers {
                 format!("{i} is past the {} offloaded layers", self.layers.len()),
             )
         })?;
-        let loader =
-            Loader::<B>::new(host, device, self.dtype).with_weight_dtype(self.weight_dtype);
+        let loader = Loader::<B>::new(host, device, self.dtype)
+            .with_weight_dtype(self.weight_dtype)
+            .sub(&host.prefix);
         DecoderLayer::load(&loader, &self.config)
     }
 }
