@@ -154,10 +154,11 @@ pub fn estimate(
         let cond = mi.text_len as u64;
         let n = mi.output_tokens() as u64;
         let (act, masks, kv_all, tail) = call(rows, s, cond, n);
-        // Offloaded, the device holds the layer running and the one uploaded ahead of it.
-        let kv = match kv_cache {
-            Some(KvPlacement::Host) => kv_all / layers.max(1) * layers.min(2),
-            _ => kv_all,
+        let offloaded = kv_cache == Some(KvPlacement::Host);
+        let kv = if offloaded {
+            streamed_share(kv_all, layers)
+        } else {
+            kv_all
         };
         est.kv_cache_host = est.kv_cache_host.saturating_add(kv_all - kv);
         let live = left_behind + act + masks + kv;
@@ -181,7 +182,7 @@ pub fn estimate(
             est.input_image_share = (act + masks + kv).saturating_sub(a0 + m0 + k0);
         }
         // a cached branch keeps its cache (on the device unless offloaded) and mask tail
-        let kept = if kv_all == kv { kv } else { 0 };
+        let kept = if offloaded { 0 } else { kv };
         left_behind = left_behind.saturating_add(kept + tail);
     }
     let (h, w) = match vae_tile {
@@ -292,6 +293,13 @@ pub fn kv_placement<B: KernelBackend>(request: &GenerationRequest) -> Option<KvP
     })
 }
 
+/// The device's share of `total` bytes spread evenly over `layers` layers streamed from host
+/// memory (`omnigen_models::transformer::offload`): the layer running and the one uploaded
+/// ahead of it.
+fn streamed_share(total: u64, layers: u64) -> u64 {
+    total / layers.max(1) * layers.min(2)
+}
+
 /// How a loaded transformer holds its weights, for [`transformer_weight_bytes`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WeightMode {
@@ -349,7 +357,7 @@ pub fn transformer_weight_bytes(
         None => decoder * w,
     } + layer_norms * c;
     let resident_layers = if mode.offload_layers {
-        layers_bytes / layers.max(1) * layers.min(2)
+        streamed_share(layers_bytes, layers)
     } else {
         layers_bytes
     };
