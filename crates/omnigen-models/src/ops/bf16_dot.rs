@@ -72,9 +72,10 @@ impl DotWeight<'_> {
     }
 }
 
-/// The bf16 values of the 256 codes of `decode` (int8: the integer; fp8: the decoded float).
-pub(super) fn code_table(decode: impl Fn(u8) -> f32) -> [u16; 256] {
-    std::array::from_fn(|b| half::bf16::from_f32(decode(b as u8)).to_bits())
+/// The bf16 bits of the 256 codes' unscaled values (`QuantScheme::table`): exact for int8 and
+/// fp8 e4m3, whose values have at most 8 significant bits.
+pub(super) fn code_table(values: &[f32; 256]) -> [u16; 256] {
+    values.map(|v| half::bf16::from_f32(v).to_bits())
 }
 
 /// `x · W[rows]ᵀ (+ bias[rows])` for f32 `x` `[m, k]` and a weight `[out, k]`:
@@ -90,12 +91,7 @@ pub(super) fn linear_rows(
     assert!(available(), "the bf16 dot-product linear needs AVX512-BF16");
     assert!(x.len() >= m * k && w.len() >= rows.end * k);
     let n = rows.len();
-    let mut out = vec![0f32; m * n];
-    if let Some(bias) = bias {
-        for row in out.chunks_exact_mut(n.max(1)) {
-            row.copy_from_slice(&bias[rows.clone()]);
-        }
-    }
+    let mut out = super::host::bias_rows(m, bias, rows.clone());
     if m == 0 || n == 0 || k == 0 {
         return out;
     }
@@ -317,6 +313,22 @@ mod tests {
         }
     }
 
+    /// Every int8 and fp8 e4m3 value is exact in bf16, so the codes' table loses nothing.
+    #[test]
+    fn code_tables_hold_the_quantized_values_exactly() {
+        use omnigen_core::QuantScheme;
+        for scheme in [QuantScheme::Int8, QuantScheme::Fp8E4M3] {
+            let values = scheme.table();
+            for (b, (&bits, &v)) in code_table(values).iter().zip(values).enumerate() {
+                let back = half::bf16::from_bits(bits).to_f32();
+                assert!(
+                    back == v || (v.is_nan() && back.is_nan()),
+                    "{scheme:?} {b}: {v} -> {back}"
+                );
+            }
+        }
+    }
+
     /// int8 codes through the table, each row's scale applied to its sum: the dequantized
     /// weights' product with the rounded activations.
     #[test]
@@ -332,7 +344,7 @@ mod tests {
             .collect();
         let bytes: Vec<u8> = (0..n * k).map(|i| (i * 71 % 256) as u8).collect();
         let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-3).collect();
-        let table = code_table(|b| f32::from(b as i8));
+        let table = code_table(omnigen_core::QuantScheme::Int8.table());
         let w = DotWeight::Codes {
             bytes: &bytes,
             table: &table,

@@ -741,6 +741,19 @@ pub(super) fn linear_block_rows(k: usize) -> usize {
     ((WEIGHT_BLOCK_FLOATS / k.max(1)) / 16 * 16).clamp(16, 512)
 }
 
+/// The `[m, rows.len()]` output of a linear over output features `rows` before any product:
+/// `bias[rows]` in every row, or zeros.
+pub(super) fn bias_rows(m: usize, bias: Option<&[f32]>, rows: std::ops::Range<usize>) -> Vec<f32> {
+    let n = rows.len();
+    let mut out = vec![0f32; m * n];
+    if let Some(bias) = bias {
+        for row in out.chunks_exact_mut(n.max(1)) {
+            row.copy_from_slice(&bias[rows.clone()]);
+        }
+    }
+    out
+}
+
 /// `x · W[rows]ᵀ (+ bias[rows])` for f32 `x` `[m, k]` and a weight read through `w`:
 /// returns `[m, rows.len()]`.
 ///
@@ -756,12 +769,7 @@ pub(super) fn linear_rows(
     bias: Option<&[f32]>,
 ) -> Vec<f32> {
     let n = rows.len();
-    let mut out = vec![0f32; m * n];
-    if let Some(bias) = bias {
-        for row in out.chunks_exact_mut(n.max(1)) {
-            row.copy_from_slice(&bias[rows.clone()]);
-        }
-    }
+    let mut out = bias_rows(m, bias, rows.clone());
     if m == 0 || n == 0 {
         return out;
     }

@@ -282,15 +282,7 @@ fn mixed_rows<B: KernelBackend>(
             let scales = host::f32_data(q.scales.val().cast(DType::F32));
             host::with_int_bytes(q.values.val(), |bytes| {
                 if bf16_dot::available() {
-                    // int8 and fp8 e4m3 codes are exact in bf16.
-                    let table = match q.scheme {
-                        omnigen_core::QuantScheme::Int8 => {
-                            bf16_dot::code_table(|b| f32::from(b as i8))
-                        }
-                        omnigen_core::QuantScheme::Fp8E4M3 => {
-                            bf16_dot::code_table(|b| q.scheme.table()[b as usize])
-                        }
-                    };
+                    let table = bf16_dot::code_table(q.scheme.table());
                     let w = bf16_dot::DotWeight::Codes {
                         bytes,
                         table: &table,
