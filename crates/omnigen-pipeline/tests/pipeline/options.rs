@@ -120,8 +120,7 @@ fn half_precision_transformer_stays_close_to_f32() {
     let f32p = OmniGenPipeline::<B>::from_dir(model(), &Default::default()).unwrap();
     let reference = latents(&f32p.generate(&t2i()).unwrap());
     for (dtype, tol) in [(DType::BF16, 0.25f32), (DType::F16, 0.05)] {
-        let compute = ops::compute_dtype::<B>(dtype);
-        if !<B as burn::tensor::backend::Backend>::supports_dtype(&Default::default(), compute) {
+        if !computes_in(dtype) {
             let err = OmniGenPipeline::<B>::builder(model())
                 .dtype(dtype)
                 .build()
@@ -395,12 +394,44 @@ fn several_images_per_prompt_and_several_prompts() {
     assert!(d < 1e-4, "joint and separate guidance differ by {d}");
 }
 
+/// Whether the backend computes a model of `dtype` weights (else it refuses to load it).
+fn computes_in(dtype: DType) -> bool {
+    let compute = ops::compute_dtype::<B>(dtype);
+    <B as burn::tensor::backend::Backend>::supports_dtype(&Default::default(), compute)
+}
+
+/// `f` on `base`, or on `base` quantized with `scheme` on the way (as `omnigen quantize` does).
+fn with_quantized<R>(
+    base: &dyn omnigen_models::weights::WeightReader,
+    scheme: Option<omnigen_core::QuantScheme>,
+    f: impl FnOnce(&dyn omnigen_models::weights::WeightReader) -> R,
+) -> R {
+    match scheme {
+        Some(scheme) => f(&omnigen_models::weights::QuantizingReader { base, scheme }),
+        None => f(base),
+    }
+}
+
+/// The memory model's mode of `dtype` weights, `quantized` or not, on the default device.
+fn weight_mode(
+    dtype: DType,
+    quantized: Option<omnigen_core::QuantScheme>,
+    offload_layers: bool,
+) -> omnigen_pipeline::memory::WeightMode {
+    omnigen_pipeline::memory::WeightMode {
+        quantized,
+        code_dtype: quantized.map_or(DType::I8, |q| ops::code_dtype::<B>(&Default::default(), q)),
+        weight_dtype: dtype,
+        compute_dtype: ops::compute_dtype::<B>(dtype),
+        offload_layers,
+    }
+}
+
 #[test]
 fn the_weight_memory_model_counts_the_loaded_bytes_of_every_mode() {
     use omnigen_core::{QuantScheme, TransformerConfig, TransformerWeights, WeightSource};
     use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
-    use omnigen_models::weights::{QuantizingReader, WeightReader};
-    use omnigen_pipeline::memory::{transformer_weight_bytes, WeightMode};
+    use omnigen_pipeline::memory::transformer_weight_bytes;
     let cfg = TransformerConfig::from_file(model().join("config.json")).unwrap();
     let source = WeightSource::open(model().join("model.safetensors")).unwrap();
     let values: u64 = source
@@ -416,36 +447,21 @@ fn the_weight_memory_model_counts_the_loaded_bytes_of_every_mode() {
         (DType::F32, Some(QuantScheme::Int8)),
         (DType::BF16, Some(QuantScheme::Fp8E4M3)),
     ] {
-        let quantizing = quantized.map(|scheme| QuantizingReader {
-            base: &weights,
-            scheme,
-        });
-        let reader: &dyn WeightReader = match &quantizing {
-            Some(q) => q,
-            None => &weights,
-        };
-        let compute = ops::compute_dtype::<B>(dtype);
-        if !<B as burn::tensor::backend::Backend>::supports_dtype(&Default::default(), compute) {
+        if !computes_in(dtype) {
             continue; // refused at load (tested above)
         }
-        let model = OmniGenTransformer::<B>::load_with(
-            reader,
-            &cfg,
-            &Default::default(),
-            dtype,
-            &LoadOptions::default(),
-        )
-        .unwrap();
-        let mode = WeightMode {
-            quantized,
-            code_dtype: quantized
-                .map_or(DType::I8, |q| ops::code_dtype::<B>(&Default::default(), q)),
-            weight_dtype: dtype,
-            compute_dtype: model.dtype(),
-            offload_layers: false,
-        };
+        let model = with_quantized(&weights, quantized, |reader| {
+            OmniGenTransformer::<B>::load_with(
+                reader,
+                &cfg,
+                &Default::default(),
+                dtype,
+                &LoadOptions::default(),
+            )
+            .unwrap()
+        });
         assert_eq!(
-            transformer_weight_bytes(&cfg, values, mode),
+            transformer_weight_bytes(&cfg, values, weight_mode(dtype, quantized, false)),
             model.weight_bytes(),
             "{dtype:?} {quantized:?}"
         );
@@ -456,8 +472,8 @@ fn the_weight_memory_model_counts_the_loaded_bytes_of_every_mode() {
 fn the_weight_memory_model_counts_two_layers_on_the_device_when_offloaded() {
     use omnigen_core::{QuantScheme, TransformerConfig};
     use omnigen_models::transformer::{LoadOptions, OmniGenTransformer};
-    use omnigen_models::weights::{QuantizingReader, RandomWeights, WeightReader};
-    use omnigen_pipeline::memory::{transformer_weight_bytes, WeightMode};
+    use omnigen_models::weights::RandomWeights;
+    use omnigen_pipeline::memory::transformer_weight_bytes;
     let mut cfg = TransformerConfig::from_file(model().join("config.json")).unwrap();
     // more layers than the two a streaming model holds on the device
     cfg.num_hidden_layers = 5;
@@ -468,16 +484,7 @@ fn the_weight_memory_model_counts_two_layers_on_the_device_when_offloaded() {
         (DType::BF16, None),
         (DType::BF16, Some(QuantScheme::Int8)),
     ] {
-        let quantizing = quantized.map(|scheme| QuantizingReader {
-            base: &random,
-            scheme,
-        });
-        let reader: &dyn WeightReader = match &quantizing {
-            Some(q) => q,
-            None => &random,
-        };
-        let compute = ops::compute_dtype::<B>(dtype);
-        if !<B as burn::tensor::backend::Backend>::supports_dtype(&Default::default(), compute) {
+        if !computes_in(dtype) {
             continue;
         }
         let load = |offload_layers| {
@@ -485,23 +492,23 @@ fn the_weight_memory_model_counts_two_layers_on_the_device_when_offloaded() {
                 offload_layers,
                 ..LoadOptions::as_stored()
             };
-            OmniGenTransformer::<B>::load_with(reader, &cfg, &Default::default(), dtype, &options)
+            with_quantized(&random, quantized, |reader| {
+                OmniGenTransformer::<B>::load_with(
+                    reader,
+                    &cfg,
+                    &Default::default(),
+                    dtype,
+                    &options,
+                )
                 .unwrap()
+            })
         };
         let (resident, streamed) = (load(false), load(true));
         // what stays on the device, and the layers' share of a resident model
         let rest = streamed.weight_bytes() - streamed.offloaded_bytes();
         let layers = resident.weight_bytes() - rest;
-        let mode = WeightMode {
-            quantized,
-            code_dtype: quantized
-                .map_or(DType::I8, |q| ops::code_dtype::<B>(&Default::default(), q)),
-            weight_dtype: dtype,
-            compute_dtype: resident.dtype(),
-            offload_layers: true,
-        };
         assert_eq!(
-            transformer_weight_bytes(&cfg, values, mode),
+            transformer_weight_bytes(&cfg, values, weight_mode(dtype, quantized, true)),
             rest + layers / 5 * 2,
             "{dtype:?} {quantized:?}"
         );
