@@ -55,7 +55,7 @@ pub(super) enum DotWeight<'a> {
 }
 
 impl DotWeight<'_> {
-    fn len(&self) -> usize {
+    pub(super) fn len(&self) -> usize {
         match self {
             DotWeight::Bf16(w) => w.len(),
             DotWeight::Codes { bytes, .. } => bytes.len(),
@@ -64,7 +64,7 @@ impl DotWeight<'_> {
 
     /// bf16 bits of value `c` of row `j`.
     #[inline(always)]
-    fn at(&self, j: usize, k: usize, c: usize) -> u16 {
+    pub(super) fn at(&self, j: usize, k: usize, c: usize) -> u16 {
         match self {
             DotWeight::Bf16(w) => w[j * k + c],
             DotWeight::Codes { bytes, table, .. } => table[bytes[j * k + c] as usize],

@@ -16,7 +16,6 @@ use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::mask::KeyRanges;
 use super::{HeadRange, KernelBackend};
 use burn::tensor::TensorPrimitive;
 
@@ -125,9 +124,8 @@ pub(super) fn rope<B: Backend>(
     let [b, h_total, s, hd] = x.tensor.dims();
     let [tb, th, ts, thd] = cos.dims();
     assert!(ts == s && thd == hd && (tb == 1 || tb == b) && (th == 1 || th == heads));
-    assert!(sin_signed.dims() == cos.dims() && hd % 2 == 0);
+    assert!(sin_signed.dims() == cos.dims() && hd.is_multiple_of(2));
     let (xs, cos, sin) = (f32_data(x.tensor), f32_data(cos), f32_data(sin_signed));
-    let half = hd / 2;
     let plane = s * hd;
     let mut out = vec![0f32; b * heads * plane];
     out.par_chunks_mut(plane).enumerate().for_each(|(bh, o)| {
@@ -141,44 +139,21 @@ pub(super) fn rope<B: Backend>(
             .zip(cb.chunks_exact(hd))
             .zip(sb.chunks_exact(hd))
         {
-            let (x1, x2) = xrow.split_at(half);
-            let (o1, o2) = orow.split_at_mut(half);
-            for j in 0..half {
-                o1[j] = x1[j] * crow[j] + x2[j] * srow[j];
-                o2[j] = x2[j] * crow[half + j] + x1[j] * srow[half + j];
-            }
+            rope_row(orow, xrow, crow, srow);
         }
     });
     Tensor::from_data(TensorData::new(out, [b, heads, s, hd]), &device)
 }
 
-/// The host copy of a [`HeadRange`].
-struct HeadsData {
-    data: Vec<f32>,
-    h_total: usize,
-    h0: usize,
-    heads: usize,
-    len: usize,
-    hd: usize,
-}
-
-impl HeadsData {
-    fn new<B: Backend>(heads: HeadRange<B>) -> Self {
-        let [_, h_total, len, hd] = heads.tensor.dims();
-        Self {
-            data: f32_data(heads.tensor),
-            h_total,
-            h0: heads.start,
-            heads: heads.len,
-            len,
-            hd,
-        }
-    }
-
-    /// The `[L, hd]` block of batch `b`, head `h` (counted from `h0`).
-    fn block(&self, b: usize, h: usize) -> &[f32] {
-        let start = ((b * self.h_total + self.h0 + h) * self.len) * self.hd;
-        &self.data[start..start + self.len * self.hd]
+/// One row of RoPE: `out = x · cos + rotate_half(x) · sin` (rotate-half's sign in `sin`).
+#[inline(always)]
+fn rope_row(out: &mut [f32], x: &[f32], cos: &[f32], sin: &[f32]) {
+    let half = x.len() / 2;
+    let (x1, x2) = x.split_at(half);
+    let (o1, o2) = out.split_at_mut(half);
+    for j in 0..half {
+        o1[j] = x1[j] * cos[j] + x2[j] * sin[j];
+        o2[j] = x2[j] * cos[half + j] + x1[j] * sin[half + j];
     }
 }
 
@@ -280,274 +255,6 @@ pub(super) unsafe fn gemm_f32(
             false,
             threads,
         );
-    }
-}
-
-/// Query rows per attention task.
-const ATTN_ROWS: usize = 64;
-/// Keys per tile of the online softmax: a tile's scores, keys and values (about 0.5 MB with
-/// 64 rows and head_dim 96) stay in a core's L2 cache.
-const ATTN_KEYS: usize = 512;
-
-/// `softmax(q·kᵀ/sqrt(hd) + mask)·v` for `H` heads, written straight into `[B, S, H·hd]`, with
-/// the mask read from its [`KeyRanges`] rather than a dense tensor.
-///
-/// Flash-style: tasks are (batch, head, block of 64 query rows) in parallel; each walks the
-/// keys its rows may see in tiles of [`ATTN_KEYS`], keeping a running maximum and sum per row
-/// (the online softmax), so no score buffer is larger than one tile. Tiles no row of the block
-/// sees are skipped (the causal text part). A row with no visible key is uniform over all keys,
-/// as the official finite mask makes it.
-pub(super) fn attention<B: Backend>(
-    q: HeadRange<B>,
-    k: HeadRange<B>,
-    v: HeadRange<B>,
-    mask: &KeyRanges,
-) -> Tensor<B, 3> {
-    let device = q.tensor.device();
-    let (q, k, v) = (HeadsData::new(q), HeadsData::new(k), HeadsData::new(v));
-    let b = q.data.len() / (q.h_total * q.len * q.hd);
-    let (h, s, t, hd) = (q.heads, q.len, k.len, q.hd);
-    assert!(
-        k.len == v.len && k.hd == hd && v.hd == hd && k.heads == h && v.heads == h,
-        "attention: k/v shapes"
-    );
-    assert_eq!(mask.dims(), [b, s, t], "attention: mask shape");
-    let d = h * hd;
-    let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; b * s * d];
-    let out_ptr = OutPtr(out.as_mut_ptr());
-    let blocks = s.div_ceil(ATTN_ROWS);
-    (0..b * h * blocks).into_par_iter().for_each_init(
-        || AttentionScratch::new(hd),
-        |scratch, task| {
-            let (bh, blk) = (task / blocks, task % blocks);
-            let (bi, hi) = (bh / h, bh % h);
-            let r0 = blk * ATTN_ROWS;
-            let rows = ATTN_ROWS.min(s - r0);
-            let qb = &q.block(bi, hi)[r0 * hd..(r0 + rows) * hd];
-            let (kb, vb) = (k.block(bi, hi), v.block(bi, hi));
-            scratch.run(qb, kb, vb, |r| mask.range(bi, r0 + r), rows, t, scale);
-            // SAFETY: the destination is rows r0..r0+rows of batch bi, columns
-            // hi·hd..(hi+1)·hd of the [B, S, D] buffer (row stride d): in bounds, and disjoint
-            // between tasks.
-            unsafe {
-                let dst = out_ptr.get().add((bi * s + r0) * d + hi * hd);
-                for (r, acc) in scratch.acc.chunks_exact(hd).take(rows).enumerate() {
-                    let inv = 1.0 / scratch.sum[r];
-                    let row = std::slice::from_raw_parts_mut(dst.add(r * d), hd);
-                    for (o, &a) in row.iter_mut().zip(acc) {
-                        *o = a * inv;
-                    }
-                }
-            }
-        },
-    );
-    Tensor::from_data(TensorData::new(out, [b, s, d]), &device)
-}
-
-/// The largest element, in eight lanes (a vectorised reduction; `-inf` for an empty slice).
-#[inline(always)]
-fn max_of(xs: &[f32]) -> f32 {
-    let mut lanes = [f32::NEG_INFINITY; 8];
-    let mut chunks = xs.chunks_exact(8);
-    for c in &mut chunks {
-        for (l, &x) in lanes.iter_mut().zip(c) {
-            *l = if x > *l { x } else { *l };
-        }
-    }
-    let rest = chunks.remainder().iter().copied();
-    lanes
-        .into_iter()
-        .chain(rest)
-        .fold(f32::NEG_INFINITY, f32::max)
-}
-
-/// One row of an attention tile through the online softmax: its scores `row` become
-/// probabilities (exponentials relative to the row's running maximum; 0 outside the visible
-/// keys `visible`, all scores 0 for a `uniform` row), the running `(max, sum)` is updated, and
-/// the row's unnormalised output `acc` rescaled when the maximum moved.
-#[inline]
-fn softmax_tile_row(
-    row: &mut [f32],
-    visible: (usize, usize),
-    uniform: bool,
-    state: (&mut f32, &mut f32),
-    acc: &mut [f32],
-) {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2 (checked above).
-        return unsafe { softmax_tile_row_avx2(row, visible, uniform, state, acc) };
-    }
-    softmax_tile_row_portable(row, visible, uniform, state, acc)
-}
-
-/// [`softmax_tile_row`] compiled for AVX2: the exponentials in eight lanes.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn softmax_tile_row_avx2(
-    row: &mut [f32],
-    visible: (usize, usize),
-    uniform: bool,
-    state: (&mut f32, &mut f32),
-    acc: &mut [f32],
-) {
-    softmax_tile_row_portable(row, visible, uniform, state, acc)
-}
-
-#[inline(always)]
-fn softmax_tile_row_portable(
-    row: &mut [f32],
-    (a, e): (usize, usize),
-    uniform: bool,
-    (max, sum): (&mut f32, &mut f32),
-    acc: &mut [f32],
-) {
-    if a >= e {
-        row.fill(0.0);
-        return;
-    }
-    row[..a].fill(0.0);
-    row[e..].fill(0.0);
-    let seen = &mut row[a..e];
-    if uniform {
-        seen.fill(0.0);
-    }
-    let old = *max;
-    let new = old.max(max_of(seen));
-    let tile_sum = exp_sum(seen, new);
-    if old != new && old != f32::NEG_INFINITY {
-        let correction = exp_f32(old - new);
-        *sum *= correction;
-        for x in acc.iter_mut() {
-            *x *= correction;
-        }
-    }
-    *max = new;
-    *sum += tile_sum;
-}
-
-/// `xs[i] = exp(xs[i] - m)`, returning their sum: one pass, eight lanes.
-#[inline(always)]
-fn exp_sum(xs: &mut [f32], m: f32) -> f32 {
-    let mut lanes = [0f32; 8];
-    let mut chunks = xs.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for (l, x) in lanes.iter_mut().zip(c.iter_mut()) {
-            *x = exp_f32(*x - m);
-            *l += *x;
-        }
-    }
-    let mut total: f32 = lanes.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp_f32(*x - m);
-        total += *x;
-    }
-    total
-}
-
-/// One attention task's buffers, reused by the tasks a rayon worker runs.
-struct AttentionScratch {
-    hd: usize,
-    /// Scores, then probabilities, of one tile: `[ATTN_ROWS, ATTN_KEYS]`.
-    tile: Vec<f32>,
-    /// Unnormalised outputs `[ATTN_ROWS, hd]`.
-    acc: Vec<f32>,
-    /// Running maximum and sum of exponentials per row.
-    max: Vec<f32>,
-    sum: Vec<f32>,
-    /// Per row: the visible keys, and whether the row is uniform (no visible key).
-    ranges: Vec<(usize, usize, bool)>,
-}
-
-impl AttentionScratch {
-    fn new(hd: usize) -> Self {
-        Self {
-            hd,
-            tile: vec![0.0; ATTN_ROWS * ATTN_KEYS],
-            acc: vec![0.0; ATTN_ROWS * hd],
-            max: vec![f32::NEG_INFINITY; ATTN_ROWS],
-            sum: vec![0.0; ATTN_ROWS],
-            ranges: Vec::with_capacity(ATTN_ROWS),
-        }
-    }
-
-    /// Attention of the `rows × hd` queries `qb` over the `t × hd` keys `kb` and values `vb`,
-    /// row `r` seeing keys `range(r)`; leaves the unnormalised outputs in `acc` and their
-    /// normalisers in `sum`.
-    #[allow(clippy::too_many_arguments)]
-    fn run(
-        &mut self,
-        qb: &[f32],
-        kb: &[f32],
-        vb: &[f32],
-        range: impl Fn(usize) -> (usize, usize),
-        rows: usize,
-        t: usize,
-        scale: f32,
-    ) {
-        let hd = self.hd;
-        self.acc[..rows * hd].fill(0.0);
-        self.max[..rows].fill(f32::NEG_INFINITY);
-        self.sum[..rows].fill(0.0);
-        self.ranges.clear();
-        for r in 0..rows {
-            let (lo, hi) = range(r);
-            self.ranges.push(if lo < hi {
-                (lo, hi, false)
-            } else {
-                (0, t, true)
-            });
-        }
-        let lo = self.ranges.iter().map(|r| r.0).min().unwrap_or(0);
-        let hi = self.ranges.iter().map(|r| r.1).max().unwrap_or(0);
-        let mut c0 = lo;
-        while c0 < hi {
-            let cols = ATTN_KEYS.min(hi - c0);
-            let tile = &mut self.tile[..rows * cols];
-            // SAFETY: tile is rows×cols row-major; the q block rows×hd row-major; kᵀ is read
-            // from rows c0..c0+cols of the t×hd row-major k block (column stride hd, row
-            // stride 1); all within their slices.
-            unsafe {
-                gemm_f32(
-                    rows,
-                    cols,
-                    hd,
-                    Strided::rows(tile.as_mut_ptr(), cols),
-                    Strided::rows(qb.as_ptr(), hd),
-                    Strided::transposed(kb.as_ptr().add(c0 * hd), hd),
-                    Store::Overwrite(scale),
-                    gemm::Parallelism::None,
-                );
-            }
-            for (r, row) in tile.chunks_exact_mut(cols).enumerate() {
-                let (rlo, rhi, uniform) = self.ranges[r];
-                let visible = (rlo.clamp(c0, c0 + cols) - c0, rhi.clamp(c0, c0 + cols) - c0);
-                let state = (&mut self.max[r], &mut self.sum[r]);
-                softmax_tile_row(
-                    row,
-                    visible,
-                    uniform,
-                    state,
-                    &mut self.acc[r * hd..(r + 1) * hd],
-                );
-            }
-            // SAFETY: acc is rows×hd row-major; the probabilities rows×cols row-major; v rows
-            // c0..c0+cols of the t×hd row-major block.
-            unsafe {
-                gemm_f32(
-                    rows,
-                    hd,
-                    cols,
-                    Strided::rows(self.acc.as_mut_ptr(), hd),
-                    Strided::rows(self.tile.as_ptr(), cols),
-                    Strided::rows(vb.as_ptr().add(c0 * hd), hd),
-                    Store::Accumulate,
-                    gemm::Parallelism::None,
-                );
-            }
-            c0 += cols;
-        }
     }
 }
 
@@ -655,14 +362,50 @@ unsafe fn group_norm_silu_group_avx2(
 
 /// `[B·S, H·hd]` rows (a fused projection's output) as `[B, H, S, hd]`, heads in parallel.
 pub(super) fn split_heads(y: &[f32], b: usize, s: usize, heads: usize, hd: usize) -> Vec<f32> {
-    debug_assert_eq!(y.len(), b * s * heads * hd);
+    split_heads_rope(y, b, s, heads, hd, None)
+}
+
+/// RoPE tables for [`split_heads_rope`]: `cos` and `sin_signed` `[B or 1, 1, S, hd]` as host
+/// rows, applied to the first `heads` heads.
+pub(super) struct RopeRows {
+    pub cos: Vec<f32>,
+    pub sin_signed: Vec<f32>,
+    pub per_batch: bool,
+    pub heads: usize,
+}
+
+/// [`split_heads`] with RoPE applied to the heads `rope` names on the way: one pass instead of
+/// a split and a rotation.
+pub(super) fn split_heads_rope(
+    y: &[f32],
+    b: usize,
+    s: usize,
+    heads: usize,
+    hd: usize,
+    rope: Option<&RopeRows>,
+) -> Vec<f32> {
+    assert_eq!(y.len(), b * s * heads * hd);
+    if let Some(r) = rope {
+        let rows = if r.per_batch { b * s } else { s };
+        assert!(
+            r.cos.len() == rows * hd && r.sin_signed.len() == rows * hd && hd.is_multiple_of(2)
+        );
+    }
     let mut out = vec![0f32; y.len()];
     let n = heads * hd;
     out.par_chunks_mut(s * hd).enumerate().for_each(|(bh, o)| {
         let (bi, h) = (bh / heads, bh % heads);
+        let rope = rope.filter(|r| h < r.heads);
         for (si, orow) in o.chunks_exact_mut(hd).enumerate() {
             let start = (bi * s + si) * n + h * hd;
-            orow.copy_from_slice(&y[start..start + hd]);
+            let src = &y[start..start + hd];
+            match rope {
+                Some(r) => {
+                    let t = ((if r.per_batch { bi } else { 0 }) * s + si) * hd;
+                    rope_row(orow, src, &r.cos[t..t + hd], &r.sin_signed[t..t + hd]);
+                }
+                None => orow.copy_from_slice(src),
+            }
         }
     });
     out
@@ -745,7 +488,10 @@ pub(super) fn linear_block_rows(k: usize) -> usize {
 /// `bias[rows]` in every row, or zeros.
 pub(super) fn bias_rows(m: usize, bias: Option<&[f32]>, rows: std::ops::Range<usize>) -> Vec<f32> {
     let n = rows.len();
-    let mut out = vec![0f32; m * n];
+    // Written, not `calloc`ed: kernels add into it, and a fresh page first read then written
+    // faults twice (the second time with a TLB flush on every core).
+    let mut out = Vec::with_capacity(m * n);
+    out.resize(m * n, 0f32);
     if let Some(bias) = bias {
         for row in out.chunks_exact_mut(n.max(1)) {
             row.copy_from_slice(&bias[rows.clone()]);

@@ -6,11 +6,12 @@
 //!
 //! | op | host kernel ([`KernelBackend::HOST_KERNELS`], f32) | otherwise |
 //! |---|---|---|
-//! | [`linear`], [`linear_chunks`], [`linear_heads`] | bf16 / f16 / int8 / fp8 weights ([`KernelBackend::MIXED_PRECISION_LINEAR`]): blocks of output features converted to f32, each an f32 GEMM; f32 weights: burn's `matmul` | burn's `matmul` on the transposed view of the PyTorch-layout weight; a quantized layer is dequantised to the activation dtype first, one layer at a time |
+//! | [`linear`], [`linear_chunks`], [`linear_heads`] | bf16 / int8 / fp8 weights ([`KernelBackend::MIXED_PRECISION_LINEAR`]): the tile unit's `tdpbf16ps` on CPUs with AMX (`amx.rs`), else `vdpbf16ps` on AVX512-BF16 (`bf16_dot.rs`), else blocks of output features converted to f32, each an f32 GEMM (f16 weights always take that last way); f32 weights: burn's `matmul` | burn's `matmul` on the transposed view of the PyTorch-layout weight; a quantized layer is dequantised to the activation dtype first, one layer at a time |
 //! | [`rms_norm`] | one threaded pass per row block | burn ops, statistics in f32 |
 //! | [`silu_mul`] | one threaded pass | `up * silu(gate)` |
 //! | [`rope`] | one pass over the heads, in place from the fused projection | `x·cos + rotate_half(x)·sin` |
-//! | [`attention`] | flash-style tiles (64 queries × 512 keys, online softmax) reading the mask's [`KeyRanges`], into `[B, S, D]` | the additive bias expanded on the device ([`attention_bias`]); burn's `attention` where it is fused ([`KernelBackend::FUSED_ATTENTION`]), else query tiles of at most 64 Mi scores, softmax in f32 as the official eager attention |
+//! | [`qkv_heads`] | the fused projection, then one pass that splits it into heads and rotates q and k | [`linear_heads`], then [`rope`] on the q and k heads |
+//! | [`attention`] | flash-style tiles (64 queries × 512 keys, online softmax) reading the mask's [`KeyRanges`], into `[B, S, D]` (`flash.rs`): AVX-512 micro-kernels over keys transposed once per head where the CPU has AVX-512F and `hd` is a multiple of 16, else two `gemm` calls per tile | the additive bias expanded on the device ([`attention_bias`]); burn's `attention` where it is fused ([`KernelBackend::FUSED_ATTENTION`]), else query tiles of at most 64 Mi scores, softmax in f32 as the official eager attention |
 //! | [`group_norm_silu`] | one threaded pass per group | burn's `GroupNorm` then `silu` |
 //! | [`conv3x3`] | Winograd F(4×4, 3×3), or F(2×2, 3×3) for images of fewer than 36 tiles: batched GEMMs over the transformed tiles | burn's `conv2d` |
 //! | [`upsample2x_conv3x3`] | the Winograd kernels of [`conv3x3`], reading the nearest 2× in place | nearest 2× by broadcasting, then [`conv3x3`] |
@@ -23,8 +24,10 @@
 //! `backends.rs`, and one branch in the op's function here. Module records never depend on the
 //! kernel: parameters keep the checkpoint's layout and a kernel reads them as they are.
 
+mod amx;
 mod backends;
 mod bf16_dot;
+mod flash;
 mod host;
 mod mask;
 mod portable;
@@ -270,7 +273,9 @@ fn mixed_rows<B: KernelBackend>(
                     host::linear_rows(x, m, k, HostWeight::F16(&w), rows, bias)
                 } else {
                     let w = host::cast_or_copy::<u16>(bytes);
-                    if bf16_dot::available() {
+                    if amx::available() {
+                        amx::linear_rows(x, m, k, bf16_dot::DotWeight::Bf16(&w), rows, bias)
+                    } else if bf16_dot::available() {
                         bf16_dot::linear_rows(x, m, k, bf16_dot::DotWeight::Bf16(&w), rows, bias)
                     } else {
                         host::linear_rows(x, m, k, HostWeight::Bf16(&w), rows, bias)
@@ -281,14 +286,18 @@ fn mixed_rows<B: KernelBackend>(
         LinearLayer::Quantized(q) => {
             let scales = host::f32_data(q.scales.val().cast(DType::F32));
             host::with_int_bytes(q.values.val(), |bytes| {
-                if bf16_dot::available() {
+                if amx::available() || bf16_dot::available() {
                     let table = bf16_dot::code_table(q.scheme.table());
                     let w = bf16_dot::DotWeight::Codes {
                         bytes,
                         table: &table,
                         scales: &scales,
                     };
-                    return bf16_dot::linear_rows(x, m, k, w, rows, bias);
+                    return if amx::available() {
+                        amx::linear_rows(x, m, k, w, rows, bias)
+                    } else {
+                        bf16_dot::linear_rows(x, m, k, w, rows, bias)
+                    };
                 }
                 let w = match q.scheme {
                     omnigen_core::QuantScheme::Int8 => HostWeight::Int8 {
@@ -384,6 +393,67 @@ pub fn linear_heads<B: KernelBackend>(
     }
 }
 
+/// q, k and v of a fused attention projection, as three head ranges.
+#[derive(Debug, Clone)]
+pub struct QkvHeads<B: Backend> {
+    /// The queries, RoPE applied.
+    pub q: HeadRange<B>,
+    /// The keys, RoPE applied (what a kv cache stores).
+    pub k: HeadRange<B>,
+    /// The values.
+    pub v: HeadRange<B>,
+}
+
+/// A fused `qkv_proj` (output rows q | k | v, `H` heads each) applied to `x`, split into heads,
+/// with RoPE (`x·cos + rotate_half(x)·sin`) applied to q and k.
+///
+/// On the host the split and the rotation are one pass over the projection's output, and the
+/// three ranges share one `[B, 3H, S, hd]` tensor that [`attention`] reads in place; elsewhere
+/// it is [`linear_heads`] then [`rope`] on the q | k heads.
+///
+/// # Shapes
+/// `x` `[B, S, D]`, `cos` and `sin_signed` `[B or 1, 1, S, hd]` -> three `H`-head ranges of
+/// `[B, ·, S, hd]` tensors.
+pub fn qkv_heads<B: KernelBackend>(
+    layer: &LinearLayer<B>,
+    x: Tensor<B, 3>,
+    heads: usize,
+    cos: Tensor<B, 4>,
+    sin_signed: Tensor<B, 4>,
+) -> QkvHeads<B> {
+    let [tb, th, ts, hd] = cos.dims();
+    let [b, s, _] = x.dims();
+    if on_host(&x) && cos.dtype() == DType::F32 && th == 1 && ts == s && (tb == 1 || tb == b) {
+        let device = x.device();
+        let y = linear(layer, x); // [B, S, 3H·hd]
+        let hd_out = y.dims()[2] / (3 * heads);
+        assert_eq!(hd_out, hd, "qkv_heads: rope tables for another head width");
+        let rope = host::RopeRows {
+            cos: host::f32_data(cos),
+            sin_signed: host::f32_data(sin_signed),
+            per_batch: tb == b && b > 1,
+            heads: 2 * heads,
+        };
+        let out = host::with_float_bytes(y, |bytes| {
+            let y = host::cast_or_copy::<f32>(bytes);
+            host::split_heads_rope(&y, b, s, 3 * heads, hd, Some(&rope))
+        });
+        let qkv = Tensor::<B, 4>::from_data(TensorData::new(out, [b, 3 * heads, s, hd]), &device);
+        return QkvHeads {
+            q: HeadRange::new(qkv.clone(), 0, heads),
+            k: HeadRange::new(qkv.clone(), heads, heads),
+            v: HeadRange::new(qkv, 2 * heads, heads),
+        };
+    }
+    let qkv = linear_heads(layer, x, 3 * heads); // [B, 3H, S, hd]
+    let qk = rope(HeadRange::new(qkv.clone(), 0, 2 * heads), cos, sin_signed); // [B, 2H, S, hd]
+    QkvHeads {
+        q: HeadRange::new(qk.clone(), 0, heads),
+        k: HeadRange::new(qk, heads, heads),
+        v: HeadRange::new(qkv, 2 * heads, heads),
+    }
+}
+
 /// Phi-3's RMSNorm, `weight · x / sqrt(mean(x²) + eps)` over the last axis, statistics in f32.
 ///
 /// # Shapes
@@ -447,7 +517,7 @@ pub fn attention<B: KernelBackend>(
     bias: &AttentionBias<B>,
 ) -> Tensor<B, 3> {
     match &bias.repr {
-        BiasRepr::Ranges(ranges) if on_host(&q.tensor) => host::attention(q, k, v, ranges),
+        BiasRepr::Ranges(ranges) if on_host(&q.tensor) => flash::attention(q, k, v, ranges),
         BiasRepr::Additive(additive) => portable::attention(
             q.narrowed(),
             k.narrowed(),

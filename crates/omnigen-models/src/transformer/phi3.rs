@@ -104,28 +104,24 @@ impl<B: KernelBackend> Attention<B> {
     pub fn forward(&self, x: Tensor<B, 3>, ctx: AttentionContext<'_, B>) -> LayerOutput<B> {
         let AttentionContext { rope, bias, past } = ctx;
         let h = self.num_heads;
-        let qkv = ops::linear_heads(&self.qkv_proj, x, 3 * h); // [B, 3H, S, hd]
-                                                               // q and k rotated together.
-        let qk = ops::rope(
-            HeadRange::new(qkv.clone(), 0, 2 * h),
+        let ops::QkvHeads { q, k, v } = ops::qkv_heads(
+            &self.qkv_proj,
+            x,
+            h,
             rope.cos.clone(),
             rope.sin_signed.clone(),
-        ); // [B, 2H, S, hd]
-        let k = qk.clone().narrow(1, h, h); // [B, H, S, hd]
-        let v = qkv.clone().narrow(1, 2 * h, h); // [B, H, S, hd]
+        ); // H heads each of [B, ·, S, hd], q and k rotated
+        let (k_new, v_new) = (k.clone().narrowed(), v.clone().narrowed()); // [B, H, S, hd]
         let (k_all, v_all) = match past {
             Some((pk, pv)) => (
-                HeadRange::all(Tensor::cat(vec![pk.clone(), k.clone()], 2)),
-                HeadRange::all(Tensor::cat(vec![pv.clone(), v.clone()], 2)),
+                HeadRange::all(Tensor::cat(vec![pk.clone(), k_new.clone()], 2)),
+                HeadRange::all(Tensor::cat(vec![pv.clone(), v_new.clone()], 2)),
             ), // [B, H, S_past + S, hd]
-            // Without a cache, k and v are read in place from the projections.
-            None => (
-                HeadRange::new(qk.clone(), h, h),
-                HeadRange::new(qkv, 2 * h, h),
-            ),
+            // Without a cache, k and v are read in place from the projection.
+            None => (k, v),
         };
-        let out = ops::attention(HeadRange::new(qk, 0, h), k_all, v_all, bias); // [B, S, D]
-        (ops::linear(&self.o_proj, out), (k, v))
+        let out = ops::attention(q, k_all, v_all, bias); // [B, S, D]
+        (ops::linear(&self.o_proj, out), (k_new, v_new))
     }
 }
 
