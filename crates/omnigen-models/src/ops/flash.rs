@@ -355,11 +355,13 @@ mod avx512 {
 
     /// Keys per pass of [`weighted_values`] (their values, 48 KiB at hd = 96, stay in L1/L2
     /// while every row block reads them).
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const KEY_CHUNK: usize = 128;
 
     /// `tile[r][64p..64p + 64] = scale · Σ_c q[r][c] · kt[p][c][..]` for `r < rows`,
     /// `p < panels`: the scores of `rows` queries (`[rows, hd]`) against `panels` key panels
     /// (`[hd][64]` each), rows [`ATTN_KEYS`] apart.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     pub(super) fn scores(
         q: &[f32],
         hd: usize,
@@ -408,6 +410,7 @@ mod avx512 {
     /// `acc[r][..] += Σ_j p[r][j] · v[j][..]` for `r < rows` and the `n = v.len() / hd` keys
     /// of `v` (`[n, hd]`); `p` rows [`ATTN_KEYS`] apart, `acc` rows `hd` apart; `hd` a multiple
     /// of 16.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables))]
     pub(super) fn weighted_values(p: &[f32], v: &[f32], hd: usize, acc: &mut [f32], rows: usize) {
         let n = v.len() / hd;
         assert!(hd.is_multiple_of(16) && rows > 0 && n <= ATTN_KEYS);
