@@ -15,10 +15,11 @@
 
 use rayon::prelude::*;
 
-use super::bf16_dot::DotWeight;
+use super::bf16_dot::{activations_bf16, pack_panel, DotWeight};
 
-/// Output features per panel (four tiles of 16).
-const NR: usize = 64;
+/// Output features per panel (four tiles of 16): `bf16_dot`'s panel, packed by its
+/// [`pack_panel`].
+const NR: usize = super::bf16_dot::NR;
 /// Rows per block (two tiles of 16).
 const MR: usize = 32;
 /// Input pairs per tile (a tile row is 64 bytes: 16 pairs).
@@ -109,11 +110,7 @@ pub(super) fn linear_rows(
         |(panel, sums): &mut (Vec<u32>, Vec<f32>), p| {
             let j0 = p * NR;
             let cols = NR.min(n - j0);
-            let mut scale = [1f32; NR];
-            if let DotWeight::Codes { scales, .. } = w {
-                let first = rows.start + j0;
-                scale[..cols].copy_from_slice(&scales[first..first + cols]);
-            }
+            let scale = w.panel_scales(rows.start + j0, cols);
             // SAFETY: `available` checked the CPU and the permission; the configuration is
             // this thread's.
             unsafe { configure_tiles() };
@@ -158,53 +155,6 @@ pub(super) fn linear_rows(
         },
     );
     out
-}
-
-/// `x` `[m, k]` rounded to bf16, as `[padded_rows][pairs]` u32 pairs (inputs past `k` and rows
-/// past `m` are zero).
-fn activations_bf16(x: &[f32], m: usize, k: usize, padded_rows: usize, pairs: usize) -> Vec<u32> {
-    let mut xb = vec![0u32; padded_rows * pairs];
-    xb.par_chunks_mut(pairs)
-        .zip(x.par_chunks(k))
-        .take(m)
-        .for_each(|(dst, src)| {
-            for (d, two) in dst.iter_mut().zip(src.chunks(2)) {
-                let lo = u32::from(half::bf16::from_f32(two[0]).to_bits());
-                let hi = two
-                    .get(1)
-                    .map_or(0, |&v| u32::from(half::bf16::from_f32(v).to_bits()));
-                *d = lo | hi << 16;
-            }
-        });
-    xb
-}
-
-/// Packs features `first..first + cols` of `w` (rows of `k` values) at input pairs
-/// `kc0..kc0 + kc` into `panel` `[kc][NR]` (features past `cols` and inputs past `k` are 0).
-fn pack_panel(
-    w: DotWeight<'_>,
-    k: usize,
-    first: usize,
-    cols: usize,
-    kc0: usize,
-    kc: usize,
-    panel: &mut Vec<u32>,
-) {
-    panel.clear();
-    panel.resize(kc * NR, 0);
-    let live = k.div_ceil(2).saturating_sub(kc0).min(kc);
-    for j in 0..cols {
-        for q in 0..live {
-            let c = 2 * (kc0 + q);
-            let lo = u32::from(w.at(first + j, k, c));
-            let hi = if c + 1 < k {
-                u32::from(w.at(first + j, k, c + 1))
-            } else {
-                0
-            };
-            panel[q * NR + j] = lo | hi << 16;
-        }
-    }
 }
 
 /// Tile configuration (palette 1): the eight tiles of 16 rows × 64 bytes.

@@ -15,7 +15,7 @@
 use rayon::prelude::*;
 
 /// Output features per panel (four vectors of 16 f32).
-const NR: usize = 64;
+pub(super) const NR: usize = 64;
 /// Rows per micro-kernel tile.
 const MR: usize = 6;
 /// Input pairs per pass over a panel: the packed panel (`KC · NR · 4` bytes, 256 KiB) stays in
@@ -62,9 +62,19 @@ impl DotWeight<'_> {
         }
     }
 
+    /// The scales of rows `first..first + cols` (1 for bf16 weights and past `cols`): what
+    /// a panel's sums are multiplied by.
+    pub(super) fn panel_scales(&self, first: usize, cols: usize) -> [f32; NR] {
+        let mut scale = [1f32; NR];
+        if let DotWeight::Codes { scales, .. } = self {
+            scale[..cols].copy_from_slice(&scales[first..first + cols]);
+        }
+        scale
+    }
+
     /// bf16 bits of value `c` of row `j`.
     #[inline(always)]
-    pub(super) fn at(&self, j: usize, k: usize, c: usize) -> u16 {
+    fn at(&self, j: usize, k: usize, c: usize) -> u16 {
         match self {
             DotWeight::Bf16(w) => w[j * k + c],
             DotWeight::Codes { bytes, table, .. } => table[bytes[j * k + c] as usize],
@@ -96,18 +106,14 @@ pub(super) fn linear_rows(
         return out;
     }
     let pairs = k.div_ceil(2);
-    let xb = activations_bf16(x, m, k, pairs);
+    let xb = activations_bf16(x, m, k, m, pairs);
     let out_ptr = super::host::OutPtr(out.as_mut_ptr());
     (0..n.div_ceil(NR))
         .into_par_iter()
         .for_each_init(Vec::new, |panel: &mut Vec<u32>, p| {
             let j0 = p * NR;
             let cols = NR.min(n - j0);
-            let mut scale = [1f32; NR];
-            if let DotWeight::Codes { scales, .. } = w {
-                let first = rows.start + j0;
-                scale[..cols].copy_from_slice(&scales[first..first + cols]);
-            }
+            let scale = w.panel_scales(rows.start + j0, cols);
             for kc0 in (0..pairs).step_by(KC) {
                 let kc = KC.min(pairs - kc0);
                 pack_panel(w, k, rows.start + j0, cols, kc0, kc, panel);
@@ -136,9 +142,16 @@ pub(super) fn linear_rows(
     out
 }
 
-/// `x` `[m, k]` rounded to bf16, as `[m, pairs]` u32 pairs (an odd `k` padded with a zero).
-fn activations_bf16(x: &[f32], m: usize, k: usize, pairs: usize) -> Vec<u32> {
-    let mut xb = vec![0u32; m * pairs];
+/// `x` `[m, k]` rounded to bf16, as `[rows][pairs]` u32 pairs of consecutive inputs (`rows ≥ m`,
+/// `pairs ≥ ⌈k / 2⌉`; inputs past `k` and rows past `m` are zero).
+pub(super) fn activations_bf16(
+    x: &[f32],
+    m: usize,
+    k: usize,
+    rows: usize,
+    pairs: usize,
+) -> Vec<u32> {
+    let mut xb = vec![0u32; rows * pairs];
     xb.par_chunks_mut(pairs)
         .zip(x.par_chunks(k))
         .take(m)
@@ -155,8 +168,9 @@ fn activations_bf16(x: &[f32], m: usize, k: usize, pairs: usize) -> Vec<u32> {
 }
 
 /// Packs features `first..first + cols` of `w` (rows of `k` values) at input pairs
-/// `kc0..kc0 + kc` into `panel` `[kc][NR]` (features past `cols` and a missing odd input are 0).
-fn pack_panel(
+/// `kc0..kc0 + kc` into `panel` `[kc][NR]`, the tile layout of both bf16 kernels (features past
+/// `cols`, inputs past `k` and pairs past `⌈k / 2⌉` are 0).
+pub(super) fn pack_panel(
     w: DotWeight<'_>,
     k: usize,
     first: usize,
@@ -167,8 +181,9 @@ fn pack_panel(
 ) {
     panel.clear();
     panel.resize(kc * NR, 0);
+    let live = k.div_ceil(2).saturating_sub(kc0).min(kc);
     for j in 0..cols {
-        for q in 0..kc {
+        for q in 0..live {
             let c = 2 * (kc0 + q);
             let lo = u32::from(w.at(first + j, k, c));
             let hi = if c + 1 < k {
