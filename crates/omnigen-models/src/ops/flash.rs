@@ -192,11 +192,10 @@ fn key_panels(k: &Heads<'_>, b: usize, kernel: TileKernel) -> Option<Vec<f32>> {
         return None;
     }
     let (t, hd) = (k.len, k.hd);
-    let panel = hd * PANEL;
-    let per_head = t.div_ceil(PANEL) * panel;
-    let mut out = vec![0f32; b * k.heads * per_head];
+    let (panel, panels) = (hd * PANEL, t.div_ceil(PANEL));
+    let mut out = vec![0f32; b * k.heads * panels * panel];
     out.par_chunks_mut(panel).enumerate().for_each(|(i, dst)| {
-        let (bh, p) = (i / t.div_ceil(PANEL), i % t.div_ceil(PANEL));
+        let (bh, p) = (i / panels, i % panels);
         let keys = k.block(bh / k.heads, bh % k.heads);
         let (j0, n) = (p * PANEL, PANEL.min(t - p * PANEL));
         for (j, key) in keys[j0 * hd..(j0 + n) * hd].chunks_exact(hd).enumerate() {
