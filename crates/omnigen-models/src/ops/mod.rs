@@ -12,8 +12,10 @@
 //! | [`rope`] | one pass over the heads, in place from the fused projection | `x·cos + rotate_half(x)·sin` |
 //! | [`qkv_heads`] | the fused projection, then one pass that splits it into heads and rotates q and k | [`linear_heads`], then [`rope`] on the q and k heads |
 //! | [`attention`] | flash-style tiles (64 queries × 512 keys, online softmax) reading the mask's [`KeyRanges`], into `[B, S, D]` (`flash.rs`): AVX-512 micro-kernels over keys transposed once per head where the CPU has AVX-512F and `hd` is a multiple of 16, else two `gemm` calls per tile | the additive bias expanded on the device ([`attention_bias`]); burn's `attention` where it is fused ([`KernelBackend::FUSED_ATTENTION`]), else query tiles of at most 64 Mi scores, softmax in f32 as the official eager attention |
+//! | [`full_attention`] | as otherwise | burn's `attention` where it is fused ([`KernelBackend::FUSED_ATTENTION`]), else query tiles as [`attention`]'s, without a mask |
 //! | [`group_norm_silu`] | one threaded pass per group | burn's `GroupNorm` then `silu` |
 //! | [`conv3x3`] | Winograd F(4×4, 3×3), or F(2×2, 3×3) for images of fewer than 36 tiles: batched GEMMs over the transformed tiles | burn's `conv2d` |
+//! | [`conv1x1`] | burn's `conv2d` | the `[C_out, C_in]` weight times the `[B, C_in, H·W]` input, one product (not burn's im2col kernel) |
 //! | [`upsample2x_conv3x3`] | the Winograd kernels of [`conv3x3`], reading the nearest 2× in place | nearest 2× by broadcasting, then [`conv3x3`] |
 //! | [`downsample_conv3x3`] | nine shifted GEMMs over the input's four polyphase planes, at the output's resolution | burn's `conv2d` (stride 2, padding bottom/right) |
 //!
@@ -522,7 +524,7 @@ pub fn attention<B: KernelBackend>(
             q.narrowed(),
             k.narrowed(),
             v.narrowed(),
-            additive.clone(),
+            Some(additive.clone()),
             score_tile::<B>(),
         ),
         // Ranges prepared for another dtype than q's: expand them here.
@@ -532,11 +534,24 @@ pub fn attention<B: KernelBackend>(
                 q.narrowed(),
                 k.narrowed(),
                 v.narrowed(),
-                additive,
+                Some(additive),
                 score_tile::<B>(),
             )
         }
     }
+}
+
+/// Attention without a mask, every query over every key (the VAE's mid-block attention), with
+/// the default scale `1/sqrt(hd)`.
+///
+/// # Shapes
+/// `q` `[B, H, S, hd]`, `k`, `v` `[B, H, T, hd]` -> `[B, S, H·hd]`.
+pub fn full_attention<B: KernelBackend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+) -> Tensor<B, 3> {
+    portable::attention(q, k, v, None, score_tile::<B>())
 }
 
 /// `silu(group_norm(x))`, every GroupNorm → SiLU pair of the VAE.
@@ -575,6 +590,20 @@ pub fn conv3x3<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B,
         Conv3x3Kernel::ShiftedGemm => host::conv3x3(x, conv.weight.val(), bias.val()),
         #[cfg(test)]
         Conv3x3Kernel::Portable => portable::conv3x3(conv, x),
+    }
+}
+
+/// A 1×1, stride-1 convolution without padding (the VAE's resnet shortcuts, `quant_conv`,
+/// `post_quant_conv`), from the PyTorch-layout weight `[C_out, C_in, 1, 1]` of `conv`.
+///
+/// # Shapes
+/// `x` `[B, C_in, H, W]` -> `[B, C_out, H, W]`.
+pub fn conv1x1<B: KernelBackend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    debug_assert!(conv.kernel_size == [1, 1] && conv.stride == [1, 1] && conv.groups == 1);
+    if B::HOST_KERNELS {
+        conv.forward(x)
+    } else {
+        portable::conv1x1(conv, x)
     }
 }
 

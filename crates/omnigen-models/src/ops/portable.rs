@@ -10,13 +10,32 @@ use burn::tensor::{DType, Tensor};
 
 /// `a · b`, `a` `[..., m, k]`, `b` `[..., k, n]` -> `[..., m, n]`.
 ///
-/// burn 0.21's fusion of a one-row product (`m = 1`) whose right-hand side is a strided view (a
-/// transposed weight, `kᵀ`) with the elementwise ops that follow it computes wrong values on the
-/// cubecl backends (seen on wgpu: `tests/transformer/device_ops.rs`), while the same product of
-/// two or more rows is right. A one-row product therefore runs as two identical rows; the
-/// products it concerns (the time embedding and the final layer's modulation of one guidance row,
-/// a last query tile of one row) are tiny.
+/// Two faults of burn 0.21's cubecl kernels (seen on wgpu, pinned by
+/// `tests/transformer/device_ops.rs`) are kept out of every product here:
+/// - its fusion of a one-row product (`m = 1`) whose right-hand side is a strided view (a
+///   transposed weight, `kᵀ`) with the elementwise ops that follow it computes wrong values,
+///   while the same product of two or more rows is right. A one-row product therefore runs as
+///   two identical rows; the products it concerns (the time embedding and the final layer's
+///   modulation of one guidance row, a last query tile of one row) are tiny.
+/// - cubek 0.2's double-buffered unit matmuls (`DoubleUnit`, and fusion's
+///   `fused_double_buffering_unit`), which autotuning may pick for any shape, are wrong when the
+///   inner size `k` is an odd multiple of 8 (8, 24, 40, …, 1064, 1080 measured; every multiple
+///   of 16 and every other `k` right). Such a `k` is zero-padded to the next multiple of 16:
+///   the product is the same, exactly. It concerns small channel counts (the VAE's 8-channel
+///   `quant_conv`), and the `probs · v` of an attention over such a number of keys.
 fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+    let k = a.dims()[D - 1];
+    let (a, b) = if k % 16 == 8 {
+        // zeros_like of a narrowed view: the padding in each operand's dtype and device.
+        let a_pad = a.clone().narrow(D - 1, 0, 8).zeros_like();
+        let b_pad = b.clone().narrow(D - 2, 0, 8).zeros_like();
+        (
+            Tensor::cat(vec![a, a_pad], D - 1),
+            Tensor::cat(vec![b, b_pad], D - 2),
+        )
+    } else {
+        (a, b)
+    };
     if a.dims()[D - 2] != 1 {
         return a.matmul(b);
     }
@@ -128,7 +147,8 @@ pub(super) fn rope<B: Backend>(
     x * cos + swapped * sin_signed
 }
 
-/// `q` `[B, H, S, hd]`, `k`, `v` `[B, H, T, hd]`, `bias` `[B, 1, S, T]` -> `[B, S, H·hd]`.
+/// `q` `[B, H, S, hd]`, `k`, `v` `[B, H, T, hd]`, `bias` `[B, 1, S, T]` (none: every query
+/// sees every key) -> `[B, S, H·hd]`.
 ///
 /// With `tile` `None` (a backend whose own `attention` never holds the whole score tensor),
 /// burn's `attention`; otherwise query tiles of at most `tile` scores each
@@ -138,7 +158,7 @@ pub(super) fn attention<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    bias: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
     tile: Option<u64>,
 ) -> Tensor<B, 3> {
     let [b, h, s, hd] = q.dims();
@@ -156,14 +176,14 @@ pub(super) fn attention<B: Backend>(
                         q.clone().narrow(2, start, n),
                         k.clone(),
                         v.clone(),
-                        bias.clone().narrow(2, start, n),
+                        bias.clone().map(|bias| bias.narrow(2, start, n)),
                     )
                 })
                 .collect();
             Tensor::cat(tiles, 2)
         }
     } else {
-        burn_attention(q, k, v, None, Some(bias), AttentionModuleOptions::default())
+        burn_attention(q, k, v, None, bias, AttentionModuleOptions::default())
     }; // [B, H, S, hd]
     out.swap_dims(1, 2).reshape([b, s, h * hd])
 }
@@ -199,11 +219,15 @@ fn attention_tile<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
-    bias: Tensor<B, 4>,
+    bias: Option<Tensor<B, 4>>,
 ) -> Tensor<B, 4> {
     let dtype = q.dtype();
     let scale = (q.dims()[3] as f64).sqrt().recip();
-    let scores = matmul(q, k.swap_dims(2, 3)).mul_scalar(scale) + bias; // [B, H, n, T]
+    let scores = matmul(q, k.swap_dims(2, 3)).mul_scalar(scale); // [B, H, n, T]
+    let scores = match bias {
+        Some(bias) => scores + bias,
+        None => scores,
+    };
     let probs = softmax(scores.cast(DType::F32), 3).cast(dtype);
     matmul(probs, v)
 }
@@ -214,6 +238,28 @@ pub(super) fn group_norm_silu<B: Backend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) ->
 
 pub(super) fn conv3x3<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
     conv.forward(x)
+}
+
+/// A 1×1 convolution as the product of its `[C_out, C_in]` weight with the `[B, C_in, H·W]`
+/// input: both operands contiguous, through [`matmul`] (burn's own `conv2d` runs a 1×1 kernel as
+/// an im2col product that [`matmul`]'s guards do not reach).
+///
+/// # Shapes
+/// `x` `[B, C_in, H, W]` -> `[B, C_out, H, W]`.
+pub(super) fn conv1x1<B: Backend>(conv: &Conv2d<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let [b, c_in, h, w] = x.dims();
+    let c_out = conv.weight.dims()[0];
+    let weight = conv
+        .weight
+        .val()
+        .reshape([1, c_out, c_in])
+        .expand([b, c_out, c_in]); // [B, C_out, C_in]
+    let y = matmul(weight, x.reshape([b, c_in, h * w])); // [B, C_out, H·W]
+    let y = match &conv.bias {
+        Some(bias) => y + bias.val().reshape([1, c_out, 1]),
+        None => y,
+    };
+    y.reshape([b, c_out, h, w])
 }
 
 pub(super) fn upsample_nearest2x<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {

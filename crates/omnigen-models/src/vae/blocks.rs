@@ -5,8 +5,6 @@ use burn::module::Module;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, PaddingConfig2d};
 use burn::tensor::backend::Backend;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::Tensor;
 use omnigen_core::{Error, Result};
 
@@ -65,7 +63,7 @@ impl<B: KernelBackend> ResnetBlock2D<B> {
         let h = ops::conv3x3(&self.conv1, ops::group_norm_silu(&self.norm1, x.clone())); // [B, C_out, H, W]
         let h = ops::conv3x3(&self.conv2, ops::group_norm_silu(&self.norm2, h)); // [B, C_out, H, W]
         let residual = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x), // [B, C_out, H, W]
+            Some(conv) => ops::conv1x1(conv, x), // [B, C_out, H, W]
             None => x,
         };
         // output_scale_factor is 1 in the VAE, so no division.
@@ -115,9 +113,9 @@ impl<B: KernelBackend> Attention<B> {
         let q = ops::linear(&self.to_q, tokens.clone()).unsqueeze_dim::<4>(1); // [B, 1, H*W, C]
         let k = ops::linear(&self.to_k, tokens.clone()).unsqueeze_dim::<4>(1); // [B, 1, H*W, C]
         let v = ops::linear(&self.to_v, tokens).unsqueeze_dim::<4>(1); // [B, 1, H*W, C]
-                                                                       // Default scale is 1/sqrt(head_dim) with head_dim = C, as in diffusers.
-        let out = attention(q, k, v, None, None, AttentionModuleOptions::default()); // [B, 1, H*W, C]
-        let out = ops::linear(&self.to_out, out.squeeze_dim::<3>(1)); // [B, H*W, C]
+                                                                       // The scale is 1/sqrt(head_dim) with head_dim = C, as in diffusers.
+        let out = ops::full_attention(q, k, v); // [B, H*W, C]
+        let out = ops::linear(&self.to_out, out); // [B, H*W, C]
         let out = out.swap_dims(1, 2).reshape([b, c, h, w]); // [B, C, H, W]
         out + x
     }

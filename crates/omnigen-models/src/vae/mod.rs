@@ -36,7 +36,7 @@ use encoder::Encoder;
 pub use tiling::TilingConfig;
 
 use crate::loader::Loader;
-use crate::ops::{cast, KernelBackend};
+use crate::ops::{self, cast, KernelBackend};
 use crate::weights::WeightReader;
 
 /// File stem of the VAE weights inside a checkpoint's `vae/` folder (see
@@ -209,7 +209,7 @@ impl<B: KernelBackend> AutoencoderKL<B> {
         let encode_tile = |x: Tensor<B, 4>| {
             let moments = self.encoder.forward(cast(x, dtype)); // [B, 2*latent, h, w]
             let moments = match &self.quant_conv {
-                Some(conv) => conv.forward(moments),
+                Some(conv) => ops::conv1x1(conv, moments),
                 None => moments,
             };
             cast(moments, DType::F32)
@@ -254,7 +254,7 @@ impl<B: KernelBackend> AutoencoderKL<B> {
         let decode_tile = |z: Tensor<B, 4>| {
             let z = cast(z, dtype);
             let z = match &self.post_quant_conv {
-                Some(conv) => conv.forward(z),
+                Some(conv) => ops::conv1x1(conv, z),
                 None => z,
             }; // [B, latent, h, w]
             cast(self.decoder.forward(z), DType::F32) // [B, out, h*f, w*f]

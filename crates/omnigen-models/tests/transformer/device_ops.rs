@@ -136,3 +136,115 @@ fn the_time_embedder_of_model_b_matches_its_weights_on_the_host() {
     let got = to_vec(model.time_token.forward(t));
     assert_close("time_token", &got, &want, &[1, d2[1]], 1e-4);
 }
+
+/// `[C_out, C_in]` weights times `[C_in, P]` columns, plus a bias per output channel.
+fn host_conv1x1(
+    x: &[f32],
+    w: &[f32],
+    bias: &[f32],
+    c_in: usize,
+    c_out: usize,
+    p: usize,
+) -> Vec<f32> {
+    let mut y = vec![0f32; c_out * p];
+    for o in 0..c_out {
+        for j in 0..p {
+            y[o * p + j] = bias[o]
+                + (0..c_in)
+                    .map(|c| w[o * c_in + c] * x[c * p + j])
+                    .sum::<f32>();
+        }
+    }
+    y
+}
+
+/// Products whose inner size is an odd multiple of 8, which cubek's double-buffered matmuls
+/// get wrong (`ops/portable.rs`, `matmul`): a linear layer, a 1×1 convolution (the VAE's
+/// `quant_conv` has 8 channels) and the `probs · v` of an attention over such a number of keys,
+/// in sizes where autotuning considers those kernels (several hundred rows).
+#[test]
+fn products_over_an_odd_multiple_of_8_match_the_host() {
+    use burn::module::Param;
+    use burn::nn::conv::Conv2d;
+    use burn::nn::Linear;
+    use omnigen_models::ops::{self, LinearLayer};
+    let device = default_device();
+    let mut failures = Vec::new();
+    let mut check = |what: String, got: Vec<f32>, want: Vec<f32>| {
+        let d = max_abs_diff(&got, &want);
+        println!("{what}: max abs diff {d:.3e}");
+        if d > 1e-4 {
+            failures.push(format!("{what}: {d}"));
+        }
+    };
+    let (m, n) = (960, 40);
+    for k in [8, 24, 40, 72] {
+        let w = values(n * k, 7);
+        let bias = values(n, 9);
+        let layer = LinearLayer::Dense(Linear {
+            weight: Param::from_tensor(
+                Tensor::<B, 2>::from_data(TensorData::new(w.clone(), [n, k]), &device)
+                    .swap_dims(0, 1),
+            ),
+            bias: Some(Param::from_tensor(Tensor::<B, 1>::from_data(
+                TensorData::new(bias.clone(), [n]),
+                &device,
+            ))),
+        });
+        let x = values(m * k, 3);
+        let want = host_matmul_t(&x, &w, m, k, n)
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + bias[i % n])
+            .collect();
+        let xt = Tensor::<B, 2>::from_data(TensorData::new(x, [m, k]), &device);
+        check(
+            format!("linear [{m}, {k}] -> [{m}, {n}]"),
+            to_vec(ops::linear(&layer, xt)),
+            want,
+        );
+
+        let (h, wd) = (24, 40);
+        let conv = Conv2d {
+            weight: Param::from_tensor(Tensor::<B, 4>::from_data(
+                TensorData::new(w.clone(), [n, k, 1, 1]),
+                &device,
+            )),
+            bias: Some(Param::from_tensor(Tensor::<B, 1>::from_data(
+                TensorData::new(bias.clone(), [n]),
+                &device,
+            ))),
+            ..burn::nn::conv::Conv2dConfig::new([k, n], [1, 1]).init::<B>(&device)
+        };
+        let x = values(k * h * wd, 5);
+        let want = host_conv1x1(&x, &w, &bias, k, n, h * wd);
+        let xt = Tensor::<B, 4>::from_data(TensorData::new(x, [1, k, h, wd]), &device);
+        check(
+            format!("conv1x1 {k} -> {n} at {h}x{wd}"),
+            to_vec(ops::conv1x1(&conv, xt)),
+            want,
+        );
+    }
+    // attention of 64 queries over 1,064 keys (= 8 · 133), one head of 40
+    let (s, t, hd) = (64, 1064, 40);
+    let (q, k, v) = (values(s * hd, 11), values(t * hd, 12), values(t * hd, 13));
+    let scale = (hd as f32).sqrt().recip();
+    let mut want = vec![0f32; s * hd];
+    for i in 0..s {
+        let scores: Vec<f32> = (0..t)
+            .map(|j| scale * (0..hd).map(|c| q[i * hd + c] * k[j * hd + c]).sum::<f32>())
+            .collect();
+        let max = scores.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+        let e: Vec<f32> = scores.iter().map(|x| (x - max).exp()).collect();
+        let sum: f32 = e.iter().sum();
+        for c in 0..hd {
+            want[i * hd + c] = (0..t).map(|j| e[j] * v[j * hd + c]).sum::<f32>() / sum;
+        }
+    }
+    let tensor = |x: Vec<f32>, rows: usize| {
+        Tensor::<B, 4>::from_data(TensorData::new(x, [1, 1, rows, hd]), &device)
+    };
+    let got = ops::full_attention(tensor(q, s), tensor(k, t), tensor(v, t));
+    check(format!("attention over {t} keys"), to_vec(got), want);
+    assert!(failures.is_empty(), "{failures:#?}");
+}
