@@ -128,7 +128,13 @@ fn attention_host_matches_portable_with_a_mask() {
         k.clone().narrowed(),
         v.clone().narrowed(),
     );
-    let whole = portable::attention(qn.clone(), kn.clone(), vn.clone(), dense_bias(&mask), None);
+    let whole = portable::attention(
+        qn.clone(),
+        kn.clone(),
+        vn.clone(),
+        Some(dense_bias(&mask)),
+        None,
+    );
     assert_close(
         ops::attention(q.clone(), k.clone(), v.clone(), &host),
         whole.clone(),
@@ -138,7 +144,7 @@ fn attention_host_matches_portable_with_a_mask() {
     // attention in one piece.
     let tile = (b * h * s * 3) as u64;
     assert_close(
-        portable::attention(qn, kn, vn, dense_bias(&mask), Some(tile)),
+        portable::attention(qn, kn, vn, Some(dense_bias(&mask)), Some(tile)),
         whole,
         1e-5,
     );
@@ -163,7 +169,7 @@ fn attention_host_matches_portable_with_a_mask() {
         q.clone(),
         kv.clone(),
         kv.clone() * 0.5,
-        dense_bias(&mask),
+        Some(dense_bias(&mask)),
         None,
     );
     // Tiles of one query row, and a tile smaller than one row (still one row).
@@ -173,7 +179,7 @@ fn attention_host_matches_portable_with_a_mask() {
                 q.clone(),
                 kv.clone(),
                 kv.clone() * 0.5,
-                dense_bias(&mask),
+                Some(dense_bias(&mask)),
                 Some(tile),
             ),
             want.clone(),
