@@ -750,3 +750,47 @@ fn quantized_layers_dequantise_on_the_portable_path() {
         assert_eq!(layer.bytes(), (d_in * d_out + 4 * d_out) as u64);
     }
 }
+
+/// The GPU backends' 1×1 convolution (one product of the weight with the input's columns, an
+/// inner size of 8 or 40 zero-padded to 16 or 48 by `portable::matmul`) against burn's `conv2d`.
+#[test]
+fn conv1x1_product_matches_conv2d() {
+    for (c_in, c_out, seed) in [(8, 8, 1), (40, 16, 2), (33, 7, 3)] {
+        let conv: Conv2d<B> = loader(&RandomWeights { seed })
+            .conv2d(c_in, c_out, 1, 1, 0)
+            .unwrap();
+        let x = normal([2, c_in, 5, 6], seed + 10);
+        assert_close(portable::conv1x1(&conv, x.clone()), conv.forward(x), 1e-5);
+    }
+}
+
+/// The unmasked attention of the VAE as the GPU backends run it (query tiles, keys a multiple
+/// of 8 but not of 16, so `probs · v` is padded) against burn's attention in one piece.
+#[test]
+fn full_attention_tiles_match_burns_attention() {
+    use burn::tensor::module::attention as burn_attention;
+    use burn::tensor::ops::AttentionModuleOptions;
+    let (b, s, c) = (2, 40, 24);
+    let (q, k, v) = (
+        normal([b, 1, s, c], 1),
+        normal([b, 1, s, c], 2),
+        normal([b, 1, s, c], 3),
+    );
+    let want = burn_attention(
+        q.clone(),
+        k.clone(),
+        v.clone(),
+        None,
+        None,
+        AttentionModuleOptions::default(),
+    )
+    .swap_dims(1, 2)
+    .reshape([b, s, c]);
+    let tile = (b * s * 7) as u64; // seven query rows per tile: six tiles, the last of five
+    assert_close(
+        portable::attention(q.clone(), k.clone(), v.clone(), None, Some(tile)),
+        want.clone(),
+        1e-5,
+    );
+    assert_close(ops::full_attention(q, k, v), want, 1e-5);
+}
