@@ -128,6 +128,11 @@ parity vae f32 vae
 parity pipeline f32 pipeline
 parity transformer bf16 transformer parity
 parity pipeline bf16 pipeline parity
+# cubek's multi-stage matmuls and inner sizes that are odd multiples of their k stage
+# (docs/backends.md): the products the portable ops pad, run unpadded. A failure here says the
+# padding is needed on this GPU too; a pass, that these kernels were not picked or are right.
+OMNIGEN_NO_MATMUL_PAD=1 parity unpadded_products f32 transformer \
+  device_ops::products_over_an_odd_multiple_of_a_stage_match_the_host
 
 # ---- 3. the full-size checkpoint ---------------------------------------------------------------------
 log "full-size checkpoint"

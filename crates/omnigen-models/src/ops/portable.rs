@@ -6,6 +6,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::ops::PadMode;
 use burn::tensor::{DType, Tensor};
 
 /// `a · b`, `a` `[..., m, k]`, `b` `[..., k, n]` -> `[..., m, n]`.
@@ -17,24 +18,26 @@ use burn::tensor::{DType, Tensor};
 ///   while the same product of two or more rows is right. A one-row product therefore runs as
 ///   two identical rows; the products it concerns (the time embedding and the final layer's
 ///   modulation of one guidance row, a last query tile of one row) are tiny.
-/// - cubek 0.2's double-buffered unit matmuls (`DoubleUnit`, and fusion's
-///   `fused_double_buffering_unit`), which autotuning may pick for any shape, are wrong when the
-///   inner size `k` is an odd multiple of 8 (8, 24, 40, …, 1064, 1080 measured; every multiple
-///   of 16 and every other `k` right). Such a `k` is zero-padded to the next multiple of 16:
-///   the product is the same, exactly. It concerns small channel counts (the VAE's 8-channel
-///   `quant_conv`), and the `probs · v` of an attention over such a number of keys.
+/// - cubek 0.2's multi-stage matmuls (double-buffered, ordered, specialized: `DoubleUnit`,
+///   fusion's `fused_double_buffering_unit`, the `*Double*` tensor-core kernels) always run an
+///   even number of `k` stages, one past the end when `k / stage_k` is odd, and they check `k`
+///   against the matrix only when `k` is not a multiple of `stage_k`: an odd multiple of
+///   `stage_k` reads a stage of whatever follows each row. Autotuning may pick them for any
+///   shape. Measured on lavapipe with the unit kernels (`stage_k` = 8 in f32): wrong for
+///   `k` = 8, 24, 40, …, 1064, 1080, right for every multiple of 16 and every `k` not a multiple
+///   of 8 (`docs/backends.md`). `stage_k` is 8 or 16 for the unit kernels (twice their tile)
+///   and the plane width (32 on NVIDIA, 64 on AMD) for the tensor-core ones, so a `k` that is a
+///   multiple of 8 but not of 128 is zero-padded to the next multiple of 128 ([`padded_inner`]):
+///   the same sums, exactly. Among OmniGen's products that is the attention's head size (96),
+///   an 8-channel `quant_conv`, the 16 inputs of the patch embedding, and `probs · v` over a
+///   number of keys that is a multiple of 8.
 fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
-    let k = a.dims()[D - 1];
-    let (a, b) = if k % 16 == 8 {
-        // zeros_like of a narrowed view: the padding in each operand's dtype and device.
-        let a_pad = a.clone().narrow(D - 1, 0, 8).zeros_like();
-        let b_pad = b.clone().narrow(D - 2, 0, 8).zeros_like();
-        (
-            Tensor::cat(vec![a, a_pad], D - 1),
-            Tensor::cat(vec![b, b_pad], D - 2),
-        )
-    } else {
-        (a, b)
+    let (a, b) = match padded_inner(a.dims()[D - 1]) {
+        Some(pad) => (
+            a.pad((0, pad, 0, 0), PadMode::Constant(0.0)),
+            b.pad((0, 0, 0, pad), PadMode::Constant(0.0)),
+        ),
+        None => (a, b),
     };
     if a.dims()[D - 2] != 1 {
         return a.matmul(b);
@@ -42,6 +45,17 @@ fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tenso
     Tensor::cat(vec![a.clone(), a], D - 2)
         .matmul(b)
         .narrow(D - 2, 0, 1)
+}
+
+/// The zeros [`matmul`] appends to an inner size `k`: `None` where none are needed (`k` not a
+/// multiple of 8, or a multiple of 128), and always where `OMNIGEN_NO_MATMUL_PAD=1` is set (a
+/// diagnostic: `tools/gpu/check.sh` runs the products that need it without it, to see whether a
+/// device's kernels still get them wrong).
+pub(super) fn padded_inner(k: usize) -> Option<usize> {
+    static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    let off =
+        *OFF.get_or_init(|| std::env::var_os("OMNIGEN_NO_MATMUL_PAD").is_some_and(|v| v == "1"));
+    (!off && k % 8 == 0 && k % 128 != 0).then(|| k.next_multiple_of(128) - k)
 }
 
 /// burn's `Linear::forward` unsqueezes the weight to the input's rank, and burn-flex

@@ -158,12 +158,14 @@ fn host_conv1x1(
     y
 }
 
-/// Products whose inner size is an odd multiple of 8, which cubek's double-buffered matmuls
-/// get wrong (`ops/portable.rs`, `matmul`): a linear layer, a 1×1 convolution (the VAE's
-/// `quant_conv` has 8 channels) and the `probs · v` of an attention over such a number of keys,
-/// in sizes where autotuning considers those kernels (several hundred rows).
+/// Products whose inner size is an odd multiple of a multi-stage kernel's `k` stage (8, 16,
+/// 32, 64), which cubek's double-buffered matmuls get wrong (`ops/portable.rs`, `matmul`): a
+/// linear layer, a 1×1 convolution (the VAE's `quant_conv` has 8 channels) and an attention of
+/// OmniGen's head size (96) over a number of keys that is a multiple of 8, in sizes where
+/// autotuning considers those kernels (several hundred rows). `tools/gpu/check.sh` also runs it
+/// with `OMNIGEN_NO_MATMUL_PAD=1`, to see which of them a GPU's kernels get wrong.
 #[test]
-fn products_over_an_odd_multiple_of_8_match_the_host() {
+fn products_over_an_odd_multiple_of_a_stage_match_the_host() {
     use burn::module::Param;
     use burn::nn::conv::Conv2d;
     use burn::nn::Linear;
@@ -178,7 +180,7 @@ fn products_over_an_odd_multiple_of_8_match_the_host() {
         }
     };
     let (m, n) = (960, 40);
-    for k in [8, 24, 40, 72] {
+    for k in [8, 24, 40, 72, 16, 48, 80, 32, 96, 160, 64, 192] {
         let w = values(n * k, 7);
         let bias = values(n, 9);
         let layer = LinearLayer::Dense(Linear {
@@ -225,8 +227,8 @@ fn products_over_an_odd_multiple_of_8_match_the_host() {
             want,
         );
     }
-    // attention of 64 queries over 1,064 keys (= 8 · 133), one head of 40
-    let (s, t, hd) = (64, 1064, 40);
+    // attention of 64 queries over 1,064 keys (= 8 · 133), one head of 96 (= 32 · 3)
+    let (s, t, hd) = (64, 1064, 96);
     let (q, k, v) = (values(s * hd, 11), values(t * hd, 12), values(t * hd, 13));
     let scale = (hd as f32).sqrt().recip();
     let mut want = vec![0f32; s * hd];
