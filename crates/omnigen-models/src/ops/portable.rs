@@ -6,7 +6,6 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::backend::Backend;
 use burn::tensor::module::attention as burn_attention;
 use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::ops::PadMode;
 use burn::tensor::{DType, Tensor};
 
 /// `a · b`, `a` `[..., m, k]`, `b` `[..., k, n]` -> `[..., m, n]`.
@@ -31,12 +30,9 @@ use burn::tensor::{DType, Tensor};
 ///   the same sums, exactly. Among OmniGen's products that is the attention's head size (96),
 ///   an 8-channel `quant_conv`, the 16 inputs of the patch embedding, and `probs · v` over a
 ///   number of keys that is a multiple of 8.
-fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
+pub(super) fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
     let (a, b) = match padded_inner(a.dims()[D - 1]) {
-        Some(pad) => (
-            a.pad((0, pad, 0, 0), PadMode::Constant(0.0)),
-            b.pad((0, 0, 0, pad), PadMode::Constant(0.0)),
-        ),
+        Some(pad) => (zeros_after(a, D - 1, pad), zeros_after(b, D - 2, pad)),
         None => (a, b),
     };
     if a.dims()[D - 2] != 1 {
@@ -45,6 +41,15 @@ fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tenso
     Tensor::cat(vec![a.clone(), a], D - 2)
         .matmul(b)
         .narrow(D - 2, 0, 1)
+}
+
+/// `x` with `n` zeros appended along `dim`, in `x`'s dtype (burn 0.21's `pad` makes its
+/// padding in the default float dtype, which a half-precision tensor cannot be joined with).
+fn zeros_after<B: Backend, const D: usize>(x: Tensor<B, D>, dim: usize, n: usize) -> Tensor<B, D> {
+    let mut shape = x.dims();
+    shape[dim] = n;
+    let zeros = Tensor::zeros(shape, (&x.device(), x.dtype()));
+    Tensor::cat(vec![x, zeros], dim)
 }
 
 /// The zeros [`matmul`] appends to an inner size `k`: `None` where none are needed (`k` not a

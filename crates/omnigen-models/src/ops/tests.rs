@@ -794,3 +794,22 @@ fn full_attention_tiles_match_burns_attention() {
     );
     assert_close(ops::full_attention(q, k, v), want, 1e-5);
 }
+
+/// The portable product pads an inner size of 40 with zeros of the operands' own dtype: the
+/// product of half-precision operands stays in that dtype (burn's `pad` makes its padding in the
+/// default float dtype, which a half-precision tensor cannot be joined with on the GPU backends).
+#[test]
+fn padded_products_keep_the_operands_dtype() {
+    let device = default_device();
+    let (a, b) = (normal([3, 40], 1), normal([40, 5], 2));
+    let want = a.clone().matmul(b.clone());
+    assert_close(portable::matmul(a.clone(), b.clone()), want.clone(), 1e-5);
+    for dtype in [DType::BF16, DType::F16] {
+        if !<B as burn::tensor::backend::Backend>::supports_dtype(&device, dtype) {
+            continue;
+        }
+        let got = portable::matmul(a.clone().cast(dtype), b.clone().cast(dtype));
+        assert_eq!(got.dtype(), dtype);
+        assert_close(got.cast(DType::F32), want.clone(), 0.25);
+    }
+}
