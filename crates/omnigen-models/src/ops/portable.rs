@@ -60,7 +60,7 @@ pub(super) fn padded_inner(k: usize) -> Option<usize> {
     static OFF: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
     let off =
         *OFF.get_or_init(|| std::env::var_os("OMNIGEN_NO_MATMUL_PAD").is_some_and(|v| v == "1"));
-    (!off && k % 8 == 0 && k % 128 != 0).then(|| k.next_multiple_of(128) - k)
+    (!off && k.is_multiple_of(8) && !k.is_multiple_of(128)).then(|| k.next_multiple_of(128) - k)
 }
 
 /// burn's `Linear::forward` unsqueezes the weight to the input's rank, and burn-flex
