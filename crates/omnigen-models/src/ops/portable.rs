@@ -35,6 +35,12 @@ pub(super) fn matmul<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D
         Some(pad) => (zeros_after(a, D - 1, pad), zeros_after(b, D - 2, pad)),
         None => (a, b),
     };
+    padded_product(a, b)
+}
+
+/// [`matmul`] of operands whose inner size needs no more padding ([`padded_inner`] of it is
+/// `None`, or they were padded already): only the one-row guard.
+fn padded_product<B: Backend, const D: usize>(a: Tensor<B, D>, b: Tensor<B, D>) -> Tensor<B, D> {
     if a.dims()[D - 2] != 1 {
         return a.matmul(b);
     }
@@ -182,10 +188,21 @@ pub(super) fn attention<B: Backend>(
 ) -> Tensor<B, 3> {
     let [b, h, s, hd] = q.dims();
     let t = k.dims()[2];
+    let scale = (hd as f64).sqrt().recip();
     let out = if let Some(tile) = tile {
+        // The zeros `matmul` appends, once for every tile: to the head size of q and k (the
+        // inner size of `q · kᵀ`) and to the keys of v (that of `probs · v`).
+        let (q, k) = match padded_inner(hd) {
+            Some(pad) => (zeros_after(q, 3, pad), zeros_after(k, 3, pad)),
+            None => (q, k),
+        };
+        let v = match padded_inner(t) {
+            Some(pad) => zeros_after(v, 2, pad),
+            None => v,
+        };
         let rows = attention_tile_rows(tile, b, h, s, t);
         if rows >= s {
-            attention_tile(q, k, v, bias)
+            attention_tile(q, k, v, bias, scale)
         } else {
             let tiles = (0..s)
                 .step_by(rows)
@@ -196,6 +213,7 @@ pub(super) fn attention<B: Backend>(
                         k.clone(),
                         v.clone(),
                         bias.clone().map(|bias| bias.narrow(2, start, n)),
+                        scale,
                     )
                 })
                 .collect();
@@ -232,23 +250,33 @@ pub(crate) fn attention_tile_rows(
 /// dtype, the softmax in f32, the probabilities back in the inputs' dtype for the product
 /// with `v`.
 ///
+/// `q` and `k` come with their head size padded and `v` with its keys padded as
+/// [`attention`] pads them for [`matmul`]; the probabilities get the same zero keys as `v`.
+///
 /// # Shapes
-/// `q` `[B, H, n, hd]`, `k`, `v` `[B, H, T, hd]`, `bias` `[B, 1, n, T]` -> `[B, H, n, hd]`.
+/// `q` `[B, H, n, hd']`, `k` `[B, H, T, hd']`, `v` `[B, H, T', hd]`, `bias` `[B, 1, n, T]` ->
+/// `[B, H, n, hd]` (`hd' ≥ hd`, `T' ≥ T`: the padded sizes).
 fn attention_tile<B: Backend>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
     bias: Option<Tensor<B, 4>>,
+    scale: f64,
 ) -> Tensor<B, 4> {
     let dtype = q.dtype();
-    let scale = (q.dims()[3] as f64).sqrt().recip();
-    let scores = matmul(q, k.swap_dims(2, 3)).mul_scalar(scale); // [B, H, n, T]
+    let (t, t_padded) = (k.dims()[2], v.dims()[2]);
+    let scores = padded_product(q, k.swap_dims(2, 3)).mul_scalar(scale); // [B, H, n, T]
     let scores = match bias {
         Some(bias) => scores + bias,
         None => scores,
     };
     let probs = softmax(scores.cast(DType::F32), 3).cast(dtype);
-    matmul(probs, v)
+    let probs = if t_padded > t {
+        zeros_after(probs, 3, t_padded - t)
+    } else {
+        probs
+    };
+    padded_product(probs, v)
 }
 
 pub(super) fn group_norm_silu<B: Backend>(gn: &GroupNorm<B>, x: Tensor<B, 4>) -> Tensor<B, 4> {

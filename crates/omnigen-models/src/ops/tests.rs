@@ -752,7 +752,7 @@ fn quantized_layers_dequantise_on_the_portable_path() {
 }
 
 /// The GPU backends' 1×1 convolution (one product of the weight with the input's columns, an
-/// inner size of 8 or 40 zero-padded to 16 or 48 by `portable::matmul`) against burn's `conv2d`.
+/// inner size of 8 or 40 zero-padded to 128 by `portable::matmul`) against burn's `conv2d`.
 #[test]
 fn conv1x1_product_matches_conv2d() {
     for (c_in, c_out, seed) in [(8, 8, 1), (40, 16, 2), (33, 7, 3)] {
@@ -764,8 +764,9 @@ fn conv1x1_product_matches_conv2d() {
     }
 }
 
-/// The unmasked attention of the VAE as the GPU backends run it (query tiles, keys a multiple
-/// of 8 but not of 16, so `probs · v` is padded) against burn's attention in one piece.
+/// The unmasked attention of the VAE as the GPU backends run it (query tiles; a head size of 24
+/// and 40 keys, multiples of 8 but not of 128, so both products are padded) against burn's
+/// attention in one piece.
 #[test]
 fn full_attention_tiles_match_burns_attention() {
     use burn::tensor::module::attention as burn_attention;

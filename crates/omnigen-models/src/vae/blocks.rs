@@ -113,7 +113,7 @@ impl<B: KernelBackend> Attention<B> {
         let q = ops::linear(&self.to_q, tokens.clone()).unsqueeze_dim::<4>(1); // [B, 1, H*W, C]
         let k = ops::linear(&self.to_k, tokens.clone()).unsqueeze_dim::<4>(1); // [B, 1, H*W, C]
         let v = ops::linear(&self.to_v, tokens).unsqueeze_dim::<4>(1); // [B, 1, H*W, C]
-                                                                       // The scale is 1/sqrt(head_dim) with head_dim = C, as in diffusers.
+                                                                       // One head of C channels: the scale is 1/sqrt(C), as in diffusers.
         let out = ops::full_attention(q, k, v); // [B, H*W, C]
         let out = ops::linear(&self.to_out, out); // [B, H*W, C]
         let out = out.swap_dims(1, 2).reshape([b, c, h, w]); // [B, C, H, W]

@@ -26,37 +26,53 @@ fn host_matmul_t(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32>
     y
 }
 
+/// [`host_matmul_t`] plus a bias per output feature.
+fn host_linear(x: &[f32], w: &[f32], bias: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    host_matmul_t(x, w, m, k, n)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| v + bias[i % n])
+        .collect()
+}
+
+/// A linear layer of the PyTorch-layout weight `w` `[n, k]` (held as its transposed view, as
+/// loaded) and `bias` `[n]`.
+fn biased_linear(
+    w: &[f32],
+    bias: &[f32],
+    k: usize,
+    n: usize,
+) -> omnigen_models::ops::LinearLayer<B> {
+    use burn::module::Param;
+    use burn::nn::Linear;
+    let device = default_device();
+    omnigen_models::ops::LinearLayer::Dense(Linear {
+        weight: Param::from_tensor(
+            Tensor::<B, 2>::from_data(TensorData::new(w.to_vec(), [n, k]), &device).swap_dims(0, 1),
+        ),
+        bias: Some(Param::from_tensor(Tensor::<B, 1>::from_data(
+            TensorData::new(bias.to_vec(), [n]),
+            &device,
+        ))),
+    })
+}
+
 /// `ops::linear` with a PyTorch-layout weight (read through its transposed view, as loaded) and a
 /// bias, for one and several rows: burn 0.21 fuses a one-row product with a strided right-hand
 /// side and the bias add wrongly on the cubecl backends (`ops/portable.rs`, `matmul`).
 #[test]
 fn linear_layers_match_the_host_for_every_row_count() {
-    use burn::module::Param;
-    use burn::nn::Linear;
-    use omnigen_models::ops::{self, LinearLayer};
+    use omnigen_models::ops;
     let device = default_device();
     let mut failures = Vec::new();
     for (k, n) in [(40, 24), (256, 16)] {
         let w = values(n * k, 7);
         let bias = values(n, 9);
-        let layer = LinearLayer::Dense(Linear {
-            weight: Param::from_tensor(
-                Tensor::<B, 2>::from_data(TensorData::new(w.clone(), [n, k]), &device)
-                    .swap_dims(0, 1),
-            ),
-            bias: Some(Param::from_tensor(Tensor::<B, 1>::from_data(
-                TensorData::new(bias.clone(), [n]),
-                &device,
-            ))),
-        });
+        let layer = biased_linear(&w, &bias, k, n);
         for m in [1, 2, 3, 17] {
             let x = values(m * k, m as u32);
             let xt = Tensor::<B, 2>::from_data(TensorData::new(x.clone(), [m, k]), &device);
-            let want: Vec<f32> = host_matmul_t(&x, &w, m, k, n)
-                .iter()
-                .enumerate()
-                .map(|(i, v)| v + bias[i % n])
-                .collect();
+            let want = host_linear(&x, &w, &bias, m, k, n);
             let got = to_vec(ops::linear(&layer, xt));
             let d = max_abs_diff(&got, &want);
             println!("linear [{m}, {k}] -> [{m}, {n}]: max abs diff {d:.3e}");
@@ -168,8 +184,7 @@ fn host_conv1x1(
 fn products_over_an_odd_multiple_of_a_stage_match_the_host() {
     use burn::module::Param;
     use burn::nn::conv::Conv2d;
-    use burn::nn::Linear;
-    use omnigen_models::ops::{self, LinearLayer};
+    use omnigen_models::ops;
     let device = default_device();
     let mut failures = Vec::new();
     let mut check = |what: String, got: Vec<f32>, want: Vec<f32>| {
@@ -183,22 +198,9 @@ fn products_over_an_odd_multiple_of_a_stage_match_the_host() {
     for k in [8, 24, 40, 72, 16, 48, 80, 32, 96, 160, 64, 192] {
         let w = values(n * k, 7);
         let bias = values(n, 9);
-        let layer = LinearLayer::Dense(Linear {
-            weight: Param::from_tensor(
-                Tensor::<B, 2>::from_data(TensorData::new(w.clone(), [n, k]), &device)
-                    .swap_dims(0, 1),
-            ),
-            bias: Some(Param::from_tensor(Tensor::<B, 1>::from_data(
-                TensorData::new(bias.clone(), [n]),
-                &device,
-            ))),
-        });
+        let layer = biased_linear(&w, &bias, k, n);
         let x = values(m * k, 3);
-        let want = host_matmul_t(&x, &w, m, k, n)
-            .iter()
-            .enumerate()
-            .map(|(i, v)| v + bias[i % n])
-            .collect();
+        let want = host_linear(&x, &w, &bias, m, k, n);
         let xt = Tensor::<B, 2>::from_data(TensorData::new(x, [m, k]), &device);
         check(
             format!("linear [{m}, {k}] -> [{m}, {n}]"),
