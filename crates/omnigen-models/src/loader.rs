@@ -3,16 +3,19 @@
 //! Modules are never randomly initialised and then overwritten: each parameter is created from
 //! the tensor read out of the memory-mapped checkpoint, already in the target dtype. Linear
 //! weights stay in PyTorch's `[out, in]` layout and are used through a transposed view, so no
-//! copy is made to reorder them.
+//! copy is made to reorder them, except dense f32 weights on a backend whose GEMM reads them
+//! faster input-major ([`KernelBackend::F32_LINEAR_INPUT_MAJOR`], set by
+//! [`Loader::with_kernel_layout`]): those are transposed once, as they are read.
 
 use burn::module::Param;
 use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
 use burn::tensor::backend::Backend;
-use burn::tensor::{DType, Tensor};
-use omnigen_core::Result;
+use burn::tensor::{DType, Tensor, TensorData};
+use omnigen_core::{Error, Result};
+use rayon::prelude::*;
 
-use crate::ops::{LinearLayer, QuantizedLinear};
+use crate::ops::{KernelBackend, LinearLayer, QuantizedLinear};
 use crate::weights::WeightReader;
 
 /// Reads parameters under a key prefix onto a device, in one dtype.
@@ -22,6 +25,7 @@ pub struct Loader<'a, B: Backend> {
     device: B::Device,
     dtype: DType,
     weight_dtype: DType,
+    f32_linear_input_major: bool,
 }
 
 impl<'a, B: Backend> Loader<'a, B> {
@@ -33,6 +37,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             device: device.clone(),
             dtype,
             weight_dtype: dtype,
+            f32_linear_input_major: false,
         }
     }
 
@@ -42,6 +47,19 @@ impl<'a, B: Backend> Loader<'a, B> {
     pub fn with_weight_dtype(mut self, weight_dtype: DType) -> Self {
         self.weight_dtype = weight_dtype;
         self
+    }
+
+    /// The same loader storing dense f32 linear weights `[in, out]` contiguous (`true`) or as
+    /// the transposed view of the checkpoint's `[out, in]` (`false`, the default); see
+    /// [`with_kernel_layout`](Self::with_kernel_layout).
+    pub fn with_f32_linear_input_major(mut self, input_major: bool) -> Self {
+        self.f32_linear_input_major = input_major;
+        self
+    }
+
+    /// Whether dense f32 linear weights are stored `[in, out]` contiguous.
+    pub fn f32_linear_input_major(&self) -> bool {
+        self.f32_linear_input_major
     }
 
     /// A loader for the sub-module `name` (keys `prefix.name.*`).
@@ -57,6 +75,7 @@ impl<'a, B: Backend> Loader<'a, B> {
             device: self.device.clone(),
             dtype: self.dtype,
             weight_dtype: self.weight_dtype,
+            f32_linear_input_major: self.f32_linear_input_major,
         }
     }
 
@@ -118,7 +137,9 @@ impl<'a, B: Backend> Loader<'a, B> {
 
     /// A `Linear` from `weight` `[d_out, d_in]` (PyTorch layout, used transposed) and optional `bias`.
     pub fn linear(&self, d_in: usize, d_out: usize, bias: bool) -> Result<Linear<B>> {
-        let weight = self.tensor("weight", [d_out, d_in])?.transpose();
+        let key = self.key("weight");
+        let data = self.reader.read(&key, &[d_out, d_in], self.dtype)?;
+        let weight = self.linear_weight(&key, data, self.dtype)?;
         let bias = if bias {
             Some(self.param("bias", [d_out])?)
         } else {
@@ -151,11 +172,37 @@ impl<'a, B: Backend> Loader<'a, B> {
             )));
         }
         let data = self.reader.read(&key, &[d_out, d_in], self.weight_dtype)?;
-        let weight = Tensor::<B, 2>::from_data(data, (&self.device, self.weight_dtype));
+        let weight = self.linear_weight(&key, data, self.weight_dtype)?;
         Ok(LinearLayer::Dense(Linear {
-            weight: Param::from_tensor(weight.transpose()),
+            weight: Param::from_tensor(weight),
             bias,
         }))
+    }
+
+    /// burn's `[in, out]` weight from the checkpoint's `[out, in]` `data`: the transposed view,
+    /// or, for f32 with [`f32_linear_input_major`](Self::f32_linear_input_major), a contiguous
+    /// transposed copy.
+    fn linear_weight(&self, key: &str, data: TensorData, dtype: DType) -> Result<Tensor<B, 2>> {
+        if !(self.f32_linear_input_major && dtype == DType::F32) {
+            return Ok(Tensor::<B, 2>::from_data(data, (&self.device, dtype)).transpose());
+        }
+        let [rows, cols] = [data.shape[0], data.shape[1]];
+        let transposed = match data.as_slice::<f32>() {
+            Ok(values) => transpose(values, rows, cols),
+            Err(_) => {
+                let values = data.to_vec::<f32>().map_err(|e| {
+                    Error::invalid_argument(
+                        "weights",
+                        format!("`{key}` was not read as f32: {e:?}"),
+                    )
+                })?;
+                transpose(&values, rows, cols)
+            }
+        };
+        Ok(Tensor::from_data(
+            TensorData::new(transposed, [cols, rows]),
+            (&self.device, DType::F32),
+        ))
     }
 
     /// A `Conv2d` from PyTorch-layout `weight` `[out, in, k, k]` and `bias`.
@@ -194,4 +241,39 @@ impl<'a, B: Backend> Loader<'a, B> {
             affine: true,
         })
     }
+}
+
+impl<B: KernelBackend> Loader<'_, B> {
+    /// The same loader with the parameter layouts `B`'s kernels read fastest
+    /// ([`KernelBackend::F32_LINEAR_INPUT_MAJOR`]).
+    pub fn with_kernel_layout(self) -> Self {
+        self.with_f32_linear_input_major(B::F32_LINEAR_INPUT_MAJOR)
+    }
+}
+
+/// `src` `[rows, cols]` row-major, transposed: `[cols, rows]` row-major. Square blocks keep
+/// both the reads and the writes within cache lines; bands of output rows run in parallel.
+fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    const BLOCK: usize = 32;
+    debug_assert_eq!(src.len(), rows * cols);
+    let mut out = vec![0.0f32; rows * cols];
+    if rows == 0 || cols == 0 {
+        return out;
+    }
+    out.par_chunks_mut(BLOCK * rows)
+        .enumerate()
+        .for_each(|(band, dst)| {
+            let c0 = band * BLOCK;
+            let width = dst.len() / rows; // output rows (source columns) in this band
+            for r0 in (0..rows).step_by(BLOCK) {
+                let height = BLOCK.min(rows - r0);
+                for c in 0..width {
+                    let dst_row = &mut dst[c * rows + r0..c * rows + r0 + height];
+                    for (r, d) in dst_row.iter_mut().enumerate() {
+                        *d = src[(r0 + r) * cols + c0 + c];
+                    }
+                }
+            }
+        });
+    out
 }

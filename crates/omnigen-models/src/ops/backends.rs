@@ -8,6 +8,9 @@ impl KernelBackend for burn::backend::Flex {
     const HOST_MEMORY: bool = true;
     const FUSED_ATTENTION: bool = true;
     const MIXED_PRECISION_LINEAR: bool = true;
+    // `gemm` (burn-flex's matmul) packs a row-major right-hand side faster than a column-major
+    // one at the real width (`docs/performance.md`, "Linear weights input-major").
+    const F32_LINEAR_INPUT_MAJOR: bool = true;
 
     fn float_bytes(tensor: &burn_flex::FlexTensor) -> Option<&[u8]> {
         flex_bytes(tensor)

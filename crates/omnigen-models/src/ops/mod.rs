@@ -6,7 +6,7 @@
 //!
 //! | op | host kernel ([`KernelBackend::HOST_KERNELS`], f32) | otherwise |
 //! |---|---|---|
-//! | [`linear`], [`linear_chunks`], [`linear_heads`] | bf16 / int8 / fp8 weights ([`KernelBackend::MIXED_PRECISION_LINEAR`]): the tile unit's `tdpbf16ps` on CPUs with AMX (`amx.rs`), else `vdpbf16ps` on AVX512-BF16 (`bf16_dot.rs`), else blocks of output features converted to f32, each an f32 GEMM (f16 weights always take that last way); f32 weights: burn's `matmul` | burn's `matmul` on the transposed view of the PyTorch-layout weight; a quantized layer is dequantised to the activation dtype first, one layer at a time |
+//! | [`linear`], [`linear_chunks`], [`linear_heads`] | bf16 / int8 / fp8 weights ([`KernelBackend::MIXED_PRECISION_LINEAR`]): the tile unit's `tdpbf16ps` on CPUs with AMX (`amx.rs`), else `vdpbf16ps` on AVX512-BF16 (`bf16_dot.rs`), else blocks of output features converted to f32, each an f32 GEMM (f16 weights always take that last way); f32 weights: burn's `matmul` on the weight stored `[in, out]` where [`KernelBackend::F32_LINEAR_INPUT_MAJOR`] (then [`linear_heads`] splits the product's rows into heads) | burn's `matmul` on the transposed view of the PyTorch-layout weight; a quantized layer is dequantised to the activation dtype first, one layer at a time |
 //! | [`rms_norm`] | one threaded pass per row block | burn ops, statistics in f32 |
 //! | [`silu_mul`] | one threaded pass | `up * silu(gate)` |
 //! | [`rope`] | one pass over the heads, in place from the fused projection | `x·cos + rotate_half(x)·sin` |
@@ -24,7 +24,10 @@
 //! implementation behind the op it speeds up: its code in a file of this module, a capability
 //! const on [`KernelBackend`] (default `false`) that the backends having it set in
 //! `backends.rs`, and one branch in the op's function here. Module records never depend on the
-//! kernel: parameters keep the checkpoint's layout and a kernel reads them as they are.
+//! kernel: parameters keep the checkpoint's shapes and a kernel reads them as they are. The one
+//! layout choice is a dense f32 linear weight's storage order, the transposed view of the
+//! checkpoint's `[out, in]` or `[in, out]` contiguous ([`KernelBackend::F32_LINEAR_INPUT_MAJOR`]):
+//! the ops below read either.
 
 mod amx;
 mod backends;
@@ -74,6 +77,12 @@ pub trait KernelBackend: Backend {
     /// weights are stored in half precision computes in f32 here (see [`compute_dtype`]).
     /// Requires [`HOST_KERNELS`](Self::HOST_KERNELS).
     const MIXED_PRECISION_LINEAR: bool = false;
+    /// f32 linear weights are stored input-major, `[in, out]` contiguous (burn's `Linear`
+    /// layout, materialised once at load), rather than as the transposed view of the
+    /// checkpoint's `[out, in]`: the backend's GEMM packs right-hand-side rows faster than
+    /// columns (`docs/performance.md`). Only the storage order changes; the parameter's shape is
+    /// `[in, out]` either way. Applied by [`Loader::with_kernel_layout`](crate::loader::Loader::with_kernel_layout).
+    const F32_LINEAR_INPUT_MAJOR: bool = false;
 
     /// The bytes of a contiguous, row-major float tensor, borrowed, where the backend can lend
     /// them; `None` (the default) makes the host kernels copy them out with `into_data`.
@@ -388,6 +397,19 @@ pub fn linear_heads<B: KernelBackend>(
         let hd = n / heads;
         let out = host::split_heads(&y, b, s, heads, hd);
         return Tensor::from_data(TensorData::new(out, [b, heads, s, hd]), &device);
+    }
+    if let LinearLayer::Dense(l) = layer {
+        if B::F32_LINEAR_INPUT_MAJOR && on_host(&x) && l.weight.val().dtype() == DType::F32 {
+            // The portable kernel's batched product reads the `[out, in]` storage, which an
+            // input-major weight would be copied into on every call: one product, then the
+            // head split.
+            let device = x.device();
+            let [b, s, _] = x.dims();
+            let hd = layer.dims()[1] / heads;
+            let y = host::f32_data(portable::linear(l, x)); // [B, S, out]
+            let out = host::split_heads(&y, b, s, heads, hd);
+            return Tensor::from_data(TensorData::new(out, [b, heads, s, hd]), &device);
+        }
     }
     match layer {
         LinearLayer::Dense(l) => portable::linear_heads(l, x, heads),

@@ -638,6 +638,82 @@ fn linear_chunks_and_heads_match_linear() {
     assert_close(heads.swap_dims(1, 2).reshape([2, 3, 24]), full, 1e-5);
 }
 
+/// Whether the backend lends `t`'s storage as is: a contiguous row-major tensor.
+fn is_contiguous(t: Tensor<B, 2>) -> bool {
+    match t.into_primitive() {
+        burn::tensor::TensorPrimitive::Float(p) => <B as KernelBackend>::float_bytes(&p).is_some(),
+        _ => false,
+    }
+}
+
+#[test]
+fn input_major_f32_weights_are_contiguous_and_compute_the_same() {
+    let reader = RandomWeights { seed: 31 };
+    let view = loader(&reader);
+    let input_major = loader(&reader).with_f32_linear_input_major(true);
+    assert!(!view.f32_linear_input_major() && input_major.f32_linear_input_major());
+    assert_eq!(
+        loader(&reader)
+            .with_kernel_layout()
+            .f32_linear_input_major(),
+        <B as KernelBackend>::F32_LINEAR_INPUT_MAJOR
+    );
+    // Sides that are not multiples of the transpose's 32-element blocks.
+    let (d_in, heads, hd) = (70, 3, 22);
+    let x = normal([2, 5, d_in], 32);
+    for (name, d_out, bias) in [("a", 99, true), ("b", 3 * heads * hd, false)] {
+        let dense = |ld: &Loader<'_, B>| ld.sub(name).linear(d_in, d_out, bias).unwrap();
+        let layer = |ld: &Loader<'_, B>| ld.sub(name).linear_layer(d_in, d_out, bias).unwrap();
+        let (a, b) = (dense(&view), dense(&input_major));
+        assert_eq!(b.weight.dims(), [d_in, d_out]);
+        assert!(
+            is_contiguous(b.weight.val()),
+            "input-major weight is a view"
+        );
+        assert!(
+            !is_contiguous(a.weight.val()),
+            "default weight is not the transposed view"
+        );
+        assert_eq!(a.weight.val().into_data(), b.weight.val().into_data());
+        let (a, b) = (layer(&view), layer(&input_major));
+        let LinearLayer::Dense(dense_b) = &b else {
+            panic!("an f32 checkpoint gave a quantized layer")
+        };
+        assert!(is_contiguous(dense_b.weight.val()));
+        assert_close(ops::linear(&b, x.clone()), ops::linear(&a, x.clone()), 1e-5);
+        let got: [_; 3] = ops::linear_chunks(&b, x.clone());
+        let want: [_; 3] = ops::linear_chunks(&a, x.clone());
+        for (g, w) in got.into_iter().zip(want) {
+            assert_close(g, w, 1e-5);
+        }
+        if !bias {
+            assert_close(
+                ops::linear_heads(&b, x.clone(), 3 * heads),
+                ops::linear_heads(&a, x.clone(), 3 * heads),
+                1e-5,
+            );
+            let (cos, sin) = (normal([1, 1, 5, hd], 33), normal([1, 1, 5, hd], 34));
+            let got = ops::qkv_heads(&b, x.clone(), heads, cos.clone(), sin.clone());
+            let want = ops::qkv_heads(&a, x.clone(), heads, cos, sin);
+            for (g, w) in [(got.q, want.q), (got.k, want.k), (got.v, want.v)] {
+                assert_close(g.narrowed(), w.narrowed(), 1e-5);
+            }
+        }
+    }
+    // Half-precision weights keep the checkpoint's `[out, in]` storage the mixed kernels read.
+    let bf16 = |ld: Loader<'_, B>| {
+        ld.with_weight_dtype(DType::BF16)
+            .sub("a")
+            .linear_layer(d_in, 99, true)
+            .unwrap()
+    };
+    let (a, b) = (
+        bf16(loader(&reader)),
+        bf16(loader(&reader).with_f32_linear_input_major(true)),
+    );
+    assert_close(ops::linear(&b, x.clone()), ops::linear(&a, x), 0.0);
+}
+
 /// The dense f32 layer with the same values as `layer` (a converted or dequantised weight).
 fn as_f32(layer: &LinearLayer<B>) -> Linear<B> {
     match layer {

@@ -294,7 +294,9 @@ impl<B: KernelBackend> OmniGenTransformer<B> {
     ) -> Result<Self> {
         // Half-precision weights with f32 activations where the backend's linear takes them.
         let compute = ops::compute_dtype::<B>(dtype);
-        let root = Loader::<B>::new(reader, device, compute).with_weight_dtype(dtype);
+        let root = Loader::<B>::new(reader, device, compute)
+            .with_weight_dtype(dtype)
+            .with_kernel_layout();
         Ok(Self {
             llm: Phi3Model::load_with(&root.sub("llm"), config, offload_layers)?,
             x_embedder: PatchEmbed::load(&root.sub("x_embedder"), config)?,

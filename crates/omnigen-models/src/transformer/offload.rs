@@ -152,6 +152,8 @@ pub struct HostLayers {
     /// The loader's dtypes: activations and norms, and the linear weights.
     dtype: DType,
     weight_dtype: DType,
+    /// The loader's storage order of f32 linear weights (rebuilt layers keep it).
+    f32_linear_input_major: bool,
     format: WeightFormat,
 }
 
@@ -182,6 +184,7 @@ impl HostLayers {
             let prefix = loader.key(&format!("layers.{i}"));
             let layer_loader = Loader::<B>::new(&recorder, loader.device(), loader.dtype())
                 .with_weight_dtype(loader.weight_dtype())
+                .with_f32_linear_input_major(loader.f32_linear_input_major())
                 .sub(&prefix);
             format = DecoderLayer::load(&layer_loader, config)?
                 .mlp
@@ -198,6 +201,7 @@ impl HostLayers {
             config: config.clone(),
             dtype: loader.dtype(),
             weight_dtype: loader.weight_dtype(),
+            f32_linear_input_major: loader.f32_linear_input_major(),
             format,
         })
     }
@@ -232,6 +236,7 @@ impl HostLayers {
         })?;
         let loader = Loader::<B>::new(host, device, self.dtype)
             .with_weight_dtype(self.weight_dtype)
+            .with_f32_linear_input_major(self.f32_linear_input_major)
             .sub(&host.prefix);
         DecoderLayer::load(&loader, &self.config)
     }

@@ -118,7 +118,7 @@ impl<B: KernelBackend> AutoencoderKL<B> {
     ) -> Result<Self> {
         check_config(config)?;
         crate::ops::check_dtype::<B>(device, "dtype", dtype)?;
-        let ld = Loader::<B>::new(reader, device, dtype);
+        let ld = Loader::<B>::new(reader, device, dtype).with_kernel_layout();
         let moments = 2 * config.latent_channels;
         let quant_conv = if config.use_quant_conv {
             Some(ld.sub("quant_conv").conv2d(moments, moments, 1, 1, 0)?)
