@@ -61,3 +61,49 @@ pub fn with_fresh_mappings<R>(alloc: impl FnOnce() -> R) -> R {
     }
     alloc()
 }
+
+/// `n` zeroed values in memory that nothing has touched yet, advised to be backed by
+/// transparent huge pages (Linux): a large allocation is a fresh anonymous mapping, so filling
+/// it then takes one page fault per 2 MiB instead of one per 4 KiB. (`vec![T::zeroed(); n]`
+/// writes every element for types without a zero-allocation shortcut, such as `bf16`.) For
+/// buffers that are written once and live long: weights.
+pub fn fresh_zeroed<T: bytemuck::Pod>(n: usize) -> Vec<T> {
+    let Ok(layout) = std::alloc::Layout::array::<T>(n) else {
+        // More bytes than the address space: the same failure `vec!` reports.
+        panic!(
+            "capacity overflow: {n} values of {} bytes",
+            std::mem::size_of::<T>()
+        );
+    };
+    if layout.size() == 0 {
+        return Vec::new();
+    }
+    // SAFETY: the layout has a non-zero size; all-zero bytes are a valid `T` (`Pod`); the
+    // pointer comes from the global allocator with exactly this layout, as
+    // `Vec::from_raw_parts` requires, with length = capacity = n.
+    let values = unsafe {
+        let ptr = with_fresh_mappings(|| std::alloc::alloc_zeroed(layout)).cast::<T>();
+        if ptr.is_null() {
+            std::alloc::handle_alloc_error(layout);
+        }
+        Vec::from_raw_parts(ptr, n, n)
+    };
+    #[cfg(target_os = "linux")]
+    {
+        const HUGE: usize = 2 << 20;
+        let base = values.as_ptr() as usize;
+        let (lo, hi) = (
+            base.next_multiple_of(HUGE),
+            (base + layout.size()) / HUGE * HUGE,
+        );
+        if hi > lo {
+            // SAFETY: advice only: MADV_HUGEPAGE on whole pages inside this allocation
+            // changes how the kernel backs them, never their contents. A refusal (THP off,
+            // an old kernel) leaves ordinary pages, hence ignored.
+            unsafe {
+                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
+            }
+        }
+    }
+    values
+}

@@ -166,7 +166,8 @@ impl MappedFile {
     /// `name`'s values read with `pread` straight into a buffer of their own type, when they
     /// are stored as `T`: no page of the map is touched, so none becomes resident, and no
     /// per-page fault is taken on it (the kernel copies from its page cache). The buffer is
-    /// fresh memory backed by huge pages where the kernel grants them ([`untouched_zeroed`]),
+    /// fresh memory backed by huge pages where the kernel grants them
+    /// ([`fresh_zeroed`](crate::host_memory::fresh_zeroed)),
     /// and large tensors are read in parallel slices ([`read_parallel`]). `None` elsewhere (a
     /// short read, a size that is not a whole number of `T`, a platform without `pread`).
     fn read_pod<T: bytemuck::Pod>(&self, name: &str) -> Option<Vec<T>> {
@@ -176,7 +177,7 @@ impl MappedFile {
         if len % std::mem::size_of::<T>() != 0 {
             return None;
         }
-        let mut values = untouched_zeroed::<T>(len / std::mem::size_of::<T>());
+        let mut values = crate::host_memory::fresh_zeroed::<T>(len / std::mem::size_of::<T>());
         #[cfg(unix)]
         {
             read_parallel(
@@ -605,52 +606,6 @@ impl WeightSource {
             reason: format!("tensor `{name}`: {e:?}"),
         })
     }
-}
-
-/// `n` zeroed values in memory that nothing has touched yet, advised to be backed by
-/// transparent huge pages (Linux): a large allocation is a fresh anonymous mapping, so filling
-/// it then takes one page fault per 2 MiB instead of one per 4 KiB. (`vec![T::zeroed(); n]`
-/// writes every element for types without a zero-allocation shortcut, such as `bf16`.)
-fn untouched_zeroed<T: bytemuck::Pod>(n: usize) -> Vec<T> {
-    let Ok(layout) = std::alloc::Layout::array::<T>(n) else {
-        // More bytes than the address space: the same failure `vec!` reports.
-        panic!(
-            "capacity overflow: {n} values of {} bytes",
-            std::mem::size_of::<T>()
-        );
-    };
-    if layout.size() == 0 {
-        return Vec::new();
-    }
-    // SAFETY: the layout has a non-zero size; all-zero bytes are a valid `T` (`Pod`); the
-    // pointer comes from the global allocator with exactly this layout, as
-    // `Vec::from_raw_parts` requires, with length = capacity = n.
-    let values = unsafe {
-        let ptr = crate::host_memory::with_fresh_mappings(|| std::alloc::alloc_zeroed(layout))
-            .cast::<T>();
-        if ptr.is_null() {
-            std::alloc::handle_alloc_error(layout);
-        }
-        Vec::from_raw_parts(ptr, n, n)
-    };
-    #[cfg(target_os = "linux")]
-    {
-        const HUGE: usize = 2 << 20;
-        let base = values.as_ptr() as usize;
-        let (lo, hi) = (
-            base.next_multiple_of(HUGE),
-            (base + layout.size()) / HUGE * HUGE,
-        );
-        if hi > lo {
-            // SAFETY: advice only: MADV_HUGEPAGE on whole pages inside this allocation
-            // changes how the kernel backs them, never their contents. A refusal (THP off,
-            // an old kernel) leaves ordinary pages, hence ignored.
-            unsafe {
-                libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE);
-            }
-        }
-    }
-    values
 }
 
 /// Fills `buf` from `file` at `offset` with `pread`, in slices of at least 16 MiB on the

@@ -12,6 +12,7 @@ use burn::nn::conv::Conv2d;
 use burn::nn::{GroupNorm, Linear, PaddingConfig2d};
 use burn::tensor::backend::Backend;
 use burn::tensor::{DType, Tensor, TensorData};
+use omnigen_core::host_memory::fresh_zeroed;
 use omnigen_core::{Error, Result};
 use rayon::prelude::*;
 
@@ -251,26 +252,48 @@ impl<B: KernelBackend> Loader<'_, B> {
     }
 }
 
-/// `src` `[rows, cols]` row-major, transposed: `[cols, rows]` row-major. Square blocks keep
-/// both the reads and the writes within cache lines; bands of output rows run in parallel.
+/// `src` `[rows, cols]` row-major, transposed: `[cols, rows]` row-major.
+///
+/// Through 16 × 16 tiles on the stack, so that each source row segment (one cache line) is
+/// read once and each destination segment written once: the rows of a tile are a multiple of
+/// 4 KiB apart at the real width, where reading a column at a time would keep evicting its own
+/// cache lines. Bands of output rows run in parallel.
 fn transpose(src: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    const BLOCK: usize = 32;
+    const TILE: usize = 16;
+    const BAND: usize = 4 * TILE;
     debug_assert_eq!(src.len(), rows * cols);
-    let mut out = vec![0.0f32; rows * cols];
     if rows == 0 || cols == 0 {
-        return out;
+        return Vec::new();
     }
-    out.par_chunks_mut(BLOCK * rows)
+    // A weight: fresh memory written once, as the checkpoint's reads are (`host_memory`), not
+    // heap memory that `vec!` would zero first.
+    let mut out = fresh_zeroed::<f32>(rows * cols);
+    out.par_chunks_mut(BAND * rows)
         .enumerate()
         .for_each(|(band, dst)| {
-            let c0 = band * BLOCK;
+            let c0 = band * BAND;
             let width = dst.len() / rows; // output rows (source columns) in this band
-            for r0 in (0..rows).step_by(BLOCK) {
-                let height = BLOCK.min(rows - r0);
-                for c in 0..width {
-                    let dst_row = &mut dst[c * rows + r0..c * rows + r0 + height];
-                    for (r, d) in dst_row.iter_mut().enumerate() {
-                        *d = src[(r0 + r) * cols + c0 + c];
+            let mut tile = [[0.0f32; TILE]; TILE];
+            for r0 in (0..rows).step_by(TILE) {
+                let height = TILE.min(rows - r0);
+                for c in (0..width).step_by(TILE) {
+                    let w = TILE.min(width - c);
+                    if height < TILE || w < TILE {
+                        for r in 0..height {
+                            for j in 0..w {
+                                dst[(c + j) * rows + r0 + r] = src[(r0 + r) * cols + c0 + c + j];
+                            }
+                        }
+                        continue;
+                    }
+                    for r in 0..TILE {
+                        let row = &src[(r0 + r) * cols + c0 + c..][..TILE];
+                        for (j, &v) in row.iter().enumerate() {
+                            tile[j][r] = v;
+                        }
+                    }
+                    for (j, column) in tile.iter().enumerate() {
+                        dst[(c + j) * rows + r0..][..TILE].copy_from_slice(column);
                     }
                 }
             }
