@@ -389,27 +389,26 @@ pub fn linear_heads<B: KernelBackend>(
     x: Tensor<B, 3>,
     heads: usize,
 ) -> Tensor<B, 4> {
-    if mixed_on_host(layer, &x) {
+    // An input-major f32 weight: the portable kernel's batched product reads the `[out, in]`
+    // storage, which this one would be copied into on every call.
+    let input_major = match layer {
+        LinearLayer::Dense(l) => {
+            B::F32_LINEAR_INPUT_MAJOR && on_host(&x) && l.weight.val().dtype() == DType::F32
+        }
+        LinearLayer::Quantized(_) => false,
+    };
+    if input_major || mixed_on_host(layer, &x) {
+        // One product, then the head split.
         let device = x.device();
         let [b, s, _] = x.dims();
         let n = layer.dims()[1];
-        let y = mixed_rows(layer, &host::f32_data(x), b * s, 0..n);
+        let y = match layer {
+            LinearLayer::Dense(l) if input_major => host::f32_data(portable::linear(l, x)),
+            _ => mixed_rows(layer, &host::f32_data(x), b * s, 0..n),
+        }; // [B, S, out]
         let hd = n / heads;
         let out = host::split_heads(&y, b, s, heads, hd);
         return Tensor::from_data(TensorData::new(out, [b, heads, s, hd]), &device);
-    }
-    if let LinearLayer::Dense(l) = layer {
-        if B::F32_LINEAR_INPUT_MAJOR && on_host(&x) && l.weight.val().dtype() == DType::F32 {
-            // The portable kernel's batched product reads the `[out, in]` storage, which an
-            // input-major weight would be copied into on every call: one product, then the
-            // head split.
-            let device = x.device();
-            let [b, s, _] = x.dims();
-            let hd = layer.dims()[1] / heads;
-            let y = host::f32_data(portable::linear(l, x)); // [B, S, out]
-            let out = host::split_heads(&y, b, s, heads, hd);
-            return Tensor::from_data(TensorData::new(out, [b, heads, s, hd]), &device);
-        }
     }
     match layer {
         LinearLayer::Dense(l) => portable::linear_heads(l, x, heads),
