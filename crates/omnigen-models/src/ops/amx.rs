@@ -257,94 +257,41 @@ unsafe fn block(_: *const u32, _: usize, _: *const u32, _: usize, _: *mut f32) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::bf16_dot::tests::{check_bf16_weights, check_int8_codes};
     use super::*;
 
-    fn round(v: f32) -> f32 {
-        half::bf16::from_f32(v).to_f32()
-    }
-
-    /// The tile unit against the same sum in f64 of the bf16-rounded inputs, over shapes with
-    /// every remainder: rows past a multiple of 16 and [`MR`], features past a multiple of 16
-    /// and [`NR`], an odd input width, inputs past a whole tile and more than [`KC`] pairs.
+    /// The tile unit over shapes with every remainder: rows past a multiple of 16 and [`MR`],
+    /// features past a multiple of 16 and [`NR`], an odd input width, inputs past a whole tile
+    /// and more than [`KC`] pairs.
     #[test]
     fn amx_linear_matches_the_rounded_product() {
         if !available() {
             eprintln!("no AMX on this CPU (or not granted): the kernel is not run");
             return;
         }
-        for &(m, k, n, first) in &[
-            (1, 3, 1, 0),
-            (7, 33, 70, 2),
-            (45, 2 * (2 * KC) + 37, 130, 1),
-            (32, 64, 64, 0),
-            (33, 96, 100, 3),
-        ] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
-                .collect();
-            let w: Vec<u16> = (0..(first + n) * k)
-                .map(|i| half::bf16::from_f32(((i * 53 % 89) as f32 - 44.0) / 23.0).to_bits())
-                .collect();
-            let bias: Vec<f32> = (0..first + n).map(|j| j as f32 * 0.25).collect();
-            let got = linear_rows(&x, m, k, DotWeight::Bf16(&w), first..first + n, Some(&bias));
-            assert_eq!(got.len(), m * n);
-            for i in 0..m {
-                for j in 0..n {
-                    let mut want = f64::from(bias[first + j]);
-                    for c in 0..k {
-                        let wv = half::bf16::from_bits(w[(first + j) * k + c]).to_f32();
-                        want += f64::from(round(x[i * k + c])) * f64::from(wv);
-                    }
-                    let g = f64::from(got[i * n + j]);
-                    let tol = 1e-5 * (k as f64).sqrt() * want.abs().max(10.0);
-                    assert!(
-                        (g - want).abs() <= tol,
-                        "{m}x{k}x{n} [{i},{j}]: {g} vs {want}"
-                    );
-                }
-            }
-        }
+        check_bf16_weights(
+            linear_rows,
+            &[
+                (1, 3, 1, 0),
+                (7, 33, 70, 2),
+                (45, 2 * (2 * KC) + 37, 130, 1),
+                (32, 64, 64, 0),
+                (33, 96, 100, 3),
+            ],
+        );
     }
 
-    /// int8 codes through the table, each row's scale applied to its sum, and the same call
-    /// through `bf16_dot` where that runs: the two kernels agree to f32 rounding.
+    /// int8 codes, and the same call through `bf16_dot` where that runs: the two kernels agree
+    /// to f32 rounding.
     #[test]
     fn amx_int8_codes_match_the_dequantized_product_and_bf16_dot() {
         if !available() {
             eprintln!("no AMX on this CPU (or not granted): the kernel is not run");
             return;
         }
-        let (m, k, n) = (41, 75, 40);
-        let x: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 29 % 97) as f32 - 48.0) / 13.0)
-            .collect();
-        let bytes: Vec<u8> = (0..n * k).map(|i| (i * 71 % 256) as u8).collect();
-        let scales: Vec<f32> = (0..n).map(|j| 0.01 + j as f32 * 1e-3).collect();
-        let table = super::super::bf16_dot::code_table(omnigen_core::QuantScheme::Int8.table());
-        let w = DotWeight::Codes {
-            bytes: &bytes,
-            table: &table,
-            scales: &scales,
-        };
-        let got = linear_rows(&x, m, k, w, 0..n, None);
-        for i in 0..m {
-            for j in 0..n {
-                let want: f64 = (0..k)
-                    .map(|c| {
-                        f64::from(round(x[i * k + c]))
-                            * f64::from(bytes[j * k + c] as i8)
-                            * f64::from(scales[j])
-                    })
-                    .sum();
-                let g = f64::from(got[i * n + j]);
-                assert!(
-                    (g - want).abs() <= 1e-4 * want.abs().max(1.0),
-                    "[{i},{j}]: {g} vs {want}"
-                );
-            }
-        }
+        let got = check_int8_codes(linear_rows, 41);
         if super::super::bf16_dot::available() {
-            let dot = super::super::bf16_dot::linear_rows(&x, m, k, w, 0..n, None);
+            let dot = check_int8_codes(super::super::bf16_dot::linear_rows, 41);
             for (a, b) in got.iter().zip(&dot) {
                 assert!((a - b).abs() <= 1e-4 * b.abs().max(1.0), "{a} vs {b}");
             }

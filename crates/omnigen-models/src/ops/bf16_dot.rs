@@ -282,25 +282,24 @@ unsafe fn kernel<const R: usize>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    /// The kernel against the same sum in f64 of the bf16-rounded inputs, over shapes with
-    /// every remainder: rows past a multiple of [`MR`], features past a multiple of 16 and
-    /// [`NR`], an odd input width and more than [`KC`] pairs.
-    #[test]
-    fn bf16_dot_linear_matches_the_rounded_product() {
-        if !available() {
-            eprintln!("no AVX512-BF16 on this CPU: the kernel is not run");
-            return;
-        }
-        let round = |v: f32| half::bf16::from_f32(v).to_f32();
-        for &(m, k, n, first) in &[
-            (1, 3, 1, 0),
-            (7, 33, 70, 2),
-            (13, 2 * KC + 5, 130, 1),
-            (6, 64, 64, 0),
-        ] {
+    /// A kernel's `linear_rows`: this one's, or the AMX one's, which the same checks run on.
+    pub(in crate::ops) type LinearRows =
+        fn(&[f32], usize, usize, DotWeight<'_>, std::ops::Range<usize>, Option<&[f32]>) -> Vec<f32>;
+
+    fn round(v: f32) -> f32 {
+        half::bf16::from_f32(v).to_f32()
+    }
+
+    /// `linear_rows` with bf16 weights against the same sum in f64 of the bf16-rounded inputs,
+    /// for each `(m, k, n, first row)` of `cases`.
+    pub(in crate::ops) fn check_bf16_weights(
+        linear_rows: LinearRows,
+        cases: &[(usize, usize, usize, usize)],
+    ) {
+        for &(m, k, n, first) in cases {
             let x: Vec<f32> = (0..m * k)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 17.0)
                 .collect();
@@ -309,6 +308,7 @@ mod tests {
                 .collect();
             let bias: Vec<f32> = (0..first + n).map(|j| j as f32 * 0.25).collect();
             let got = linear_rows(&x, m, k, DotWeight::Bf16(&w), first..first + n, Some(&bias));
+            assert_eq!(got.len(), m * n);
             for i in 0..m {
                 for j in 0..n {
                     let mut want = f64::from(bias[first + j]);
@@ -328,32 +328,11 @@ mod tests {
         }
     }
 
-    /// Every int8 and fp8 e4m3 value is exact in bf16, so the codes' table loses nothing.
-    #[test]
-    fn code_tables_hold_the_quantized_values_exactly() {
-        use omnigen_core::QuantScheme;
-        for scheme in [QuantScheme::Int8, QuantScheme::Fp8E4M3] {
-            let values = scheme.table();
-            for (b, (&bits, &v)) in code_table(values).iter().zip(values).enumerate() {
-                let back = half::bf16::from_bits(bits).to_f32();
-                assert!(
-                    back == v || (v.is_nan() && back.is_nan()),
-                    "{scheme:?} {b}: {v} -> {back}"
-                );
-            }
-        }
-    }
-
-    /// int8 codes through the table, each row's scale applied to its sum: the dequantized
-    /// weights' product with the rounded activations.
-    #[test]
-    fn int8_codes_with_row_scales_match_the_dequantized_product() {
-        if !available() {
-            eprintln!("no AVX512-BF16 on this CPU: the kernel is not run");
-            return;
-        }
-        let round = |v: f32| half::bf16::from_f32(v).to_f32();
-        let (m, k, n) = (9, 75, 40);
+    /// `linear_rows` with int8 codes through the table, each row's scale applied to its sum,
+    /// against the dequantized weights' product with the rounded activations (`m` rows, 75
+    /// inputs, 40 features); returns the product.
+    pub(in crate::ops) fn check_int8_codes(linear_rows: LinearRows, m: usize) -> Vec<f32> {
+        let (k, n) = (75, 40);
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 29 % 97) as f32 - 48.0) / 13.0)
             .collect();
@@ -382,5 +361,50 @@ mod tests {
                 );
             }
         }
+        got
+    }
+
+    /// The kernel over shapes with every remainder: rows past a multiple of [`MR`], features
+    /// past a multiple of 16 and [`NR`], an odd input width and more than [`KC`] pairs.
+    #[test]
+    fn bf16_dot_linear_matches_the_rounded_product() {
+        if !available() {
+            eprintln!("no AVX512-BF16 on this CPU: the kernel is not run");
+            return;
+        }
+        check_bf16_weights(
+            linear_rows,
+            &[
+                (1, 3, 1, 0),
+                (7, 33, 70, 2),
+                (13, 2 * KC + 5, 130, 1),
+                (6, 64, 64, 0),
+            ],
+        );
+    }
+
+    /// Every int8 and fp8 e4m3 value is exact in bf16, so the codes' table loses nothing.
+    #[test]
+    fn code_tables_hold_the_quantized_values_exactly() {
+        use omnigen_core::QuantScheme;
+        for scheme in [QuantScheme::Int8, QuantScheme::Fp8E4M3] {
+            let values = scheme.table();
+            for (b, (&bits, &v)) in code_table(values).iter().zip(values).enumerate() {
+                let back = half::bf16::from_bits(bits).to_f32();
+                assert!(
+                    back == v || (v.is_nan() && back.is_nan()),
+                    "{scheme:?} {b}: {v} -> {back}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn int8_codes_with_row_scales_match_the_dequantized_product() {
+        if !available() {
+            eprintln!("no AVX512-BF16 on this CPU: the kernel is not run");
+            return;
+        }
+        check_int8_codes(linear_rows, 9);
     }
 }
