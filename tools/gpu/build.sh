@@ -46,8 +46,13 @@ if [ "${1:-}" != "--no-wheels" ]; then
   if [ ! -d "$out/OmniGen" ]; then
     tmp=$(mktemp -d)
     python3 -m pip download -q --no-deps --no-binary=:all: -d "$tmp" omnigen==1.0.3
-    tar -xzf "$tmp"/omnigen-1.0.3.tar.gz -C "$tmp"
-    cp -r "$tmp"/omnigen-1.0.3/OmniGen "$out/OmniGen"
+    # The sdist's name is spelled as the index spells the project (seen: OmniGen-1.0.3.tar.gz).
+    sdist=$(find "$tmp" -maxdepth 1 -iname 'omnigen-1.0.3.tar.gz' | head -1)
+    [ -n "$sdist" ] || { echo "build.sh: pip saved no omnigen 1.0.3 sdist in $tmp: $(ls "$tmp")" >&2; exit 1; }
+    tar -xzf "$sdist" -C "$tmp"
+    pkg=$(find "$tmp" -mindepth 2 -maxdepth 2 -type d -name OmniGen | head -1)
+    [ -n "$pkg" ] || { echo "build.sh: no OmniGen/ package folder in $sdist" >&2; exit 1; }
+    cp -r "$pkg" "$out/OmniGen"
     rm -rf "$tmp"
   fi
 fi
