@@ -125,6 +125,22 @@ pub fn stored_keys(layout: CheckpointLayout, key: &str) -> Vec<String> {
     vec![key.to_string()]
 }
 
+/// The shape of each of the `n` row blocks a tensor of `shape` is stored as (a row-wise
+/// concatenation: `[rows / n, rest...]`).
+fn row_block_shape(shape: &[usize], n: usize) -> Result<Vec<usize>> {
+    match shape.first() {
+        Some(&rows) if rows.is_multiple_of(n) => {
+            let mut part = shape.to_vec();
+            part[0] = rows / n;
+            Ok(part)
+        }
+        _ => Err(Error::invalid_argument(
+            "shape",
+            format!("cannot split {shape:?} into {n} row blocks"),
+        )),
+    }
+}
+
 /// A transformer checkpoint read through canonical (official) key names.
 #[derive(Debug)]
 pub struct TransformerWeights {
@@ -166,16 +182,7 @@ impl TransformerWeights {
         if stored.len() == 1 {
             return self.source.read(&stored[0], shape, dtype);
         }
-        // Row-wise concatenation: each part has shape [rows / n, rest...].
-        let n = stored.len();
-        if shape.is_empty() || !shape[0].is_multiple_of(n) {
-            return Err(Error::invalid_argument(
-                "shape",
-                format!("cannot split {shape:?} into {n} row blocks"),
-            ));
-        }
-        let mut part_shape = shape.to_vec();
-        part_shape[0] /= n;
+        let part_shape = row_block_shape(shape, stored.len())?;
         let mut bytes = Vec::new();
         for name in &stored {
             let part = self.source.read(name, &part_shape, dtype)?;
@@ -192,16 +199,8 @@ impl TransformerWeights {
         if stored.len() == 1 {
             return self.source.read_quantized(&stored[0], shape);
         }
-        let n = stored.len();
-        if shape.is_empty() || !shape[0].is_multiple_of(n) {
-            return Err(Error::invalid_argument(
-                "shape",
-                format!("cannot split {shape:?} into {n} row blocks"),
-            ));
-        }
-        let mut part_shape = shape.to_vec();
-        part_shape[0] /= n;
-        let mut parts = Vec::with_capacity(n);
+        let part_shape = row_block_shape(shape, stored.len())?;
+        let mut parts = Vec::with_capacity(stored.len());
         for name in &stored {
             match self.source.read_quantized(name, &part_shape)? {
                 Some(q) => parts.push(q),

@@ -414,9 +414,13 @@ impl WeightSource {
         self.files[slot].metadata.info(name).map(|info| info.dtype)
     }
 
-    /// Reads a floating-point tensor, checking its shape, converted to `dtype`
-    /// (`F32`, `F16` or `BF16`).
-    pub fn read(&self, name: &str, expected_shape: &[usize], dtype: DType) -> Result<TensorData> {
+    /// `name`'s file, mapped bytes and stored dtype, once it is known to exist with
+    /// `expected_shape`; records it as read.
+    fn locate(
+        &self,
+        name: &str,
+        expected_shape: &[usize],
+    ) -> Result<(&MappedFile, &[u8], StDtype)> {
         let slot = *self.index.get(name).ok_or_else(|| Error::MissingTensor {
             name: name.into(),
             path: self.files[0].path.clone(),
@@ -438,12 +442,19 @@ impl WeightSource {
                 found: shape.to_vec(),
             });
         }
+        Ok((file, bytes, st_dtype))
+    }
+
+    /// Reads a floating-point tensor, checking its shape, converted to `dtype`
+    /// (`F32`, `F16` or `BF16`).
+    pub fn read(&self, name: &str, expected_shape: &[usize], dtype: DType) -> Result<TensorData> {
+        let (file, bytes, st_dtype) = self.locate(name, expected_shape)?;
         let unsupported = || Error::UnsupportedDtype {
             name: name.into(),
             path: file.path.clone(),
             found: format!("{st_dtype:?}"),
         };
-        let shape = shape.to_vec();
+        let shape = expected_shape.to_vec();
         if matches!(st_dtype, StDtype::I8 | StDtype::F8_E4M3) {
             // A quantized weight read as floats (LoRA merges, portable reads of other modules).
             let q = self
@@ -534,26 +545,8 @@ impl WeightSource {
                 })
             }
         };
-        let slot = self.index[name];
-        self.read
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(name.to_string());
-        let file = &self.files[slot];
-        let Some((bytes, _, shape)) = file.bytes(name) else {
-            return Err(Error::MissingTensor {
-                name: name.into(),
-                path: file.path.clone(),
-            });
-        };
-        if shape != expected_shape {
-            return Err(Error::ShapeMismatch {
-                name: name.into(),
-                path: file.path.clone(),
-                expected: expected_shape.to_vec(),
-                found: shape.to_vec(),
-            });
-        }
+        let (file, bytes, _) = self.locate(name, expected_shape)?;
+        let shape = expected_shape;
         let rows = shape.first().copied().unwrap_or(1);
         let scale_name = scale_key(name);
         let scales = match self.shape(&scale_name) {
