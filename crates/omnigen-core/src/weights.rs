@@ -546,8 +546,7 @@ impl WeightSource {
             }
         };
         let (file, bytes, _) = self.locate(name, expected_shape)?;
-        let shape = expected_shape;
-        let rows = shape.first().copied().unwrap_or(1);
+        let rows = expected_shape.first().copied().unwrap_or(1);
         let scale_name = scale_key(name);
         let scales = match self.shape(&scale_name) {
             Some(s) => {
@@ -585,7 +584,7 @@ impl WeightSource {
         file.release(name);
         Ok(Some(QuantizedTensor {
             scheme,
-            shape: shape.to_vec(),
+            shape: expected_shape.to_vec(),
             values,
             scales,
         }))

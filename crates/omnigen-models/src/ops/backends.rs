@@ -9,7 +9,8 @@ impl KernelBackend for burn::backend::Flex {
     const FUSED_ATTENTION: bool = true;
     const MIXED_PRECISION_LINEAR: bool = true;
     // `gemm` (burn-flex's matmul) packs a row-major right-hand side faster than a column-major
-    // one at the real width (`docs/performance.md`, "2026-12-03 (Zen 4): f32 linear weights stored input-major").
+    // one at the real width (`docs/performance.md`, "2026-12-03 (Zen 4): f32 linear weights
+    // stored input-major").
     const F32_LINEAR_INPUT_MAJOR: bool = true;
 
     fn float_bytes(tensor: &burn_flex::FlexTensor) -> Option<&[u8]> {
