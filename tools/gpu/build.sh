@@ -17,9 +17,10 @@ target=${CARGO_TARGET_DIR:-target}/release
 cargo build --release -p omnigen-cli $features --bin omnigen
 cargo build --release -p omnigen $features --example bench_side
 # The test binaries' paths, from cargo's own report.
-# The parity tests in profile gpu-test (as CI's wgpu run): the kernels are compiled on the GPU machine,
-# so the host code's optimisation buys little and a release build of them costs many minutes here.
-mapfile -t tests < <(cargo test --profile gpu-test $features -p omnigen-models -p omnigen-pipeline \
+# The parity tests as CI's wgpu run builds them (.ci/gpu-test.toml): release dependencies, shared
+# with the command above, and the workspace's crates unoptimised (the kernels are compiled on the
+# GPU machine, so optimising the host code buys little and costs minutes here).
+mapfile -t tests < <(cargo test --release --config .ci/gpu-test.toml $features -p omnigen-models -p omnigen-pipeline \
     --test transformer --test vae --test pipeline --no-run --message-format=json 2>"$out/test-build.log" |
   python3 -c 'import json,sys
 for line in sys.stdin:
