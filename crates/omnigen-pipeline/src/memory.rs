@@ -190,15 +190,17 @@ pub fn estimate(
         None => (batch.height as u64, batch.width as u64),
     };
     let c0 = vae.block_out_channels.first().copied().unwrap_or(128) as u64;
-    // Eight full-resolution feature maps at once (measured): the block input, its GroupNorm +
-    // SiLU output, the convolution's padded input and output, the residual, the upsampled map.
-    let decode = m(8 * c0, m(h, w)) * f32b;
+    // Full-resolution feature maps of the first block's width live at once, measured
+    // (docs/robustness.md): 5.7 in a decode (the block input, its GroupNorm + SiLU output, the
+    // convolution's output, the residual sum, the upsampled map), 7.0–7.3 in an encode (the
+    // stride-2 convolution's four phase planes on top).
+    let decode = m(6 * c0, m(h, w)) * f32b;
     // input images are encoded whole (no tiling) before the loop
     let encode = batch
         .model_inputs()
         .iter()
         .flat_map(|mi| mi.images.iter())
-        .map(|im| m(8 * c0, (im.height * im.width) as u64) * f32b)
+        .map(|im| m(7 * c0, (im.height * im.width) as u64) * f32b)
         .max()
         .unwrap_or(0);
     est.vae = decode;

@@ -597,7 +597,7 @@ fn the_memory_estimate_is_within_a_quarter_of_the_measured_peak() {
         }
         if (size, images, joint) == (1024, 0, false) {
             // With dense [B, S, S] masks this request needed 415 MiB; with key ranges the VAE
-            // decode (about 260 MiB) is its peak.
+            // decode (about 190 MiB) is its peak.
             cmd.args(["--memory-limit", "320"]);
         }
         let o = cmd.output().unwrap();

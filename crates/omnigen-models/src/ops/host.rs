@@ -14,6 +14,8 @@
 
 use burn::tensor::backend::Backend;
 use burn::tensor::{Tensor, TensorData};
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::{HeadRange, KernelBackend};
@@ -52,20 +54,64 @@ fn rows_per_task(width: usize) -> usize {
     (16_384 / width.max(1)).max(1)
 }
 
+/// An f32 tensor's values as an owned vector: the tensor's own buffer where it is the only
+/// owner, else a copy. For values a kernel reads only, [`f32_view`] never copies a buffer the
+/// backend lends.
 pub(super) fn f32_data<B: Backend, const D: usize>(x: Tensor<B, D>) -> Vec<f32> {
     x.into_data()
         .into_vec::<f32>()
         .expect("f32 checked by the caller")
 }
 
+/// An f32 tensor's values on the host, read-only ([`f32_view`]).
+pub(super) enum F32View<B: KernelBackend> {
+    /// The backend's own buffer ([`KernelBackend::float_bytes`]), held with its tensor.
+    Lent(B::FloatTensorPrimitive),
+    /// A copy, where the backend lends no buffer or the tensor is a strided view.
+    Copied(Vec<f32>),
+}
+
+impl<B: KernelBackend> std::ops::Deref for F32View<B> {
+    type Target = [f32];
+
+    fn deref(&self) -> &[f32] {
+        match self {
+            Self::Lent(p) => bytemuck::cast_slice(B::float_bytes(p).expect("lent at construction")),
+            Self::Copied(values) => values,
+        }
+    }
+}
+
+/// `x`'s values to read: borrowed from the backend's buffer where it lends one, whoever else
+/// holds the tensor (a residual's input, a weight, a RoPE table), else copied once. Where
+/// [`f32_data`] would copy a shared tensor's buffer (twice: out of the shared storage, then
+/// again to realign it), this copies nothing.
+pub(super) fn f32_view<B: KernelBackend, const D: usize>(x: Tensor<B, D>) -> F32View<B> {
+    let is_f32 = x.dtype() == burn::tensor::DType::F32;
+    match x.into_primitive() {
+        TensorPrimitive::Float(p)
+            if is_f32
+                && B::float_bytes(&p)
+                    .is_some_and(|b| bytemuck::try_cast_slice::<u8, f32>(b).is_ok()) =>
+        {
+            F32View::Lent(p)
+        }
+        primitive => F32View::Copied(f32_data(Tensor::<B, D>::from_primitive(primitive))),
+    }
+}
+
 /// Phi-3's RMSNorm, `weight · (x / sqrt(mean(x²) + eps))`, over the last dimension of `x`
 /// `[B, S, D]`; rows in parallel, statistics accumulated in f32 as the official code does.
-pub(super) fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 3> {
+pub(super) fn rms_norm<B: KernelBackend>(
+    x: Tensor<B, 3>,
+    w: Tensor<B, 1>,
+    eps: f64,
+) -> Tensor<B, 3> {
     let device = x.device();
     let dims = x.dims();
     let d = dims[2];
-    let xs = f32_data(x);
-    let w = f32_data(w);
+    let (xs, w) = (f32_view(x), f32_view(w));
+    let (xs, w) = (&*xs, &*w);
     let eps = eps as f32;
     let mut out = vec![0f32; xs.len()];
     let rows = rows_per_task(d);
@@ -84,7 +130,7 @@ pub(super) fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 1>, eps: f64) -
                 let mut ss: f32 = acc.iter().sum();
                 ss += chunks.remainder().iter().map(|v| v * v).sum::<f32>();
                 let inv = 1.0 / (ss / d as f32 + eps).sqrt();
-                for ((y, &v), &wv) in orow.iter_mut().zip(xrow).zip(&w) {
+                for ((y, &v), &wv) in orow.iter_mut().zip(xrow).zip(w) {
                     *y = wv * (v * inv);
                 }
             }
@@ -93,13 +139,14 @@ pub(super) fn rms_norm<B: Backend>(x: Tensor<B, 3>, w: Tensor<B, 1>, eps: f64) -
 }
 
 /// `up · silu(gate)` for two tensors of the same shape, in one threaded pass.
-pub(super) fn silu_mul<B: Backend, const D: usize>(
+pub(super) fn silu_mul<B: KernelBackend, const D: usize>(
     gate: Tensor<B, D>,
     up: Tensor<B, D>,
 ) -> Tensor<B, D> {
     let device = gate.device();
     let dims = gate.dims();
-    let g = f32_data(gate);
+    let g = f32_view(gate);
+    let g = &*g;
     let mut u = f32_data(up);
     u.par_chunks_mut(16_384)
         .zip(g.par_chunks(16_384))
@@ -114,7 +161,7 @@ pub(super) fn silu_mul<B: Backend, const D: usize>(
 /// RoPE on a range of `H` heads of `x` `[B, H_total, S, hd]`: `x · cos + rotate_half(x) ·
 /// sin`, with `sin_signed` holding rotate-half's sign; tables `[B or 1, H or 1, S, hd]`. One
 /// pass, heads in parallel; returns `[B, H, S, hd]`.
-pub(super) fn rope<B: Backend>(
+pub(super) fn rope<B: KernelBackend>(
     x: HeadRange<B>,
     cos: Tensor<B, 4>,
     sin_signed: Tensor<B, 4>,
@@ -125,7 +172,8 @@ pub(super) fn rope<B: Backend>(
     let [tb, th, ts, thd] = cos.dims();
     assert!(ts == s && thd == hd && (tb == 1 || tb == b) && (th == 1 || th == heads));
     assert!(sin_signed.dims() == cos.dims() && hd.is_multiple_of(2));
-    let (xs, cos, sin) = (f32_data(x.tensor), f32_data(cos), f32_data(sin_signed));
+    let (xs, cos, sin) = (f32_view(x.tensor), f32_view(cos), f32_view(sin_signed));
+    let (xs, cos, sin) = (&*xs, &*cos, &*sin);
     let plane = s * hd;
     let mut out = vec![0f32; b * heads * plane];
     out.par_chunks_mut(plane).enumerate().for_each(|(bh, o)| {
@@ -261,7 +309,7 @@ pub(super) unsafe fn gemm_f32(
 /// `silu(group_norm(x))` for an affine GroupNorm, one thread per (batch, group): statistics
 /// accumulated in f64 (over vectorised f32 partial sums), then normalise, affine and SiLU
 /// (with [`exp_f32`], so that the pass vectorises) in a single pass. `x` `[B, C, H, W]`.
-pub(super) fn group_norm_silu<B: Backend>(
+pub(super) fn group_norm_silu<B: KernelBackend>(
     x: Tensor<B, 4>,
     gamma: Tensor<B, 1>,
     beta: Tensor<B, 1>,
@@ -272,28 +320,51 @@ pub(super) fn group_norm_silu<B: Backend>(
     let [b, c, h, w] = x.dims();
     let hw = h * w;
     let cpg = c / groups;
-    let (gamma, beta, xs) = (f32_data(gamma), f32_data(beta), f32_data(x));
-    let mut out = vec![0f32; b * c * hw];
+    let (gamma, beta, xs) = (f32_view(gamma), f32_view(beta), f32_view(x));
+    let (gamma, beta, xs) = (&*gamma, &*beta, &*xs);
     #[cfg(target_arch = "x86_64")]
     let wide = std::arch::is_x86_feature_detected!("avx2");
-    out.par_chunks_mut(cpg * hw)
-        .zip(xs.par_chunks(cpg * hw))
-        .enumerate()
-        .for_each(|(i, (o, xi))| {
-            let g = i % groups;
-            let (gamma, beta) = (
-                &gamma[g * cpg..(g + 1) * cpg],
-                &beta[g * cpg..(g + 1) * cpg],
-            );
-            #[cfg(target_arch = "x86_64")]
-            if wide {
-                // SAFETY: the CPU has AVX2 (checked above).
-                unsafe { group_norm_silu_group_avx2(xi, o, gamma, beta, hw, eps) };
-                return;
-            }
-            group_norm_silu_group(xi, o, gamma, beta, hw, eps);
-        });
+    let group = |i: usize, o: &mut [MaybeUninit<f32>]| {
+        let g = i % groups;
+        let xi = &xs[i * cpg * hw..(i + 1) * cpg * hw];
+        let (gamma, beta) = (
+            &gamma[g * cpg..(g + 1) * cpg],
+            &beta[g * cpg..(g + 1) * cpg],
+        );
+        #[cfg(target_arch = "x86_64")]
+        if wide {
+            // SAFETY: the CPU has AVX2 (checked above).
+            unsafe { group_norm_silu_group_avx2(xi, o, gamma, beta, hw, eps) };
+            return;
+        }
+        group_norm_silu_group(xi, o, gamma, beta, hw, eps);
+    };
+    // SAFETY: chunk `i` is (batch, group) `i`'s `cpg · hw` values, every one of which
+    // `group_norm_silu_group` writes (`cpg` channels of `hw`).
+    let out = unsafe { par_write(b * c * hw, cpg * hw, group) };
     Tensor::from_data(TensorData::new(out, [b, c, h, w]), &device)
+}
+
+/// `n` f32 values written by `fill` in parallel, `chunk` at a time (`fill(i, values)` for
+/// chunk `i`; the last one may be shorter), into memory that is not zeroed first:
+/// `vec![0.0; n]` would write the whole buffer once more (a `memset` of reused heap memory)
+/// before the kernel overwrites it.
+///
+/// # Safety
+/// `fill` writes every element of each chunk it is given.
+pub(super) unsafe fn par_write(
+    n: usize,
+    chunk: usize,
+    fill: impl Fn(usize, &mut [MaybeUninit<f32>]) + Sync,
+) -> Vec<f32> {
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(chunk.max(1))
+        .enumerate()
+        .for_each(|(i, values)| fill(i, values));
+    // SAFETY: the first `n` elements were written (the caller's promise for each chunk).
+    unsafe { out.set_len(n) };
+    out
 }
 
 /// `Σ f(x)` over `xs` in f64, from f32 partial sums over runs of at most 4096 values in 16
@@ -320,7 +391,7 @@ fn sum_f64(xs: &[f32], f: impl Fn(f32) -> f32) -> f64 {
 #[inline(always)]
 fn group_norm_silu_group(
     xi: &[f32],
-    o: &mut [f32],
+    o: &mut [MaybeUninit<f32>],
     gamma: &[f32],
     beta: &[f32],
     hw: usize,
@@ -341,7 +412,7 @@ fn group_norm_silu_group(
         let s = (f64::from(be) - mean * f64::from(ga) * inv) as f32;
         for (y, &v) in oc.iter_mut().zip(xc) {
             let t = v * a + s;
-            *y = t / (1.0 + exp_f32(-t));
+            y.write(t / (1.0 + exp_f32(-t)));
         }
     }
 }
@@ -351,7 +422,7 @@ fn group_norm_silu_group(
 #[target_feature(enable = "avx2")]
 unsafe fn group_norm_silu_group_avx2(
     xi: &[f32],
-    o: &mut [f32],
+    o: &mut [MaybeUninit<f32>],
     gamma: &[f32],
     beta: &[f32],
     hw: usize,
@@ -367,9 +438,9 @@ pub(super) fn split_heads(y: &[f32], b: usize, s: usize, heads: usize, hd: usize
 
 /// RoPE tables for [`split_heads_rope`]: `cos` and `sin_signed` `[B or 1, 1, S, hd]` as host
 /// rows, applied to the first `heads` heads.
-pub(super) struct RopeRows {
-    pub cos: Vec<f32>,
-    pub sin_signed: Vec<f32>,
+pub(super) struct RopeRows<'a> {
+    pub cos: &'a [f32],
+    pub sin_signed: &'a [f32],
     pub per_batch: bool,
     pub heads: usize,
 }
@@ -382,7 +453,7 @@ pub(super) fn split_heads_rope(
     s: usize,
     heads: usize,
     hd: usize,
-    rope: Option<&RopeRows>,
+    rope: Option<&RopeRows<'_>>,
 ) -> Vec<f32> {
     assert_eq!(y.len(), b * s * heads * hd);
     if let Some(r) = rope {
@@ -606,7 +677,7 @@ pub(super) fn cast_or_copy<T: bytemuck::Pod>(bytes: &[u8]) -> std::borrow::Cow<'
 ///
 /// # Shapes
 /// `x` `[B, C_in, H, W]`, `weight` `[C_out, C_in, 3, 3]` -> `[B, C_out, H/2, W/2]`.
-pub(super) fn downsample_conv3x3<B: Backend>(
+pub(super) fn downsample_conv3x3<B: KernelBackend>(
     x: Tensor<B, 4>,
     weight: Tensor<B, 4>,
     bias: Tensor<B, 1>,
@@ -627,7 +698,8 @@ pub(super) fn downsample_conv3x3<B: Backend>(
     let wq = wo + 1; // phase row stride: one zero column
     let lq = (ho + 2) * wq; // phase plane: one zero row, one more for the last tap's window
     let n = ho * wq; // output on the phase-width grid
-    let (xs, ws, bs) = (f32_data(x), f32_data(weight), f32_data(bias));
+    let (xs, ws, bs) = (f32_view(x), f32_view(weight), f32_view(bias));
+    let (xs, ws, bs) = (&*xs, &*ws, &*bs);
     // phases[((bi·4 + phase)·c_in + c)·lq ..]: phase 2·(row parity) + (column parity)
     let mut phases = vec![0f32; b * 4 * c_in * lq];
     phases
@@ -650,7 +722,7 @@ pub(super) fn downsample_conv3x3<B: Backend>(
             }
         });
     let per_image = c_in * 4 * lq;
-    let out = shifted_taps(b, c_in, c_out, n, &ws, &bs, |bi, dy, dx| {
+    let out = shifted_taps(b, c_in, c_out, n, ws, bs, |bi, dy, dx| {
         let phase = 2 * (dy % 2) + dx % 2;
         let planes = &phases[bi * per_image..(bi + 1) * per_image];
         let src = &planes[phase * c_in * lq..(phase + 1) * c_in * lq];

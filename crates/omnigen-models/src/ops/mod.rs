@@ -270,7 +270,7 @@ fn mixed_rows<B: KernelBackend>(
     let [k, _] = layer.dims();
     let bias = layer
         .bias()
-        .map(|b| host::f32_data(b.val().cast(DType::F32)));
+        .map(|b| host::f32_view(b.val().cast(DType::F32)));
     let bias = bias.as_deref();
     match layer {
         LinearLayer::Dense(l) => {
@@ -295,7 +295,7 @@ fn mixed_rows<B: KernelBackend>(
             })
         }
         LinearLayer::Quantized(q) => {
-            let scales = host::f32_data(q.scales.val().cast(DType::F32));
+            let scales = host::f32_view(q.scales.val().cast(DType::F32));
             host::with_int_bytes(q.values.val(), |bytes| {
                 if amx::available() || bf16_dot::available() {
                     let table = bf16_dot::code_table(q.scheme.table());
@@ -341,7 +341,7 @@ pub fn linear<B: KernelBackend, const D: usize>(
         let mut dims = x.dims();
         let m = dims[..D - 1].iter().product();
         let [_, n] = layer.dims();
-        let y = mixed_rows(layer, &host::f32_data(x), m, 0..n);
+        let y = mixed_rows(layer, &host::f32_view(x), m, 0..n);
         dims[D - 1] = n;
         return Tensor::from_data(TensorData::new(y, dims), &device);
     }
@@ -367,7 +367,7 @@ pub fn linear_chunks<B: KernelBackend, const N: usize>(
         let device = x.device();
         let [b, s, _] = x.dims();
         let part = layer.dims()[1] / N;
-        let xs = host::f32_data(x);
+        let xs = host::f32_view(x);
         return std::array::from_fn(|c| {
             let y = mixed_rows(layer, &xs, b * s, c * part..(c + 1) * part);
             Tensor::from_data(TensorData::new(y, [b, s, part]), &device)
@@ -404,7 +404,7 @@ pub fn linear_heads<B: KernelBackend>(
         let n = layer.dims()[1];
         let y = match layer {
             LinearLayer::Dense(l) if input_major => host::f32_data(portable::linear(l, x)),
-            _ => mixed_rows(layer, &host::f32_data(x), b * s, 0..n),
+            _ => mixed_rows(layer, &host::f32_view(x), b * s, 0..n),
         }; // [B, S, out]
         let hd = n / heads;
         let out = host::split_heads(&y, b, s, heads, hd);
@@ -451,9 +451,10 @@ pub fn qkv_heads<B: KernelBackend>(
         let y = linear(layer, x); // [B, S, 3H·hd]
         let hd_out = y.dims()[2] / (3 * heads);
         assert_eq!(hd_out, hd, "qkv_heads: rope tables for another head width");
+        let (cos, sin_signed) = (host::f32_view(cos), host::f32_view(sin_signed));
         let rope = host::RopeRows {
-            cos: host::f32_data(cos),
-            sin_signed: host::f32_data(sin_signed),
+            cos: &cos,
+            sin_signed: &sin_signed,
             per_batch: tb == b && b > 1,
             heads: 2 * heads,
         };

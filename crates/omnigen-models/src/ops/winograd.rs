@@ -34,7 +34,7 @@
 use burn::tensor::{Tensor, TensorData};
 use rayon::prelude::*;
 
-use super::host::{cast_or_copy, f32_data, gemm_f32, with_float_bytes, Store, Strided};
+use super::host::{cast_or_copy, f32_view, gemm_f32, with_float_bytes, Store, Strided};
 use super::KernelBackend;
 
 /// The transform matrices of F(`M`×`M`, 3×3); `A = M + 2` is the input tile's side.
@@ -122,15 +122,17 @@ unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
-    /// `len` floats from `start`.
+    /// Writes `values` at `start..start + values.len()` of the output (whose memory may not
+    /// be initialised yet: it is only written, never read).
     ///
     /// # Safety
-    /// The range lies inside the output, which outlives the borrow, and no other thread
-    /// touches it meanwhile.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn slice(&self, start: usize, len: usize) -> &mut [f32] {
-        // SAFETY: as the caller promises.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    /// The range lies inside the output's allocation, which outlives the call, and no other
+    /// thread touches it meanwhile.
+    unsafe fn write(&self, start: usize, values: &[f32]) {
+        // SAFETY: as the caller promises; `values` is a live slice, not part of the output.
+        unsafe {
+            std::ptr::copy_nonoverlapping(values.as_ptr(), self.0.add(start), values.len());
+        }
     }
 }
 
@@ -396,8 +398,7 @@ fn output_transform<const M: usize, const A: usize>(
                 // SAFETY: row `y` of plane (bi, co) lies in output tile row `ty` of image `bi`,
                 // i.e. tile row `r`, which only this block handles, and inside the output
                 // (`start + w ≤ B·C_out·H·W` as `y < h`), which outlives the parallel loop.
-                let row = unsafe { out.slice(start, w) };
-                row.copy_from_slice(&line[..w]);
+                unsafe { out.write(start, &line[..w]) };
             }
         }
     }
@@ -499,7 +500,8 @@ fn conv3x3_with<const M: usize, const A: usize>(
         .min(tile_rows.div_ceil(threads))
         .max(1);
     let blocks = tile_rows.div_ceil(rows_per_block);
-    let mut out = vec![0f32; b * c_out * h * w];
+    // Not zeroed: the blocks write every output row (below).
+    let mut out = Vec::<f32>::with_capacity(b * c_out * h * w);
     let out_ptr = OutPtr(out.as_mut_ptr());
     let out_ptr = &out_ptr;
     let wide = wide_simd();
@@ -556,6 +558,10 @@ fn conv3x3_with<const M: usize, const A: usize>(
             #[cfg(not(target_arch = "x86_64"))]
             output_transform(tf, bias, g, (r0, r1), ws, out_ptr);
         });
+    // SAFETY: the blocks cover tile rows 0..B·th, and for each tile row `r` (image r / th) and
+    // channel `co` the output transform writes the `w` values of every output row
+    // y = (r % th)·M + io < h: all B·C_out·H rows of W values.
+    unsafe { out.set_len(b * c_out * h * w) };
     out
 }
 
@@ -574,7 +580,7 @@ pub(super) fn conv3x3_tensor<B: KernelBackend, const M: usize, const A: usize>(
     let (h, w) = if upsample { (2 * h, 2 * w) } else { (h, w) };
     let c_out = weight.dims()[0];
     assert_eq!(weight.dims(), [c_out, c_in, 3, 3], "conv3x3: weight shape");
-    let bias = f32_data(bias);
+    let bias = f32_view(bias);
     // Borrowed where the backend lends its buffers: no copy of the input or the weight.
     let y = with_float_bytes(x, |xb| {
         with_float_bytes(weight, |wb| {
