@@ -137,6 +137,11 @@ impl OutPtr {
 }
 
 thread_local! {
+    /// A pool thread's block buffers, kept from one block and one convolution to the next:
+    /// `rayon`'s `for_each_init` would make them afresh for every split of the loop, and
+    /// growing them zeroes them (5 % of a 512² decode was that `memset`).
+    static BLOCK_WORKSPACE: std::cell::RefCell<Workspace> =
+        std::cell::RefCell::new(Workspace::default());
     /// The transformed weight's buffer, kept by the calling thread from one convolution to the
     /// next: at 512 channels it is tens of MB, which the allocator would otherwise map and
     /// fault in afresh on every call (a cost of the order of the GEMMs at 64×64).
@@ -506,15 +511,16 @@ fn conv3x3_with<const M: usize, const A: usize>(
     let out_ptr = &out_ptr;
     let wide = wide_simd();
 
-    (0..blocks)
-        .into_par_iter()
-        .for_each_init(Workspace::default, |ws, blk| {
+    (0..blocks).into_par_iter().for_each(|blk| {
+        // No rayon call inside (the GEMMs run single-threaded), so this thread cannot pick up
+        // another block while it holds its workspace.
+        BLOCK_WORKSPACE.with_borrow_mut(|ws| {
             let r0 = blk * rows_per_block;
             let r1 = (r0 + rows_per_block).min(tile_rows);
             let (rows, nb) = (r1 - r0, (r1 - r0) * tw);
             resize(&mut ws.v, A * A * c_in * nb);
             resize(&mut ws.m, A * A * c_out * nb);
-            // Every buffer only grows, so a thread's later blocks and calls reuse it as it is.
+            // Every buffer only grows, so the thread's later blocks and calls reuse it as it is.
             let input_len = A * g.lw + A * rows * g.lw + A * nb;
             let output_len = A * M * nb + M * nb + M * tw;
             resize(&mut ws.scratch, input_len.max(output_len));
@@ -557,7 +563,8 @@ fn conv3x3_with<const M: usize, const A: usize>(
             }
             #[cfg(not(target_arch = "x86_64"))]
             output_transform(tf, bias, g, (r0, r1), ws, out_ptr);
-        });
+        })
+    });
     // SAFETY: the blocks cover tile rows 0..B·th, and for each tile row `r` (image r / th) and
     // channel `co` the output transform writes the `w` values of every output row
     // y = (r % th)·M + io < h: all B·C_out·H rows of W values.
