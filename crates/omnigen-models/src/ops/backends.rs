@@ -37,11 +37,39 @@ impl<E, I, Q> KernelBackend for burn_ndarray::NdArray<E, I, Q>
 where
     burn_ndarray::NdArrayTensor:
         From<burn_ndarray::SharedArray<E>> + From<burn_ndarray::SharedArray<I>>,
-    Self: burn::tensor::backend::Backend,
+    Self: burn::tensor::backend::Backend
+        + burn::tensor::backend::BackendTypes<
+            FloatTensorPrimitive = burn_ndarray::NdArrayTensor,
+            IntTensorPrimitive = burn_ndarray::NdArrayTensor,
+        >,
 {
     const HOST_KERNELS: bool = true;
     const HOST_MEMORY: bool = true;
     const MIXED_PRECISION_LINEAR: bool = true;
+
+    fn float_bytes(tensor: &burn_ndarray::NdArrayTensor) -> Option<&[u8]> {
+        use burn_ndarray::NdArrayTensor as T;
+        match tensor {
+            T::F32(s) => s.view().to_slice().map(bytemuck::cast_slice),
+            T::F64(s) => s.view().to_slice().map(bytemuck::cast_slice),
+            _ => None,
+        }
+    }
+
+    fn int_bytes(tensor: &burn_ndarray::NdArrayTensor) -> Option<&[u8]> {
+        use burn_ndarray::NdArrayTensor as T;
+        match tensor {
+            T::I64(s) => s.view().to_slice().map(bytemuck::cast_slice),
+            T::I32(s) => s.view().to_slice().map(bytemuck::cast_slice),
+            T::I16(s) => s.view().to_slice().map(bytemuck::cast_slice),
+            T::I8(s) => s.view().to_slice().map(bytemuck::cast_slice),
+            T::U64(s) => s.view().to_slice().map(bytemuck::cast_slice),
+            T::U32(s) => s.view().to_slice().map(bytemuck::cast_slice),
+            T::U16(s) => s.view().to_slice().map(bytemuck::cast_slice),
+            T::U8(s) => s.view().to_slice(),
+            _ => None,
+        }
+    }
 }
 
 // Every op on burn's portable ops: cubecl's kernels. (Only the default element types: the
